@@ -1,0 +1,402 @@
+"""The CatVersion residual: learned Key/Value vectors for a few CLIP self-attention layers.
+
+One file per concept (~18 KB for SD1.x). This module owns the on-disk format (safetensors with a
+self-describing header) and the conversion to and from the reference code's `pytorch_adapter.bin`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load_bytes
+from safetensors.torch import save as st_save_bytes
+
+FORMAT_NAME = "catversion-residual"
+FORMAT_VERSION = 1
+TENSOR_KEY = "residual"
+
+# Header keys owned by the format; everything else in the header is `meta`.
+_FORMAT_KEYS = ("format", "format_version", "layers", "tokens", "hidden_size", "prefix_logit_bias", "sha256")
+
+# Reference code (adapter-transformers 3.2.1 prefix tuning) state-dict keys.
+_OFFICIAL_LAYER_KEY = (
+    "text_model.encoder.layers.{layer}.self_attn.prefix_tuning.pool.prefix_tunings.{name}"
+    ".clip_text_model_self_prefix.control_trans"
+)
+_OFFICIAL_POOL_KEY = "prefix_tuning.prefix_tunings.{name}.clip_text_model_self_prefix.control_trans"
+_OFFICIAL_LAYER_RE = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.prefix_tuning\.")
+OFFICIAL_LAYERS = (9, 10, 11)
+OFFICIAL_PREFIX_LOGIT_BIAS = 1.0
+
+
+class ResidualFormatError(ValueError):
+    """A residual file (or bytes) that cannot be read as a valid residual."""
+
+
+class IncompatibleResidualError(ValueError):
+    """A valid residual that does not fit the given text encoder."""
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a residual tensor's float32 little-endian bytes, as 'sha256:<hex>'."""
+    data = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Residual:
+    """Residual Key/Value vectors: ``tensor[l, 0]`` are keys and ``tensor[l, 1]`` values for ``layers[l]``.
+
+    The vectors live in post-projection space (after k_proj / v_proj), so one residual token is a
+    full hidden-size vector whose per-head slices are that head's extra key or value.
+    ``prefix_logit_bias`` is added to every query's logit for the residual tokens: 0.0 is the
+    paper's equation, 1.0 reproduces the reference code's checkpoints (see METHOD.md).
+    """
+
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        layers: tuple[int, ...] | list[int],
+        prefix_logit_bias: float = 0.0,
+        meta: dict[str, Any] | None = None,
+    ):
+        layers = tuple(int(i) for i in layers)
+        if not layers or any(i < 0 for i in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"layers must be distinct non-negative layer indices, got {layers}")
+        if list(layers) != sorted(layers):
+            raise ValueError(f"layers must be in increasing order, got {layers}")
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise ValueError("tensor must be a floating-point torch.Tensor of shape [L, 2, T, D]")
+        if tensor.dim() != 4 or tensor.shape[0] != len(layers) or tensor.shape[1] != 2:
+            raise ValueError(
+                f"tensor must have shape [L={len(layers)}, 2, T, D] for layers {layers}, got {tuple(tensor.shape)}"
+            )
+        if tensor.shape[2] < 1 or tensor.shape[3] < 1:
+            raise ValueError(f"tensor has an empty dimension: {tuple(tensor.shape)}")
+        tensor = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+        if not torch.isfinite(tensor).all():
+            raise ValueError("tensor has non-finite values (NaN or inf)")
+        bias = float(prefix_logit_bias)
+        if not math.isfinite(bias):
+            raise ValueError(f"prefix_logit_bias must be finite, got {prefix_logit_bias}")
+        self.tensor = tensor
+        self.layers = layers
+        self.prefix_logit_bias = bias
+        self.meta = dict(meta or {})
+        for key in _FORMAT_KEYS:
+            if key != "sha256":
+                self.meta.pop(key, None)
+        self.meta["sha256"] = tensor_sha256(tensor)
+
+    # ---- shape facts -------------------------------------------------------------------------
+    @property
+    def tokens(self) -> int:
+        return int(self.tensor.shape[2])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.tensor.shape[3])
+
+    @property
+    def sha256(self) -> str:
+        return self.meta["sha256"]
+
+    def __repr__(self) -> str:
+        word = self.meta.get("class_word")
+        return (
+            f"Residual(layers={self.layers}, tokens={self.tokens}, hidden_size={self.hidden_size}, "
+            f"prefix_logit_bias={self.prefix_logit_bias}, class_word={word!r}, {self.sha256[:15]}…)"
+        )
+
+    # ---- safetensors I/O ---------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        header = {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "layers": json.dumps(list(self.layers)),
+            "tokens": str(self.tokens),
+            "hidden_size": str(self.hidden_size),
+            "prefix_logit_bias": repr(self.prefix_logit_bias),
+            "sha256": self.sha256,
+        }
+        for key, value in self.meta.items():
+            if key in header:
+                continue
+            header[str(key)] = json.dumps(value, sort_keys=True, default=str)
+        return st_save_bytes({TENSOR_KEY: self.tensor}, metadata=header)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: the file appears complete or not at all."""
+        _atomic_write(Path(path), self.to_bytes())
+
+    @classmethod
+    def load(cls, source: str | os.PathLike | bytes | bytearray | memoryview) -> "Residual":
+        """Read and verify a residual file (or its bytes); refuses anything not exactly right."""
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data, name = bytes(source), "<residual bytes>"
+        else:
+            name = str(source)
+            try:
+                data = Path(source).read_bytes()
+            except FileNotFoundError:
+                raise ResidualFormatError(f"residual file {name} does not exist") from None
+            except IsADirectoryError:
+                raise ResidualFormatError(f"residual path {name} is a directory, expected a .safetensors file") from None
+        return cls._from_bytes(data, name)
+
+    @classmethod
+    def _from_bytes(cls, data: bytes, name: str) -> "Residual":
+        def refuse(reason: str) -> ResidualFormatError:
+            return ResidualFormatError(f"{name}: {reason}")
+
+        header = _safetensors_header(data, refuse)
+        meta_raw = header.get("__metadata__") or {}
+        fmt = meta_raw.get("format")
+        if fmt != FORMAT_NAME:
+            raise refuse(
+                f"not a catversion residual (header format={fmt!r}, expected {FORMAT_NAME!r}); "
+                "a reference-code pytorch_adapter.bin is imported with `catversion import-official`"
+            )
+        try:
+            version = int(meta_raw.get("format_version", ""))
+        except ValueError:
+            raise refuse(f"format_version {meta_raw.get('format_version')!r} is not an integer") from None
+        if version != FORMAT_VERSION:
+            hint = "upgrade catversion" if version > FORMAT_VERSION else "re-save it with the catversion that wrote it"
+            raise refuse(f"format version {version} is not supported (this catversion reads version {FORMAT_VERSION}); {hint}")
+        try:
+            layers = tuple(int(i) for i in json.loads(meta_raw["layers"]))
+            tokens = int(meta_raw["tokens"])
+            hidden = int(meta_raw["hidden_size"])
+            bias = float(meta_raw["prefix_logit_bias"])
+            expected_hash = meta_raw["sha256"]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise refuse(f"header is missing or has a malformed format field ({exc!r})") from None
+        try:
+            tensors = st_load_bytes(data)
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            raise refuse(f"truncated or corrupt safetensors data ({exc})") from None
+        if set(tensors) != {TENSOR_KEY}:
+            raise refuse(f"expected exactly one tensor named {TENSOR_KEY!r}, found {sorted(tensors)}")
+        tensor = tensors[TENSOR_KEY]
+        if tensor.dtype != torch.float32:
+            raise refuse(f"tensor dtype is {tensor.dtype}, expected torch.float32")
+        expected_shape = (len(layers), 2, tokens, hidden)
+        if tuple(tensor.shape) != expected_shape:
+            raise refuse(
+                f"tensor shape {tuple(tensor.shape)} does not match the header "
+                f"(layers={list(layers)}, tokens={tokens}, hidden_size={hidden} → {expected_shape})"
+            )
+        if not torch.isfinite(tensor).all():
+            raise refuse("tensor has non-finite values (NaN or inf); the training run that wrote it diverged")
+        actual_hash = tensor_sha256(tensor)
+        if actual_hash != expected_hash:
+            raise refuse(
+                f"sha256 mismatch: header says {expected_hash}, tensor bytes hash to {actual_hash} "
+                "(the file was modified or corrupted after it was written)"
+            )
+        meta: dict[str, Any] = {}
+        for key, value in meta_raw.items():
+            if key in _FORMAT_KEYS:
+                continue
+            try:
+                meta[key] = json.loads(value)
+            except ValueError:
+                meta[key] = value
+        try:
+            return cls(tensor, layers, bias, meta)
+        except ValueError as exc:
+            raise refuse(str(exc)) from None
+
+    # ---- compatibility -----------------------------------------------------------------------
+    def check_compatible(self, text_encoder: Any = None, *, fingerprint: str | None = None, strict: bool = True) -> None:
+        """Raise IncompatibleResidualError explaining why this residual does not fit the encoder.
+
+        ``text_encoder`` is a transformers CLIPTextModel (or anything with a CLIP-like ``config``);
+        ``fingerprint`` is the base model's text-encoder fingerprint (``models.text_encoder_fingerprint``),
+        compared with the one recorded at training time when both are known. ``strict=False``
+        skips only the fingerprint comparison.
+        """
+        trained_on = self.meta.get("base_model") or "an unknown base model"
+        if text_encoder is not None:
+            config = text_encoder.config
+            if config.hidden_size != self.hidden_size:
+                raise IncompatibleResidualError(
+                    f"residual has hidden size {self.hidden_size} but the text encoder has {config.hidden_size}: "
+                    f"it was trained for {trained_on}, a different base model"
+                )
+            depth = config.num_hidden_layers
+            if max(self.layers) >= depth:
+                raise IncompatibleResidualError(
+                    f"residual patches encoder layers {list(self.layers)} but the text encoder has only {depth} "
+                    f"layers (0..{depth - 1}): it was trained for {trained_on}, a different base model"
+                )
+            heads = config.num_attention_heads
+            if self.hidden_size % heads:
+                raise IncompatibleResidualError(
+                    f"residual hidden size {self.hidden_size} is not divisible by the encoder's {heads} heads"
+                )
+        recorded = self.meta.get("base_fingerprint")
+        if strict and recorded and fingerprint and recorded != fingerprint:
+            raise IncompatibleResidualError(
+                f"residual was trained on {trained_on} whose text encoder fingerprint is {recorded[:19]}…, "
+                f"but the loaded text encoder's is {fingerprint[:19]}…: load the same base model "
+                "(or pass strict=False to apply it anyway)"
+            )
+
+    # ---- reference-code checkpoint -------------------------------------------------------------
+    @classmethod
+    def from_official(
+        cls, path: str | os.PathLike, *, class_word: str | None = None, hidden_size: int | None = None
+    ) -> "Residual":
+        """Import the reference code's ``pytorch_adapter.bin`` (adapter-transformers prefix tuning).
+
+        Layout (METHOD.md): one fp32 storage viewed as (prefix_len, 2·slot + kv, heads, head_dim)
+        with slots in increasing layer order and kv 0 = key, 1 = value. The hidden size comes from
+        ``hidden_size``, else the ``adapter_config.json`` beside the file, else prefix length 1.
+        Imported residuals carry ``prefix_logit_bias`` 1.0, which the reference code applies.
+        """
+        path = Path(path)
+        name = str(path)
+        if not path.is_file():
+            raise ResidualFormatError(f"{name} does not exist or is not a file")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for foreign or unsafe pickles
+            raise ResidualFormatError(
+                f"{name}: not a loadable reference checkpoint with plain tensors ({type(exc).__name__}: {exc})"
+            ) from None
+        if not isinstance(state, dict) or not state:
+            raise ResidualFormatError(f"{name}: expected a dict of tensors, got {type(state).__name__}")
+        per_layer: dict[int, torch.Tensor] = {}
+        others: list[torch.Tensor] = []
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or not key.endswith(".control_trans"):
+                raise ResidualFormatError(
+                    f"{name}: unexpected entry {key!r}; only prefix-tuning 'control_trans' tensors are supported "
+                    "(was the adapter trained with flat=True, as CatVersion does?)"
+                )
+            match = _OFFICIAL_LAYER_RE.search(key)
+            if match:
+                per_layer[int(match.group(1))] = value
+            else:
+                others.append(value)
+        if not per_layer:
+            raise ResidualFormatError(f"{name}: no 'encoder.layers.N.self_attn.prefix_tuning' keys found")
+        layers = tuple(sorted(per_layer))
+        flat = per_layer[layers[0]].detach().reshape(-1).to(torch.float32)
+        for value in list(per_layer.values()) + others:
+            if value.numel() != flat.numel() or not torch.equal(value.reshape(-1).to(torch.float32), flat):
+                raise ResidualFormatError(
+                    f"{name}: the control_trans tensors differ; CatVersion checkpoints hold one shared tensor"
+                )
+        if hidden_size is None:
+            config_path = path.parent / "adapter_config.json"
+            if config_path.is_file():
+                try:
+                    hidden_size = int(json.loads(config_path.read_text())["hidden_size"])
+                except (ValueError, KeyError, TypeError):
+                    hidden_size = None
+        slots = 2 * len(layers)
+        if hidden_size is None:
+            if flat.numel() % slots:
+                raise ResidualFormatError(f"{name}: {flat.numel()} values do not split into {slots} key/value slots")
+            hidden_size = flat.numel() // slots
+        if flat.numel() % (slots * hidden_size):
+            raise ResidualFormatError(
+                f"{name}: {flat.numel()} values do not fit {len(layers)} layers × (key, value) × hidden {hidden_size}"
+            )
+        tokens = flat.numel() // (slots * hidden_size)
+        # (T, 2L, D) → (2L, T, D) → (L, 2, T, D)
+        tensor = flat.view(tokens, slots, hidden_size).permute(1, 0, 2).reshape(len(layers), 2, tokens, hidden_size)
+        meta = {"source": "official", "source_file": path.name}
+        if class_word:
+            meta["class_word"] = class_word
+        try:
+            return cls(tensor, layers, OFFICIAL_PREFIX_LOGIT_BIAS, meta)
+        except ValueError as exc:
+            raise ResidualFormatError(f"{name}: {exc}") from None
+
+    def to_official(self, path: str | os.PathLike, *, adapter_name: str = "prefix_tuning1", force: bool = False) -> None:
+        """Write the reference code's layout: 4 keys sharing one fp32 storage, loadable by it.
+
+        The reference code always adds +1.0 to the residual logits, so a residual trained with
+        another ``prefix_logit_bias`` would behave differently there; that needs ``force=True``.
+        """
+        if self.prefix_logit_bias != OFFICIAL_PREFIX_LOGIT_BIAS and not force:
+            raise IncompatibleResidualError(
+                f"this residual uses prefix_logit_bias={self.prefix_logit_bias}, but the reference code always "
+                f"applies {OFFICIAL_PREFIX_LOGIT_BIAS}; it would behave differently there. Train with "
+                "prefix_logit_bias=1.0 for reference compatibility, or pass force=True (--force) to export anyway"
+            )
+        layers, tokens, hidden = len(self.layers), self.tokens, self.hidden_size
+        flat = self.tensor.reshape(2 * layers, tokens, hidden).permute(1, 0, 2).contiguous().reshape(-1)
+        state = {_OFFICIAL_LAYER_KEY.format(layer=i, name=adapter_name): flat for i in self.layers}
+        state[_OFFICIAL_POOL_KEY.format(name=adapter_name)] = flat
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        _atomic_write(Path(path), buffer.getvalue())
+
+    def official_adapter_config(self, adapter_name: str = "prefix_tuning1") -> dict[str, Any]:
+        """The adapter_config.json the reference code expects beside ``pytorch_adapter.bin``."""
+        return {
+            "config": {
+                "architecture": "prefix_tuning",
+                "bottleneck_size": 512,
+                "cross_prefix": True,
+                "dropout": 0.0,
+                "encoder_prefix": True,
+                "flat": True,
+                "leave_out": [],
+                "non_linearity": "tanh",
+                "prefix_length": self.tokens,
+                "shared_gating": True,
+                "use_gating": False,
+            },
+            "hidden_size": self.hidden_size,
+            "model_class": "CLIPTextModel",
+            "model_name": None,
+            "model_type": "clip_text_model",
+            "name": adapter_name,
+            "version": "3.2.1",
+        }
+
+
+def _safetensors_header(data: bytes, refuse) -> dict:
+    """Parse the safetensors header by hand so a foreign or truncated file gets a precise reason."""
+    if len(data) < 8:
+        raise refuse(f"not a safetensors file ({len(data)} bytes, too short; truncated?)")
+    size = int.from_bytes(data[:8], "little")
+    if size <= 0 or size > 100_000_000 or 8 + size > len(data):
+        raise refuse("not a safetensors file, or truncated (header length field is invalid)")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except ValueError:
+        raise refuse("not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise refuse("not a safetensors file (header is not a JSON object)")
+    return header
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
