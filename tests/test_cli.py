@@ -1,0 +1,49 @@
+"""The `catversion` command as a user runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from catversion import Residual
+from catversion.cli import main
+from test_residual import write_reference_checkpoint
+
+
+def test_import_then_export_official_round_trip(tmp_path, capsys):
+    src = tmp_path / "adapter"
+    src.mkdir()
+    flat = torch.randn(4608)
+    write_reference_checkpoint(src / "pytorch_adapter.bin", flat)
+    out = tmp_path / "teapot.safetensors"
+    assert main(["import-official", str(src), str(out), "--class-word", "teapot"]) == 0
+    r = Residual.load(out)
+    assert r.prefix_logit_bias == 1.0 and r.meta["class_word"] == "teapot"
+
+    assert main(["export-official", str(out), str(tmp_path / "exported")]) == 0
+    before = torch.load(src / "pytorch_adapter.bin", weights_only=True)
+    after = torch.load(tmp_path / "exported" / "pytorch_adapter.bin", weights_only=True)
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    config = json.loads((tmp_path / "exported" / "adapter_config.json").read_text())
+    assert config["hidden_size"] == 768 and config["config"]["prefix_length"] == 1
+
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["class_word"] == "teapot"
+
+
+def test_errors_exit_non_zero_with_a_message(tmp_path, capsys):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a residual at all, just text")
+    assert main(["inspect", str(tmp_path / "junk.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "junk.safetensors" in err and "not a safetensors file" in err
+    assert main(["import-official", str(tmp_path / "nope.bin"), str(tmp_path / "x.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "catversion"
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
+    assert "import-official" in done.stdout and "export-official" in done.stdout
