@@ -1,5 +1,5 @@
 """Load the frozen Stable Diffusion v1.x base model (diffusers folder or hub id) that residuals
-personalize, or build one of the offline built-ins: "tiny" for tests, "sd15-random" for benchmarks."""
+personalize, or build an offline built-in: "tiny" for tests, "sd15-random" for benchmarks."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import hashlib
 import json
 import os
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.utils import is_accelerate_available
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -47,9 +49,10 @@ red blue green yellow purple black white pink orange brown grey shiny colorful
 wearing floating sitting sleeping cute small big old new fancy
 """.split()
 TINY_VOCAB_SIZE = 787  # 512 byte symbols + 273 merges learned from TINY_WORDS + 2 special tokens
-TINY_SEED = 20231124
+BUILTIN_SEED = 20231124
 
 SD15_TEXT_VOCAB_SIZE = 49408
+SD_VAE_SCALING_FACTOR = 0.18215
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -108,7 +111,7 @@ def text_encoder_fingerprint(text_encoder: CLIPTextModel) -> str:
         tensor = state[name].detach().to(device="cpu", dtype=torch.float32).contiguous()
         # Name and shape go in with separators so that no two layouts hash the same bytes.
         digest.update(f"\0{name}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.numpy().tobytes())
+        digest.update(tensor.numpy())
     return "sha256:" + digest.hexdigest()
 
 
@@ -150,8 +153,8 @@ def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
-    """A CLIP-style byte-level BPE tokenizer built in code: any text encodes and decodes back,
-    and the words of TINY_WORDS are single tokens. Ids are laid out like CLIP's: bytes, word-final
+    """A CLIP-style byte-level BPE tokenizer built in code: any text encodes (lower-cased, as in
+    CLIP) with no unknown tokens, and the words of TINY_WORDS are single tokens. Ids are laid out like CLIP's: bytes, word-final
     bytes, merges, then <|startoftext|> and <|endoftext|> last."""
     alphabet = list(_bytes_to_unicode().values())
     merges = _learn_merges(TINY_WORDS)
@@ -161,8 +164,7 @@ def tiny_tokenizer() -> CLIPTokenizer:
     if len(vocab) != TINY_VOCAB_SIZE:
         raise AssertionError(f"tiny tokenizer vocabulary has {len(vocab)} tokens, expected "
                              f"{TINY_VOCAB_SIZE}; update TINY_VOCAB_SIZE with TINY_WORDS")
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[f"{a} {b}" for a, b in merges],
-                              model_max_length=MAX_LENGTH)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
     if len(tokenizer) != TINY_VOCAB_SIZE:
         raise AssertionError(f"CLIPTokenizer kept {len(tokenizer)} of {TINY_VOCAB_SIZE} tokens")
     probe = "a photo of a teapot"
@@ -209,66 +211,85 @@ def _vae_config(size: str) -> dict:
                 up_block_types=("UpDecoderBlock2D",) * 4,
                 block_out_channels=channels, layers_per_block=1 if size == "tiny" else 2,
                 norm_num_groups=16 if size == "tiny" else 32,
-                sample_size=64 if size == "tiny" else 512, scaling_factor=0.18215)
+                sample_size=64 if size == "tiny" else 512,
+                scaling_factor=SD_VAE_SCALING_FACTOR)
 
 
-def _builtin_model(name: str, device: torch.device, dtype: torch.dtype,
-                   components: tuple[str, ...]) -> BaseModel:
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Create parameters directly in `dtype` instead of allocating float32 and casting."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build_builtin_modules(name: str, device: torch.device, dtype: torch.dtype,
+                           components: tuple[str, ...], tokenizer: CLIPTokenizer
+                           ) -> dict[str, torch.nn.Module]:
+    """The requested modules of a built-in model, on `device` in `dtype` except the tiny text
+    encoder, which stays float32 on CPU until it is fingerprinted."""
     size = "tiny" if name == "tiny" else "sd15"
-    tokenizer = tiny_tokenizer()
     token_ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
     builders = {
         "text_encoder": lambda: CLIPTextModel(_text_encoder_config(size, token_ids)),
         "unet": lambda: UNet2DConditionModel(**_unet_config(size)),
         "vae": lambda: AutoencoderKL(**_vae_config(size)),
     }
+    # tiny is built in float32 on CPU so that its weights are identical on every machine;
+    # sd15-random is built in place because 1B parameters are slow to initialise on CPU.
+    build_device, build_dtype = ((torch.device("cpu"), torch.float32) if size == "tiny"
+                                 else (device, dtype))
     built = {}
     for index, component in enumerate(("text_encoder", "unet", "vae")):
         if component not in components:
             continue
-        # tiny is built in float32 on CPU so its weights are identical on every machine;
-        # sd15-random is built in place because 1B parameters are slow to initialise on CPU.
-        build_device = torch.device("cpu") if size == "tiny" else device
-        build_dtype = torch.float32 if size == "tiny" else dtype
         # One seed per component: loading a subset gives the same weights as loading all.
-        with torch.random.fork_rng(devices=[build_device] if build_device.type == "cuda" else []):
-            torch.manual_seed(TINY_SEED + index)
-            with torch.no_grad(), torch.device(build_device), _default_dtype(build_dtype):
-                built[component] = builders[component]()
+        cuda = [build_device] if build_device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), torch.device(build_device), \
+                _default_dtype(build_dtype):
+            torch.manual_seed(BUILTIN_SEED + index)
+            module = builders[component]()
+        if component != "text_encoder":
+            # nn.Module.to, because diffusers' own .to warns on any dtype cast even for models
+            # like these that keep no module in float32.
+            torch.nn.Module.to(module, device=device, dtype=dtype)
+        built[component] = module
+    return built
+
+
+def _builtin_model(name: str, device: torch.device, dtype: torch.dtype,
+                   components: tuple[str, ...]) -> BaseModel:
+    size = "tiny" if name == "tiny" else "sd15"
+    tokenizer = tiny_tokenizer()
+    built = _build_builtin_modules(name, device, dtype, components, tokenizer)
     return _assemble(name, tokenizer if "tokenizer" in components else None,
                      built.get("text_encoder"), built.get("unet"), built.get("vae"),
                      dict(SD_SCHEDULER_CONFIG), _unet_config(size)["sample_size"],
                      _vae_config(size), device, dtype)
 
 
-class _default_dtype:
-    """Construct modules directly in a dtype, instead of allocating float32 and casting."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-
-    def __enter__(self) -> None:
-        self.previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-
-    def __exit__(self, *exc_info) -> None:
-        torch.set_default_dtype(self.previous)
-
-
 def _assemble(model_id: str, tokenizer, text_encoder, unet, vae, scheduler_config: dict,
               unet_sample_size: int, vae_config: dict, device: torch.device,
               dtype: torch.dtype) -> BaseModel:
-    # The fingerprint is taken before the cast so that bf16 serving and fp32 training of the
-    # same weights agree.
-    fingerprint = text_encoder_fingerprint(text_encoder) if text_encoder is not None else None
+    """Fingerprint the text encoder as stored, then put it on device/dtype; unet and vae arrive
+    in `dtype` already."""
+    fingerprint = None
+    if text_encoder is not None:
+        fingerprint = text_encoder_fingerprint(text_encoder)
+        text_encoder.to(device=device, dtype=dtype)
     for module in (text_encoder, unet, vae):
         if module is not None:
-            module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+            module.to(device).eval().requires_grad_(False)
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     return BaseModel(model_id=model_id, tokenizer=tokenizer, text_encoder=text_encoder,
                      unet=unet, vae=vae, scheduler_config=scheduler_config,
                      fingerprint=fingerprint, resolution=unet_sample_size * vae_scale_factor,
-                     vae_scaling_factor=float(vae_config["scaling_factor"]),
+                     # vae configs written before diffusers named the factor are SD v1's
+                     vae_scaling_factor=float(vae_config.get("scaling_factor",
+                                                             SD_VAE_SCALING_FACTOR)),
                      device=device, dtype=dtype)
 
 
@@ -277,11 +298,6 @@ def tiny_base_model(device: str | torch.device = "cpu", dtype: torch.dtype | Non
     """The built-in toy SD v1 model: 64 px images, 8x8 latents, a 5-layer 32-wide text encoder.
     Weights come from a fixed seed, so every build on every machine is identical."""
     return load_base_model("tiny", device=device, dtype=dtype)
-
-
-_HOW_TO_GET = ("download it with network access (HF_HUB_OFFLINE unset), e.g. "
-               "`hf download runwayml/stable-diffusion-v1-5`, or pass a local diffusers folder "
-               "that has tokenizer/, text_encoder/, unet/, vae/ and scheduler/")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -294,14 +310,21 @@ def _looks_like_path(name: str) -> bool:
     return False
 
 
+def _how_to_get(name: str) -> str:
+    hub_id = name if not _looks_like_path(name) else "runwayml/stable-diffusion-v1-5"
+    return (f"to fix: download it with network access (HF_HUB_OFFLINE unset), e.g. "
+            f"`hf download {hub_id}`, or pass a local diffusers folder that has tokenizer/, "
+            f"text_encoder/, unet/, vae/ and scheduler/")
+
+
 def _load_component(name: str, component: str, load):
     try:
         return load()
     except (OSError, HfHubHTTPError, HFValidationError) as error:
+        reason = (str(error).splitlines() or [""])[0]
         raise ModelNotAvailableError(
-            f"base model {name!r}: cannot load its {component} "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            f"{_HOW_TO_GET}") from error
+            f"base model {name!r}: cannot load its {component} ({type(error).__name__}: "
+            f"{reason}); {_how_to_get(name)}") from error
 
 
 def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype,
@@ -318,21 +341,23 @@ def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype,
                 raise ModelNotAvailableError(
                     f"base model folder {name!r} has no {component}/ subfolder; it must be a "
                     f"diffusers Stable Diffusion folder (tokenizer/, text_encoder/, unet/, vae/, "
-                    f"scheduler/), e.g. from `hf download runwayml/stable-diffusion-v1-5 "
-                    f"--local-dir {name}` with network access")
+                    f"scheduler/); to fix: fill it with network access, e.g. `hf download "
+                    f"runwayml/stable-diffusion-v1-5 --local-dir {name}`")
 
-    def load(component: str, cls):
+    def load(component: str, cls, **kwargs):
         return _load_component(name, component,
-                               lambda: cls.from_pretrained(source, subfolder=component))
+                               lambda: cls.from_pretrained(source, subfolder=component, **kwargs))
 
+    # diffusers asks for accelerate on every load without it; loading is only slower then.
+    fast_init = is_accelerate_available()
     tokenizer = text_encoder = unet = vae = None
     if "tokenizer" in components:
         tokenizer = load("tokenizer", CLIPTokenizer)
         # Offline, transformers may hand back a 2-3 token placeholder instead of failing.
         if len(tokenizer) < MIN_TOKENIZER_VOCAB:
             raise ModelNotAvailableError(
-                f"base model {name!r}: its tokenizer/ is missing or broken (vocabulary of "
-                f"{len(tokenizer)} tokens, a CLIP tokenizer has 49408); {_HOW_TO_GET}")
+                f"base model {name!r}: its tokenizer is missing or broken (got a vocabulary of "
+                f"{len(tokenizer)} tokens, a CLIP tokenizer has 49408); {_how_to_get(name)}")
         tokenizer.model_max_length = MAX_LENGTH
     if "text_encoder" in components:
         text_encoder = load("text_encoder", CLIPTextModel)
@@ -342,9 +367,9 @@ def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype,
                 f"only embeds {text_encoder.config.vocab_size}; tokenizer/ and text_encoder/ "
                 "must come from the same model")
     if "unet" in components:
-        unet = load("unet", UNet2DConditionModel)
+        unet = load("unet", UNet2DConditionModel, torch_dtype=dtype, low_cpu_mem_usage=fast_init)
     if "vae" in components:
-        vae = load("vae", AutoencoderKL)
+        vae = load("vae", AutoencoderKL, torch_dtype=dtype, low_cpu_mem_usage=fast_init)
 
     # Sizes come from the configs so that a partial load still knows the native resolution.
     def config(component: str, cls) -> dict:
