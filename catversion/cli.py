@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .residual import IncompatibleResidualError, Residual, ResidualFormatError
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
 EPILOG = "Run `catversion COMMAND --help` for the options of each command."
 
 
@@ -51,6 +53,126 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2, sort_keys=True, default=str))
 
 
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def _load_model(name: str, device: str):
+    from .models import ModelNotAvailableError, load_base_model
+
+    try:
+        return load_base_model(name, device=_device(device))
+    except ModelNotAvailableError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _expand_images(paths: list[str]) -> list[Path]:
+    """Files as given; folders contribute their image files (sorted), so `--images photos/` works."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise CLIError(f"--images {raw}: folder has no image files ({', '.join(IMAGE_SUFFIXES)})")
+            found += images
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise CLIError(f"--images {raw}: no such file or folder")
+    return found
+
+
+def _parse_steps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers like 250,500,750, got {text!r}") from None
+
+
+def _checkpoint_path(out: Path, step: int) -> Path:
+    return out.with_name(f"{out.stem}.step{step}{out.suffix}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .training import ResidualTrainer, Concept, TrainConfig
+
+    images = _expand_images(args.images)
+    try:
+        config = TrainConfig(
+            steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
+            save_steps=args.save_steps, prefix_logit_bias=1.0 if args.reference_compatible else 0.0,
+        )
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    out = Path(args.out)
+    base = _load_model(args.model, args.device)
+    trainer = ResidualTrainer(base, pack=1, resolution=args.resolution)
+    concept = Concept(out.stem, images, args.class_word, args.caption, config)
+    print(f"training {out.stem!r} on {len(images)} images, class word {args.class_word!r}, "
+          f"{config.steps} steps, model {base.model_id} on {base.device}", file=sys.stderr)
+    saved: list[Path] = []
+
+    def checkpoint(_concept_id: str, step: int, residual: Residual) -> None:
+        path = _checkpoint_path(out, step)
+        residual.save(path)
+        saved.append(path)
+
+    with tqdm(total=config.steps, unit="step", desc="train", disable=args.quiet, file=sys.stderr, mininterval=0.5) as bar:
+        def progress(p) -> None:
+            bar.update(p.steps_done - bar.n)
+            bar.set_postfix(loss=f"{p.loss:.4f}", img_s=f"{p.images_per_s:.1f}", refresh=False)
+
+        result = trainer.train([concept], on_progress=progress, on_checkpoint=checkpoint)[0]
+    if result.status != "ok":
+        raise CLIError(result.error)
+    result.residual.save(out)
+    for path in saved:
+        print(f"checkpoint: {path}")
+    print(f"residual: {out} (final loss {result.final_loss:.4f}, {result.seconds:.1f} s)")
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .generation import GenerationRequest, ImageGenerator
+
+    residual = Residual.load(args.residual) if args.residual else None
+    model = args.model or (residual.meta.get("base_model") if residual else None)
+    if not model:
+        raise CLIError(
+            f"{args.residual} does not record its base model (imported from the reference code?); "
+            "pass --model with a Stable Diffusion v1.x folder or hub id"
+        )
+    base = _load_model(model, args.device)
+    generator = ImageGenerator(base, layers=residual.layers if residual else None, tokens=residual.tokens if residual else 1)
+    prompt = args.prompt
+    requests = [
+        GenerationRequest(prompt, residual, args.seed + i, args.residual_scale, args.negative_prompt) for i in range(args.n)
+    ]
+    generator.check(requests, args.steps, args.guidance, args.size or base.resolution)
+    with tqdm(total=args.steps, unit="step", desc="generate", disable=args.quiet, file=sys.stderr, mininterval=0.5) as bar:
+        images = generator.generate(
+            requests, steps=args.steps, guidance=args.guidance, size=args.size,
+            on_step=lambda done, _total: bar.update(done - bar.n),
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+        print(f"image: {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="catversion",
@@ -58,6 +180,62 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    from .models import BUILTIN_MODELS, DEFAULT_MODEL
+    from .training import DEFAULT_SAVE_STEPS, TrainConfig
+
+    defaults = TrainConfig()
+    model_help = f"base model: {' | '.join(BUILTIN_MODELS)} | a diffusers folder | a hub id"
+
+    p = sub.add_parser(
+        "train",
+        help="learn a residual for one concept from a few photos",
+        description="Optimize a CatVersion residual (extra K/V in the text encoder's last 3 self-attention layers) "
+        "for one concept. Defaults are the paper's reference recipe: AdamW lr 1e-2, batch 2, 1000 steps, "
+        "native resolution (512 px for SD1.x), random flips, caption = the class word.",
+    )
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders of images (3-10 photos)")
+    p.add_argument("--class-word", required=True, help="the plain base-class word, e.g. 'teapot' (also the prompt word)")
+    p.add_argument("--out", required=True, help="output residual, e.g. teapot.safetensors")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default: {DEFAULT_MODEL})")
+    p.add_argument("--caption", help="training caption (default: the class word alone)")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=defaults.learning_rate, help="learning rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
+    p.add_argument("--resolution", type=int, help="training image size in px (default: the model's native size)")
+    p.add_argument(
+        "--save-steps", type=_parse_steps, default=DEFAULT_SAVE_STEPS,
+        help="also save OUT.stepN.safetensors at these steps, comma-separated (default: 250,500,750); '' for none",
+    )
+    p.add_argument(
+        "--reference-compatible", action="store_true",
+        help="train with the reference code's +1.0 residual logit so the result exports to pytorch_adapter.bin",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "generate",
+        help="generate images with a residual (or the plain base model)",
+        description="Generate images for a prompt with a residual. Use the residual's class word in the prompt, "
+        "e.g. 'a teapot on a beach'. Defaults are the reference inference settings: DDIM 50 steps, guidance 10.",
+    )
+    p.add_argument("--residual", help="residual .safetensors (omit for the plain base model)")
+    p.add_argument("--prompt", required=True, help="text prompt, containing the class word")
+    p.add_argument("--out", required=True, help="output PNG; with --n > 1, OUT-0.png, OUT-1.png, ...")
+    p.add_argument("--model", help=f"{model_help} (default: the base model recorded in the residual)")
+    p.add_argument("--n", type=int, default=1, help="number of images (seeds SEED, SEED+1, ...; default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    p.add_argument("--guidance", type=float, default=10.0, help="classifier-free guidance scale (default: 10)")
+    p.add_argument("--residual-scale", type=float, default=1.0, help="strength of the residual, 0 = off (default: 1)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt, encoded without the residual")
+    p.add_argument("--size", type=int, help="image size in px (default: the model's native size)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(
         "import-official",
@@ -98,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (CLIError, ResidualFormatError, IncompatibleResidualError, FileNotFoundError, ValueError) as exc:
+        # ValueError covers bad inputs the library names (an undecodable image, an invalid size, ...).
         print(f"catversion {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,6 +18,8 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 BUILTIN_MODELS = ("tiny", "sd15-random")
+# The hub's maintained copy of Stable Diffusion v1.5 (the runwayml repository was withdrawn).
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae")
 MAX_LENGTH = 77  # CLIP's context length; SD v1 always pads prompts to it
 
@@ -311,7 +313,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _how_to_get(name: str) -> str:
-    hub_id = name if not _looks_like_path(name) else "runwayml/stable-diffusion-v1-5"
+    hub_id = name if not _looks_like_path(name) else DEFAULT_MODEL
     return (f"to fix: download it with network access (HF_HUB_OFFLINE unset), e.g. "
             f"`hf download {hub_id}`, or pass a local diffusers folder that has tokenizer/, "
             f"text_encoder/, unet/, vae/ and scheduler/")

@@ -1,0 +1,141 @@
+"""Text-to-image generation with residuals: many concepts in one UNet batch, one seed per sample.
+
+The denoising loop is written out (diffusers' scheduler, UNet and VAE, no pipeline class). The
+conditional branch is encoded with each sample's residual; the unconditional / negative branch
+without it, as the reference code does (METHOD.md).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from .encoder import ResidualTextEncoder
+from .images import to_pil
+from .models import BaseModel
+from .residual import Residual
+
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 10.0
+MAX_STEPS = 1000
+
+
+@dataclass
+class GenerationRequest:
+    """One image to make. ``residual`` None means the plain base model."""
+
+    prompt: str
+    residual: Residual | None = None
+    seed: int = 0
+    residual_scale: float = 1.0
+    negative_prompt: str = ""
+
+
+class ImageGenerator:
+    """Holds one frozen base model and its patched text encoder; reuse it for every request.
+
+    Unconditional embeddings are cached per negative prompt (the empty prompt is the usual one),
+    so a batch pays the text encoder once for its conditional rows only.
+    """
+
+    def __init__(self, base: BaseModel, layers: Sequence[int] | None = None, tokens: int = 1, uncond_cache_size: int = 64):
+        for part in ("tokenizer", "text_encoder", "unet", "vae"):
+            if getattr(base, part) is None:
+                raise ValueError(f"generation needs the base model's {part}; load it with that component")
+        self.base = base
+        self.encoder = ResidualTextEncoder(base.text_encoder, layers=layers, tokens=tokens)
+        self._uncond: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._uncond_cache_size = uncond_cache_size
+        unet_levels = len(base.unet.config.block_out_channels) - 1
+        self.size_multiple = base.vae_scale_factor * 2**unet_levels
+
+    def check(self, requests: Sequence[GenerationRequest], steps: int, guidance: float, size: int) -> None:
+        """Raise ValueError naming the first bad argument (before any compute is spent)."""
+        if not requests:
+            raise ValueError("no generation requests given")
+        if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+        if not 0.0 <= guidance <= 100.0:
+            raise ValueError(f"guidance scale must be in [0, 100], got {guidance}")
+        if size % self.size_multiple or not self.size_multiple <= size <= 4096:
+            raise ValueError(
+                f"size {size} must be a multiple of {self.size_multiple} between {self.size_multiple} and 4096 "
+                f"for this model (native size {self.base.resolution})"
+            )
+        for i, request in enumerate(requests):
+            if request.residual is not None:
+                request.residual.check_compatible(self.base.text_encoder, fingerprint=self.base.fingerprint)
+            if not 0.0 <= request.residual_scale <= 10.0:
+                raise ValueError(f"request {i}: residual_scale must be in [0, 10], got {request.residual_scale}")
+            if not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
+                raise ValueError(f"request {i}: seed must be a non-negative integer, got {request.seed!r}")
+
+    @torch.no_grad()
+    def encode(self, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional embeddings (with residuals) and unconditional ones (without), [B, 77, D] each."""
+        ids = self.base.tokenize([r.prompt for r in requests])
+        cond = self.encoder(ids, [r.residual for r in requests], residual_scale=[r.residual_scale for r in requests])
+        uncond = torch.cat([self._unconditional(r.negative_prompt) for r in requests])
+        return cond, uncond
+
+    def _unconditional(self, negative_prompt: str) -> torch.Tensor:
+        if negative_prompt in self._uncond:
+            self._uncond.move_to_end(negative_prompt)
+        else:
+            ids = self.base.tokenize([negative_prompt])
+            self._uncond[negative_prompt] = self.encoder(ids)  # no residual: the base model's embedding
+            if len(self._uncond) > self._uncond_cache_size:
+                self._uncond.popitem(last=False)
+        return self._uncond[negative_prompt]
+
+    def initial_latents(self, seeds: Sequence[int], size: int) -> torch.Tensor:
+        """Per-sample noise from each sample's own seed (on CPU, so it is the same on every device)."""
+        latent = size // self.base.vae_scale_factor
+        channels = self.base.unet.config.in_channels
+        noise = [torch.randn((1, channels, latent, latent), generator=torch.Generator().manual_seed(s)) for s in seeds]
+        return torch.cat(noise).to(self.base.device)
+
+    @torch.no_grad()
+    def generate_tensors(self, requests: Sequence[GenerationRequest], steps: int = DEFAULT_STEPS,
+                         guidance: float = DEFAULT_GUIDANCE, size: int | None = None, eta: float = 0.0,
+                         on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] (float32, CPU) for a batch of requests sharing one UNet batch.
+
+        ``on_step(done, total)`` is called after each denoising step (for progress bars).
+        """
+        size = size or self.base.resolution
+        self.check(requests, steps, guidance, size)
+        base, unet = self.base, self.base.unet
+        cond, uncond = self.encode(requests)
+        use_cfg = guidance != 1.0
+        embeddings = (torch.cat([uncond, cond]) if use_cfg else cond).to(unet.dtype)
+
+        scheduler = DDIMScheduler.from_config(base.scheduler_config)
+        scheduler.set_timesteps(steps, device=base.device)
+        latents = self.initial_latents([r.seed for r in requests], size) * scheduler.init_noise_sigma
+        for i, t in enumerate(scheduler.timesteps):
+            model_in = torch.cat([latents, latents]) if use_cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t).to(unet.dtype)
+            eps = unet(model_in, t, encoder_hidden_states=embeddings).sample.float()
+            if use_cfg:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            latents = scheduler.step(eps, t, latents, eta=eta).prev_sample
+            if on_step is not None:
+                on_step(i + 1, len(scheduler.timesteps))
+
+        images = []
+        vae = base.vae
+        for chunk in (latents / base.vae_scaling_factor).split(4):
+            images.append(vae.decode(chunk.to(vae.dtype)).sample.float().cpu())
+        return torch.cat(images).clamp(-1, 1)
+
+    def generate(self, requests: Sequence[GenerationRequest], steps: int = DEFAULT_STEPS,
+                 guidance: float = DEFAULT_GUIDANCE, size: int | None = None, eta: float = 0.0,
+                 on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+        return to_pil(self.generate_tensors(requests, steps, guidance, size, eta, on_step))
