@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -40,7 +41,11 @@ def read_source(source: ImageSource, name: str | None = None) -> tuple[bytes, st
 def decode_image(data: bytes, name: str = "<image bytes>", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode to an upright RGB image, refusing undecodable or oversized input by name."""
     try:
-        with Image.open(io.BytesIO(data)) as probe:
+        with warnings.catch_warnings():
+            # Our own limit below replaces PIL's warning (PIL still refuses above twice its limit).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            probe = Image.open(io.BytesIO(data))
+        with probe:
             width, height = probe.size
             if width * height > max_pixels:
                 raise ImageError(
@@ -51,9 +56,11 @@ def decode_image(data: bytes, name: str = "<image bytes>", max_pixels: int = MAX
             image.load()
     except ImageError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image {name} is too large to decode safely (decompression-bomb guard: {exc})") from None
     except UnidentifiedImageError:
         raise ImageError(f"image {name} is not a decodable image (PIL cannot identify its format)") from None
-    except ( Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"image {name} is not a decodable image (PIL: {exc})") from None
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite transparency onto white, the way viewers show it, rather than onto black.

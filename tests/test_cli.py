@@ -9,6 +9,9 @@ import torch
 
 from catversion import Residual
 from catversion.cli import main
+from PIL import Image
+
+from helpers import png_bytes
 from test_residual import write_reference_checkpoint
 
 
@@ -47,3 +50,44 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "catversion"
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
     assert "import-official" in done.stdout and "export-official" in done.stdout
+
+
+def test_train_then_generate(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.png").write_bytes(png_bytes(i))
+    (photos / "notes.txt").write_text("ignored: not an image suffix")
+    out = tmp_path / "teapot.safetensors"
+    argv = ["train", "--images", str(photos), "--class-word", "teapot", "--out", str(out), "--model", "tiny",
+            "--steps", "4", "--save-steps", "2", "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    r = Residual.load(out)
+    assert r.meta["steps"] == 4 and r.meta["class_word"] == "teapot" and r.meta["base_model"] == "tiny"
+    assert Residual.load(tmp_path / "teapot.step2.safetensors").meta["steps"] == 2
+
+    # --model defaults to the base model recorded in the residual
+    image = tmp_path / "img" / "beach.png"
+    argv = ["generate", "--residual", str(out), "--prompt", "a teapot on a beach", "--out", str(image), "--n", "2",
+            "--steps", "3", "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    for name in ("beach-0.png", "beach-1.png"):
+        assert Image.open(tmp_path / "img" / name).size == (64, 64)
+
+
+def test_train_errors_name_the_bad_input(tmp_path, capsys):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    argv = ["train", "--images", str(tmp_path / "broken.jpg"), "--class-word", "cat", "--out", str(tmp_path / "c.safetensors"),
+            "--model", "tiny", "--steps", "2", "--quiet", "--device", "cpu"]
+    assert main(argv) == 2
+    assert "broken.jpg is not a decodable image" in capsys.readouterr().err
+    assert not (tmp_path / "c.safetensors").exists()
+    argv[2] = str(tmp_path / "missing")
+    assert main(argv) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    (tmp_path / "ok.png").write_bytes(png_bytes(1))
+    argv[2] = str(tmp_path / "ok.png")
+    argv[argv.index("--model") + 1] = str(tmp_path / "no-model-here")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no-model-here" in err and "does not exist" in err

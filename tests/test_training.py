@@ -1,0 +1,177 @@
+"""Packed multi-concept training: exact against training alone, cached work, per-concept failures."""
+
+import io
+import math
+import struct
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+from catversion import Residual
+from catversion.images import ImageError, decode_image
+from catversion.models import load_base_model
+from catversion.training import Concept, ResidualTrainer, TrainConfig, train_residual, training_fingerprint
+from helpers import png_bytes
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base_model("tiny")
+
+
+def concepts():
+    return [
+        Concept("teapot-1", [png_bytes(1), png_bytes(2)], "teapot", config=TrainConfig(steps=6, seed=3)),
+        Concept("dog-2", [png_bytes(3), png_bytes(4), png_bytes(5)], "dog", "a dog", TrainConfig(steps=4, seed=7, batch_size=3)),
+        Concept("cat-3", [png_bytes(6)], "cat", config=TrainConfig(steps=5, seed=11, batch_size=1, prefix_logit_bias=1.0)),
+    ]
+
+
+def test_packed_training_gives_each_concept_the_residual_it_gets_alone(base):
+    packed = {r.concept_id: r for r in ResidualTrainer(base, pack=2).train(concepts())}
+    for concept in concepts():
+        alone = ResidualTrainer(base, pack=1).train([concept])[0]
+        assert alone.status == packed[concept.concept_id].status == "ok"
+        torch.testing.assert_close(packed[concept.concept_id].residual.tensor, alone.residual.tensor, atol=1e-5, rtol=0)
+        assert packed[concept.concept_id].steps == concept.config.steps
+
+
+def test_slots_are_refilled_as_soon_as_a_concept_ends(base):
+    seen = []
+    ResidualTrainer(base, pack=2).train(iter(concepts()), on_progress=lambda p: seen.append((p.steps_done, p.active)))
+    # dog-2 ends after 4 packed steps and cat-3 takes its slot at once: the pack stays full.
+    actives = [active for _, active in seen]
+    assert actives[:5] == [2, 2, 2, 2, 2]
+    assert seen[-1] == (15, 0)
+
+
+def test_results_are_reported_the_moment_each_concept_finishes(base):
+    order = []
+    ResidualTrainer(base, pack=3).train(concepts(), on_result=lambda r: order.append(r.concept_id))
+    assert order == ["dog-2", "cat-3", "teapot-1"]  # by step count: 4, 5, 6
+
+
+def test_latents_and_lower_text_layers_are_computed_once(base):
+    calls = {"vae": 0, "layer0": 0}
+    original_encode = base.vae.encode
+
+    def counting_encode(*args, **kwargs):
+        calls["vae"] += 1
+        return original_encode(*args, **kwargs)
+
+    def count_layer0(*_):
+        calls["layer0"] += 1
+
+    hook = base.text_encoder.encoder.layers[0].register_forward_hook(count_layer0)
+    base.vae.encode = counting_encode
+    try:
+        trainer = ResidualTrainer(base, pack=2)
+        trainer.train(concepts())
+    finally:
+        del base.vae.encode
+        hook.remove()
+    # one encode call per concept (each image and its flip in one chunk), not per step
+    assert calls["vae"] == 3
+    # one lower-layer pass per distinct caption ("teapot", "a dog", "cat"), not per step
+    assert calls["layer0"] == 3
+
+
+def test_checkpoints_at_save_steps_and_metadata(base):
+    saved = {}
+    config = TrainConfig(steps=6, save_steps=(2, 4, 6, 10))
+    residual = train_residual(base, [png_bytes(1), png_bytes(2)], "teapot", config,
+                              on_checkpoint=lambda cid, step, r: saved.setdefault(step, r))
+    assert sorted(saved) == [2, 4]
+    assert saved[2].meta["steps"] == 2 and saved[2].meta["checkpoint_of_steps"] == 6
+    meta = residual.meta
+    assert meta["steps"] == 6 and meta["class_word"] == "teapot" and meta["caption"] == "teapot"
+    assert meta["base_model"] == "tiny" and meta["base_fingerprint"] == base.fingerprint
+    assert meta["learning_rate"] == 0.01 and meta["batch_size"] == 2 and meta["seed"] == 0
+    assert math.isfinite(meta["final_loss"]) and meta["training_fingerprint"].startswith("sha256:")
+    assert Residual.load(residual.to_bytes()).meta == meta
+    assert residual.layers == (2, 3, 4) and residual.tokens == 1  # the last three layers of the tiny encoder
+
+
+def test_same_seed_same_residual_and_seed_matters(base):
+    images = [png_bytes(1), png_bytes(2)]
+    a = train_residual(base, images, "teapot", TrainConfig(steps=3, seed=5))
+    b = train_residual(base, images, "teapot", TrainConfig(steps=3, seed=5))
+    c = train_residual(base, images, "teapot", TrainConfig(steps=3, seed=6))
+    assert torch.equal(a.tensor, b.tensor)
+    assert not torch.allclose(a.tensor, c.tensor)
+
+
+def test_a_bad_concept_never_stops_the_others(base):
+    batch = [
+        Concept("bad", [png_bytes(1), b"definitely not an image"], "cat", image_names=["ok.png", "s3://b/broken.jpg"],
+                config=TrainConfig(steps=2)),
+        Concept("empty", [], "cat", config=TrainConfig(steps=2)),
+        Concept("diverges", [png_bytes(2)], "cat", config=TrainConfig(steps=3, learning_rate=1e30)),
+        Concept("good", [png_bytes(3)], "cat", config=TrainConfig(steps=2)),
+    ]
+    results = {r.concept_id: r for r in ResidualTrainer(base, pack=2).train(batch)}
+    assert results["good"].status == "ok"
+    assert results["bad"].status == "failed" and "s3://b/broken.jpg is not a decodable image" in results["bad"].error
+    assert results["empty"].status == "failed" and "no images" in results["empty"].error
+    assert results["diverges"].status == "failed" and "non-finite" in results["diverges"].error
+
+
+def test_config_rejects_bad_values_by_name():
+    with pytest.raises(ValueError, match="steps must be"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainConfig(learning_rate=float("nan"))
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+
+
+def test_training_fingerprint_tracks_inputs(base):
+    args = dict(class_word="cat", caption="cat", config=TrainConfig(), base_fingerprint=base.fingerprint,
+                resolution=64, layers=(2, 3, 4), tokens=1)
+    same = training_fingerprint([b"a", b"b"], **args)
+    assert same == training_fingerprint([b"a", b"b"], **args)
+    assert same != training_fingerprint([b"a", b"c"], **args)
+    assert same != training_fingerprint([b"a", b"b"], **{**args, "config": TrainConfig(steps=999)})
+    assert same != training_fingerprint([b"a", b"b"], **{**args, "base_fingerprint": "sha256:other"})
+
+
+# ---- image decoding ------------------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert decode_image(buffer.getvalue()).size == (20, 40)
+
+
+def test_rgba_and_greyscale_become_rgb():
+    rgba = decode_image(png_bytes(1, mode="RGBA"))
+    grey = decode_image(png_bytes(1, mode="L"))
+    assert rgba.mode == grey.mode == "RGB"
+    clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    buffer = io.BytesIO()
+    clear.save(buffer, format="PNG")
+    assert decode_image(buffer.getvalue()).getpixel((0, 0)) == (255, 255, 255)  # transparent → white, not black
+
+
+def png_header_only(width, height):
+    """A PNG that claims a huge size: the guard must refuse it before decoding any pixels."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    header = struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return b"\x89PNG\r\n\x1a\n" + header + end
+
+
+def test_oversized_and_undecodable_images_are_named():
+    with pytest.raises(ImageError, match=r"bomb\.png is 11000x11000 .*decompression-bomb"):
+        decode_image(png_header_only(11000, 11000), "bomb.png")
+    with pytest.raises(ImageError, match=r"huge\.png is too large to decode safely"):
+        decode_image(png_header_only(40000, 40000), "huge.png")
+    with pytest.raises(ImageError, match="notes.txt is not a decodable image"):
+        decode_image(b"hello", "notes.txt")
