@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python -m catversion.demo
+	$(BIN)/python infra/demo.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
