@@ -108,12 +108,19 @@ class Progress:
     images_per_s: float  # training rows per second since the start
 
 
-def training_fingerprint(image_bytes: Sequence[bytes], class_word: str, caption: str, config: TrainConfig,
+def image_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def training_fingerprint(image_digests: Sequence[str], class_word: str, caption: str, config: TrainConfig,
                          base_fingerprint: str | None, resolution: int, layers: Sequence[int], tokens: int) -> str:
-    """Everything that determines the trained residual: a rerun with the same fingerprint can be skipped."""
+    """Everything that determines the trained residual: a rerun with the same fingerprint can be skipped.
+
+    ``image_digests`` are ``image_digest(bytes)`` of the training images, in order.
+    """
     digest = hashlib.sha256()
-    for data in image_bytes:
-        digest.update(hashlib.sha256(data).digest())
+    for image in image_digests:
+        digest.update(image.encode())
     facts = {
         "class_word": class_word, "caption": caption, "config": config.hyperparameters(),
         "base": base_fingerprint, "resolution": resolution, "layers": list(layers), "tokens": tokens,
@@ -206,7 +213,7 @@ class ResidualTrainer:
 
     # ---- per-concept preparation (once per concept, not per step) -------------------------------
     def fingerprint(self, concept: Concept, image_bytes: Sequence[bytes]) -> str:
-        return training_fingerprint(image_bytes, concept.class_word, concept.prompt, concept.config,
+        return training_fingerprint([image_digest(b) for b in image_bytes], concept.class_word, concept.prompt, concept.config,
                                     self.base.fingerprint, self.resolution, self.encoder.layers, self.encoder.tokens)
 
     def _prefix_hidden(self, caption: str) -> torch.Tensor:

@@ -130,11 +130,11 @@ def test_config_rejects_bad_values_by_name():
 def test_training_fingerprint_tracks_inputs(base):
     args = dict(class_word="cat", caption="cat", config=TrainConfig(), base_fingerprint=base.fingerprint,
                 resolution=64, layers=(2, 3, 4), tokens=1)
-    same = training_fingerprint([b"a", b"b"], **args)
-    assert same == training_fingerprint([b"a", b"b"], **args)
-    assert same != training_fingerprint([b"a", b"c"], **args)
-    assert same != training_fingerprint([b"a", b"b"], **{**args, "config": TrainConfig(steps=999)})
-    assert same != training_fingerprint([b"a", b"b"], **{**args, "base_fingerprint": "sha256:other"})
+    same = training_fingerprint(["a", "b"], **args)
+    assert same == training_fingerprint(["a", "b"], **args)
+    assert same != training_fingerprint(["a", "c"], **args)
+    assert same != training_fingerprint(["a", "b"], **{**args, "config": TrainConfig(steps=999)})
+    assert same != training_fingerprint(["a", "b"], **{**args, "base_fingerprint": "sha256:other"})
 
 
 # ---- image decoding ------------------------------------------------------------------------
