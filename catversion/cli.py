@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .residual import IncompatibleResidualError, Residual, ResidualFormatError
+from .storage import StorageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -267,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a residual's metadata", description="Verify a residual file and print its header.")
     p.add_argument("residual", help=".safetensors residual")
     p.set_defaults(func=_cmd_inspect)
+
+    # The Ray parts register their own commands; the library itself never imports Ray.
+    from pipelines.cli import register as register_batch
+
+    register_batch(sub)
     return parser
 
 
@@ -275,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (CLIError, ResidualFormatError, IncompatibleResidualError, FileNotFoundError, ValueError) as exc:
+    except (CLIError, ResidualFormatError, IncompatibleResidualError, FileNotFoundError, ValueError, StorageError) as exc:
         # ValueError covers bad inputs the library names (an undecodable image, an invalid size, ...).
         print(f"catversion {args.command}: error: {exc}", file=sys.stderr)
         return 2

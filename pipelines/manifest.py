@@ -1,0 +1,432 @@
+"""The batch manifest (one parquet row per training image) and its validation into concepts.
+
+The schema is defined here once (DESIGN.md, "Data contracts"). A concept that breaks it is rejected
+by name with every reason, never trained on fewer images than the user gave, and never stops the rest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from catversion import storage
+from catversion.images import ImageError, decode_image
+from catversion.training import TrainConfig, image_digest
+
+# \Z rather than $: "$" also matches before a trailing newline, and the id names a file.
+CONCEPT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+MAX_CONCEPT_ID_LENGTH = 128
+REQUIRED_COLUMNS = ("concept_id", "class_word")
+IMAGE_COLUMNS = ("image_uri", "image_bytes")  # each row gives exactly one of them
+OVERRIDE_COLUMNS: dict[str, type] = {"caption": str, "steps": int, "learning_rate": float, "batch_size": int, "seed": int}
+
+# read_manifest's provenance columns: which source file (index into the sources) and which row of it.
+SOURCE_COLUMN = "__manifest_source__"
+ROW_COLUMN = "__manifest_row__"
+
+_EXPECTED = {str: "a string", int: "an integer", float: "a number"}
+_MAX_ROWS_NAMED = 10  # a reason lists at most this many rows, then counts the rest
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole is unusable (not found, not parquet, a required column missing or mistyped)."""
+
+
+@dataclass
+class ImageRef:
+    name: str  # for messages: the resolved URI, or "<manifest uri>#row<N>" for inline bytes
+    uri: str | None  # resolved URI to fetch at training time; None when inline
+    data: bytes | None  # the inline image_bytes; None for a URI
+    digest: str | None = None  # training.image_digest of the bytes, once validation has checked the image
+
+
+@dataclass
+class ConceptSpec:
+    concept_id: str
+    class_word: str
+    images: list[ImageRef]
+    caption: str | None = None
+    overrides: dict[str, int | float] = field(default_factory=dict)  # only the given ones: steps, learning_rate, batch_size, seed
+
+    def to_row(self) -> dict:
+        """A flat row of Arrow-friendly values (for a Ray Dataset); ``from_row`` inverts it."""
+        return {
+            "concept_id": self.concept_id,
+            "class_word": self.class_word,
+            "caption": self.caption,
+            "overrides": json.dumps(self.overrides, sort_keys=True),
+            "image_names": [image.name for image in self.images],
+            "image_uris": [image.uri for image in self.images],
+            "image_data": [image.data for image in self.images],
+            "image_digests": [image.digest for image in self.images],
+        }
+
+    @classmethod
+    def from_row(cls, row: dict) -> ConceptSpec:
+        # Ray may hand list columns back as numpy arrays: accept any sequence.
+        columns = (row["image_names"], row["image_uris"], row["image_data"], row["image_digests"])
+        images = [ImageRef(str(name), _optional(uri, str), _optional(data, bytes), _optional(digest, str))
+                  for name, uri, data, digest in zip(*columns, strict=True)]
+        overrides = row["overrides"]
+        return cls(
+            concept_id=str(row["concept_id"]),
+            class_word=str(row["class_word"]),
+            images=images,
+            caption=_optional(row["caption"], str),
+            overrides=json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {}),
+        )
+
+
+@dataclass
+class ManifestReport:
+    sources: list[str]  # the parquet files read
+    rows: int
+    concepts: list[ConceptSpec]  # the valid concepts, in order of first appearance
+    problems: dict[str, list[str]]  # concept id as given (or "<row N of SRC>" when it has none) -> every reason
+    images_checked: bool = True  # whether every image was fetched and decoded
+
+    @property
+    def rejected(self) -> list[str]:
+        return list(self.problems)
+
+    def format(self) -> str:
+        total = len(self.concepts) + len(self.problems)
+        images = sum(len(concept.images) for concept in self.concepts)
+        shown = ", ".join(self.sources[:5]) + (f", and {len(self.sources) - 5} more" if len(self.sources) > 5 else "")
+        lines = [
+            f"manifest: {_count(len(self.sources), 'file')}: {shown}",
+            f"rows: {self.rows}; concepts: {total} ({len(self.concepts)} valid with {_count(images, 'image')}, "
+            f"{len(self.problems)} rejected)",
+            "images: fetched and decoded" if self.images_checked else "images: not checked (not fetched or decoded)",
+        ]
+        for concept_id, reasons in self.problems.items():
+            lines.append(f"rejected concept {concept_id!r}:")
+            lines += [f"  - {reason}" for reason in reasons]
+        if not total:
+            lines.append("verdict: FAILED, the manifest lists no concept")
+        elif not self.concepts:
+            lines.append(f"verdict: FAILED, all {_count(total, 'concept')} rejected; nothing would train")
+        elif self.problems:
+            lines.append(f"verdict: REJECTED {len(self.problems)} of {total} concepts; only the other "
+                         f"{len(self.concepts)} would train")
+        else:
+            lines.append(f"verdict: OK, all {_count(total, 'concept')} valid")
+        return "\n".join(lines)
+
+
+def manifest_sources(uri: str | list[str]) -> list[str]:
+    """The parquet files named: a file, a list of them, or a folder/prefix (every *.parquet under it, sorted)."""
+    given = [uri] if isinstance(uri, str) else [str(one) for one in uri]
+    if not given:
+        raise ManifestError("no manifest given")
+    sources: list[str] = []
+    for one in given:
+        sources += [source for source in _expand(one) if source not in sources]
+    return sources
+
+
+def read_manifest(uri: str | list[str]) -> tuple[pa.Table, list[str]]:
+    """All the manifest's rows in one table, plus SOURCE_COLUMN/ROW_COLUMN naming where each came from.
+
+    A column missing from one file reads as nulls there.
+    """
+    sources = manifest_sources(uri)
+    tables = []
+    for index, source in enumerate(sources):
+        table = _read_parquet(source)
+        _check_schema(table.schema, source)
+        tables.append(table.append_column(SOURCE_COLUMN, pa.array([index] * table.num_rows, pa.int32()))
+                      .append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64())))
+    try:
+        return pa.concat_tables(tables, promote_options="permissive"), sources
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ManifestError(f"the manifest files {', '.join(sources)} give a column different types ({exc}); "
+                            "use one type per column in every file") from exc
+
+
+def validate_manifest(uri: str | list[str], check_images: bool = True, max_workers: int = 16) -> ManifestReport:
+    """Group the manifest's rows into concepts, keep the valid ones and say why each other one was rejected.
+
+    With ``check_images`` every image is fetched (``max_workers`` at a time), fully decoded and hashed.
+    """
+    table, sources = read_manifest(uri)
+    rows = _Rows(table, sources)
+    groups: dict[str, list[int]] = {}
+    for i, concept_id in enumerate(rows.values("concept_id")):
+        groups.setdefault(concept_id or f"<{rows.where(i)}>", []).append(i)
+
+    checked = {key: _check_concept(rows, members) for key, members in groups.items()}
+    if check_images:
+        _check_images(list(checked.values()), max_workers)
+
+    concepts, problems = [], {}
+    for key, (class_word, chosen, refs, reasons) in checked.items():
+        if reasons:
+            problems[key] = reasons
+        else:
+            caption = chosen.pop("caption", None)
+            concepts.append(ConceptSpec(key, class_word, refs, caption, chosen))
+    return ManifestReport(sources, table.num_rows, concepts, problems, images_checked=check_images)
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+
+def _expand(uri: str) -> list[str]:
+    try:
+        if _is_object(uri):
+            return [uri]
+        # An S3 prefix is a folder: "s3://b/batch" must not pick up "s3://b/batch2/…".
+        folder = uri.rstrip("/") + "/" if storage.is_s3(uri) else uri
+        found = storage.list_uris(folder, ".parquet")
+    except storage.StorageError as exc:
+        raise ManifestError(f"cannot read manifest {uri}: {exc}") from exc
+    if not found:
+        raise ManifestError(f"no parquet manifest found at {uri}: give a .parquet file, a list of them, "
+                            "or a folder/prefix holding *.parquet files")
+    return found
+
+
+def _is_object(uri: str) -> bool:
+    if storage.is_s3(uri):
+        return not uri.endswith("/") and bool(storage.split_s3(uri)[1]) and storage.exists(uri)
+    return storage.exists(uri)
+
+
+def _read_parquet(source: str) -> pa.Table:
+    try:
+        data = storage.read_bytes(source)
+    except storage.StorageError as exc:
+        raise ManifestError(f"cannot read manifest {source}: {exc}") from exc
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except pa.ArrowException as exc:
+        raise ManifestError(f"manifest {source} is not a readable parquet file ({exc})") from exc
+    for index, column in enumerate(table.schema):
+        if pa.types.is_dictionary(column.type):  # e.g. pandas categoricals: check and read the plain values
+            table = table.set_column(index, column.name, table.column(index).cast(column.type.value_type))
+    return table
+
+
+def _check_schema(schema: pa.Schema, source: str) -> None:
+    missing = [name for name in REQUIRED_COLUMNS if name not in schema.names]
+    if missing:
+        raise ManifestError(f"manifest {source} has no {' or '.join(map(repr, missing))} column (its columns: "
+                            f"{', '.join(schema.names)}); every row needs concept_id, class_word, and image_uri or image_bytes")
+    if not any(name in schema.names for name in IMAGE_COLUMNS):
+        raise ManifestError(f"manifest {source} has neither an 'image_uri' nor an 'image_bytes' column; "
+                            "every row needs one of them")
+    for name in (*REQUIRED_COLUMNS, "image_uri"):
+        if name in schema.names and not _fits(schema.field(name).type, str):
+            raise ManifestError(f"column {name!r} of manifest {source} has type {schema.field(name).type}, expected strings")
+    if "image_bytes" in schema.names and not _is_binary(schema.field("image_bytes").type):
+        raise ManifestError(f"column 'image_bytes' of manifest {source} has type {schema.field('image_bytes').type}, "
+                            "expected binary (the encoded image file)")
+
+
+def _fits(arrow_type: pa.DataType, kind: type) -> bool:
+    """Whether a column of this Arrow type can hold values of ``kind`` (an all-null column holds anything)."""
+    if pa.types.is_null(arrow_type):
+        return True
+    if kind is str:
+        return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+    # Floats are allowed for integers here; each value must then be whole (checked per concept).
+    return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
+
+
+def _is_binary(arrow_type: pa.DataType) -> bool:
+    return any(check(arrow_type) for check in (pa.types.is_null, pa.types.is_binary, pa.types.is_large_binary,
+                                                pa.types.is_fixed_size_binary))
+
+
+class _Rows:
+    """The manifest's columns as Python values, with the name of each row for messages."""
+
+    def __init__(self, table: pa.Table, sources: list[str]):
+        self.sources = sources
+        self.types = {name: table.schema.field(name).type for name in table.column_names}
+        absent = [None] * table.num_rows  # one shared list for every optional column the manifest lacks
+        self.columns = {name: table.column(name).to_pylist() if name in table.column_names else absent
+                        for name in (*REQUIRED_COLUMNS, *IMAGE_COLUMNS, *OVERRIDE_COLUMNS, SOURCE_COLUMN, ROW_COLUMN)}
+
+    def values(self, name: str) -> list:
+        return self.columns[name]
+
+    def source(self, i: int) -> str:
+        return self.sources[self.columns[SOURCE_COLUMN][i]]
+
+    def row(self, i: int) -> int:
+        return self.columns[ROW_COLUMN][i]
+
+    def where(self, i: int) -> str:
+        return f"row {self.row(i)} of {self.source(i)}"
+
+    def where_all(self, indices: Sequence[int]) -> str:
+        """``rows 2, 5 of a.parquet and row 0 of b.parquet``."""
+        named, rest = indices[:_MAX_ROWS_NAMED], len(indices) - _MAX_ROWS_NAMED
+        by_source: dict[str, list[str]] = {}
+        for i in named:
+            by_source.setdefault(self.source(i), []).append(str(self.row(i)))
+        text = " and ".join(f"row{'s' if len(r) > 1 else ''} {', '.join(r)} of {s}" for s, r in by_source.items())
+        return text + (f" (and {rest} more)" if rest > 0 else "")
+
+
+# ---- checking one concept --------------------------------------------------------------------
+
+
+def _check_concept(rows: _Rows, members: list[int]) -> tuple[str | None, dict, list[ImageRef], list[str]]:
+    """(class word, given overrides incl. caption, image refs, reasons to reject) for one concept's rows."""
+    reasons = []
+    concept_id = rows.values("concept_id")[members[0]]
+    if problem := _concept_id_problem(concept_id, rows.where(members[0])):
+        reasons.append(problem)
+    class_word = _class_word(rows, members, reasons)
+    refs = _image_refs(rows, members, reasons)
+    chosen = _overrides(rows, members, reasons)
+    return class_word, chosen, refs, reasons
+
+
+def _concept_id_problem(concept_id: str | None, where: str) -> str | None:
+    if concept_id is None:
+        return f"{where} has no concept_id"
+    if concept_id == "":
+        return f"{where} has an empty concept_id"
+    if CONCEPT_ID_RE.match(concept_id):
+        return None
+    if len(concept_id) > MAX_CONCEPT_ID_LENGTH:
+        return (f"concept_id {concept_id[:40]!r}… is {len(concept_id)} characters long; "
+                f"the limit is {MAX_CONCEPT_ID_LENGTH}")
+    return (f"concept_id {concept_id!r} is not valid: it names the residual file, so use 1-{MAX_CONCEPT_ID_LENGTH} "
+            "ASCII letters, digits, '.', '_' or '-', starting with a letter or digit")
+
+
+def _class_word(rows: _Rows, members: list[int], reasons: list[str]) -> str | None:
+    words = rows.values("class_word")
+    empty = [i for i in members if words[i] is None or not words[i].strip()]
+    if empty:
+        reasons.append(f"class_word is empty on {rows.where_all(empty)}")
+    distinct = list(dict.fromkeys(words[i] for i in members if words[i] and words[i].strip()))
+    if len(distinct) > 1:
+        reasons.append(f"class_word differs between rows: {', '.join(map(repr, distinct))}; a concept has one class word")
+    return distinct[0] if distinct else None
+
+
+def _image_refs(rows: _Rows, members: list[int], reasons: list[str]) -> list[ImageRef]:
+    uris, datas = rows.values("image_uri"), rows.values("image_bytes")
+    refs: list[ImageRef] = []
+    first_seen: dict[str | bytes, int] = {}
+    for i in members:
+        # An empty string or empty bytes counts as not given (writers often fill the unused column so).
+        uri, data = uris[i] or None, datas[i] or None
+        if uri is not None and not uri.strip():
+            uri = None
+        if uri is None and data is None:
+            reasons.append(f"{rows.where(i)} has neither image_uri nor image_bytes")
+            continue
+        if uri is not None and data is not None:
+            reasons.append(f"{rows.where(i)} has both image_uri and image_bytes; give exactly one")
+            continue
+        if uri is not None:
+            if "://" in uri and not (storage.is_s3(uri) or uri.startswith("file://")):
+                reasons.append(f"image_uri {uri!r} on {rows.where(i)} has an unsupported scheme; use s3://, file://, "
+                               "an absolute path, or a path relative to the manifest")
+                continue
+            resolved = storage.resolve(uri, rows.source(i))
+            key, ref = resolved, ImageRef(resolved, resolved, None)
+        else:
+            key, ref = bytes(data), ImageRef(f"{rows.source(i)}#row{rows.row(i)}", None, bytes(data))
+        if key in first_seen:
+            pair = rows.where_all([first_seen[key], i])
+            what = f"image {ref.name} is listed twice ({pair})" if ref.uri else f"{pair} give identical image_bytes"
+            reasons.append(f"{what}; list each image once per concept")
+            continue
+        first_seen[key] = i
+        refs.append(ref)
+    if not refs:
+        reasons.append("no usable image: none of its rows gives a valid image")
+    return refs
+
+
+def _overrides(rows: _Rows, members: list[int], reasons: list[str]) -> dict:
+    chosen: dict = {}
+    for name, kind in OVERRIDE_COLUMNS.items():
+        column = rows.values(name)
+        given = [column[i] for i in members if column[i] is not None]
+        if not given:
+            continue
+        arrow_type = rows.types[name]
+        if not _fits(arrow_type, kind):
+            reasons.append(f"column {name!r} has type {arrow_type}, expected {_EXPECTED[kind]}")
+            continue
+        if kind is int:
+            fractional = [v for v in given if isinstance(v, float) and not v.is_integer()]
+            if fractional:
+                reasons.append(f"column {name!r} has type {arrow_type}, expected an integer: "
+                               f"{name} {fractional[0]!r} is not a whole number")
+                continue
+        distinct = list(dict.fromkeys(kind(v) for v in given))
+        empty = [i for i in members if column[i] is None]
+        if len(distinct) > 1:
+            reasons.append(f"{name} differs between rows: {', '.join(map(repr, distinct))}; a concept has one {name}")
+        elif empty:
+            reasons.append(f"{name} is {distinct[0]!r} on some rows but empty on {rows.where_all(empty)}; "
+                           "give it on every row of the concept or on none")
+        else:
+            chosen[name] = distinct[0]
+    hyperparameters = {name: value for name, value in chosen.items() if name != "caption"}
+    try:
+        TrainConfig(**hyperparameters)
+    except ValueError as exc:
+        reasons.append(f"invalid hyper-parameters: {exc}")
+    return chosen
+
+
+# ---- checking images -------------------------------------------------------------------------
+
+
+def _check_images(concepts: list[tuple[str | None, dict, list[ImageRef], list[str]]], max_workers: int) -> None:
+    """Fetch, decode and hash every distinct image once; fill digests and add each failure to its concepts."""
+    unique = list({ref.name: ref for _, _, refs, _ in concepts for ref in refs}.values())
+    if not unique:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(unique)))) as pool:
+        outcomes = dict(zip((ref.name for ref in unique), pool.map(_check_image, unique)))
+    for _, _, concept_refs, reasons in concepts:
+        for ref in concept_refs:
+            ref.digest, problem = outcomes[ref.name]
+            if problem:
+                reasons.append(problem)
+
+
+def _check_image(ref: ImageRef) -> tuple[str | None, str | None]:
+    """(digest, None) for a usable image, else (None, why). A fetched image's bytes are dropped on return."""
+    data = ref.data
+    if data is None:
+        try:
+            data = storage.read_bytes(ref.uri)
+        except storage.NotFoundError:
+            return None, f"image {ref.uri} does not exist"
+        except storage.StorageError as exc:
+            return None, str(exc)
+        except OSError as exc:
+            return None, f"cannot read image {ref.uri}: {exc}"
+    try:
+        decode_image(data, ref.name)
+    except ImageError as exc:
+        return None, str(exc)
+    return image_digest(data), None
+
+
+def _optional(value, convert):
+    return None if value is None else convert(value)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
