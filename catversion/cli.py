@@ -43,7 +43,7 @@ def _cmd_export_official(args: argparse.Namespace) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
-    residual = Residual.load(args.residual)
+    residual = _load_residual(args.residual)
     info = {
         "layers": list(residual.layers),
         "tokens": residual.tokens,
@@ -142,12 +142,25 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"residual: {out} (final loss {result.final_loss:.4f}, {result.seconds:.1f} s)")
 
 
+def _load_residual(uri: str) -> Residual:
+    """A residual from a path, file:// or s3:// URI, verified."""
+    from . import storage
+
+    if storage.is_s3(uri) or uri.startswith("file://"):
+        try:
+            data = storage.read_bytes(uri)
+        except storage.NotFoundError:
+            raise CLIError(f"residual {uri} does not exist") from None
+        return Residual.load(data, name=uri)
+    return Residual.load(uri)
+
+
 def _cmd_generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from .generation import GenerationRequest, ImageGenerator
 
-    residual = Residual.load(args.residual) if args.residual else None
+    residual = _load_residual(args.residual) if args.residual else None
     model = args.model or (residual.meta.get("base_model") if residual else None)
     if not model:
         raise CLIError(
@@ -223,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate images for a prompt with a residual. Use the residual's class word in the prompt, "
         "e.g. 'a teapot on a beach'. Defaults are the reference inference settings: DDIM 50 steps, guidance 10.",
     )
-    p.add_argument("--residual", help="residual .safetensors (omit for the plain base model)")
+    p.add_argument("--residual", help="residual .safetensors: a path, file:// or s3:// URI (omit for the plain base model)")
     p.add_argument("--prompt", required=True, help="text prompt, containing the class word")
     p.add_argument("--out", required=True, help="output PNG; with --n > 1, OUT-0.png, OUT-1.png, ...")
     p.add_argument("--model", help=f"{model_help} (default: the base model recorded in the residual)")

@@ -139,12 +139,15 @@ class Residual:
         _atomic_write(Path(path), self.to_bytes())
 
     @classmethod
-    def load(cls, source: str | os.PathLike | bytes | bytearray | memoryview) -> "Residual":
-        """Read and verify a residual file (or its bytes); refuses anything not exactly right."""
+    def load(cls, source: str | os.PathLike | bytes | bytearray | memoryview, name: str | None = None) -> "Residual":
+        """Read and verify a residual file (or its bytes); refuses anything not exactly right.
+
+        ``name`` is what error messages call the source (e.g. the s3:// URI the bytes came from).
+        """
         if isinstance(source, (bytes, bytearray, memoryview)):
-            data, name = bytes(source), "<residual bytes>"
+            data, name = bytes(source), name or "<residual bytes>"
         else:
-            name = str(source)
+            name = name or str(source)
             try:
                 data = Path(source).read_bytes()
             except FileNotFoundError:

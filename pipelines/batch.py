@@ -99,7 +99,7 @@ def concept_config(spec: ConceptSpec, job_steps: int | None) -> TrainConfig:
 
 def _existing_residual(uri: str) -> Residual | None:
     try:
-        return Residual.load(storage.read_bytes(uri))
+        return Residual.load(storage.read_bytes(uri), name=uri)
     except storage.NotFoundError:
         return None
     except ResidualFormatError:
