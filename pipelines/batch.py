@@ -196,6 +196,11 @@ def _train_worker(cfg: dict) -> None:
 
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device() if cfg["gpus_per_worker"] > 0 else "cpu"
+    if device == "cpu":
+        import torch
+
+        # Use exactly the CPUs Ray reserved for this worker: more threads would fight the other workers.
+        torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
     base = load_base_model(cfg["model"], device=device)
     trainer = ResidualTrainer(base, pack=cfg["pack"], resolution=cfg["resolution"])
     collector, run_id, output = cfg["collector"], cfg["run_id"], cfg["output"]
@@ -298,6 +303,7 @@ def _run_training(config: BatchConfig, run_id: str, plan: list[tuple[ConceptSpec
         train_loop_config={
             "model": config.model, "pack": config.pack, "resolution": config.resolution, "steps": config.steps,
             "output": config.output, "run_id": run_id, "collector": collector, "gpus_per_worker": config.gpus_per_worker,
+            "cpus_per_worker": config.cpus_per_worker,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=min(config.workers, len(rows)), use_gpu=use_gpu, resources_per_worker=resources),
