@@ -284,8 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The Ray parts register their own commands; the library itself never imports Ray.
     from pipelines.cli import register as register_batch
+    from serve.cli import register as register_serve
 
     register_batch(sub)
+    register_serve(sub)
     return parser
 
 

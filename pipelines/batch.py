@@ -26,6 +26,7 @@ from catversion.residual import Residual, ResidualFormatError
 from catversion.training import TrainConfig, training_fingerprint
 
 from .manifest import ConceptSpec, ManifestReport, validate_manifest
+from .raymetrics import ray_metric
 
 RESULT_COLUMNS = ("concept_id", "status", "error", "residual_uri", "sha256", "steps", "final_loss", "seconds")
 # Forwarded to the Train workers so they reach the same S3 endpoint and model cache as the driver.
@@ -120,16 +121,6 @@ def _ok_row(concept_id: str, uri: str, residual: Residual, status: str = "ok", s
 # ---- the Ray side ----------------------------------------------------------------------------
 
 
-def _ray_metric(spec: telemetry.MetricSpec):
-    from ray.util import metrics
-
-    if spec.kind == "counter":
-        return metrics.Counter(spec.name, spec.description, tag_keys=spec.tag_keys)
-    if spec.kind == "gauge":
-        return metrics.Gauge(spec.name, spec.description, tag_keys=spec.tag_keys)
-    return metrics.Histogram(spec.name, spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tag_keys)
-
-
 def _collector_class():
     import ray
 
@@ -205,9 +196,9 @@ def _train_worker(cfg: dict) -> None:
     trainer = ResidualTrainer(base, pack=cfg["pack"], resolution=cfg["resolution"])
     collector, run_id, output = cfg["collector"], cfg["run_id"], cfg["output"]
     tags = {"run_id": run_id}
-    done, failed, skipped, steps = (_ray_metric(s) for s in (telemetry.CONCEPTS_DONE, telemetry.CONCEPTS_FAILED,
+    done, failed, skipped, steps = (ray_metric(s) for s in (telemetry.CONCEPTS_DONE, telemetry.CONCEPTS_FAILED,
                                                                telemetry.CONCEPTS_SKIPPED, telemetry.TRAIN_STEPS))
-    speed, duration = _ray_metric(telemetry.TRAIN_IMAGES_PER_SECOND), _ray_metric(telemetry.CONCEPT_SECONDS)
+    speed, duration = ray_metric(telemetry.TRAIN_IMAGES_PER_SECOND), ray_metric(telemetry.CONCEPT_SECONDS)
     fault = _FaultInjector()
     counts = {"ok": 0, "failed": 0, "skipped": 0}
 

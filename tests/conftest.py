@@ -57,11 +57,16 @@ def s3_bucket(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def ray_session(s3_endpoint, tmp_path_factory):
-    """One local Ray for the whole session; workers inherit the S3 settings above."""
+    """One local Ray for the whole session; workers inherit the S3 settings above.
+
+    Yields the URL of Ray's Prometheus metrics endpoint (reported every second for tests).
+    """
     import ray
 
     os.environ["RAY_TMPDIR"] = str(tmp_path_factory.mktemp("ray"))
+    metrics_port = free_port()
     ray.init(num_cpus=4, object_store_memory=100 * 1024**2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    yield ray
+             configure_logging=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000})
+    yield f"http://127.0.0.1:{metrics_port}/metrics"
     ray.shutdown()

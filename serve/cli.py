@@ -1,0 +1,95 @@
+"""`catversion serve`: run the OpenAI-compatible generation endpoint on Ray Serve."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+DESCRIPTION = """\
+Serve every residual under PREFIX/residuals/ (the `catversion batch --output` prefix) behind an
+OpenAI-Images-compatible HTTP API: POST /v1/images/generations with "model": <concept id> or
+"base", GET /v1/models, GET /healthz, OpenAPI schema at /docs. Residuals load on first use and are
+cached; requests for different concepts share one UNet batch.
+
+--config takes a Ray Serve config YAML (serve/config.yaml is the documented example); flags given
+here override its `args`. The same file deploys to a cluster with `serve deploy`.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve residuals over an OpenAI-compatible HTTP API (Ray Serve)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--residuals", metavar="PREFIX", help="s3://bucket/prefix or a folder holding residuals/<concept_id>.safetensors")
+    p.add_argument("--model", help="base model: tiny | sd15-random | a diffusers folder | a hub id (default: SD v1.5)")
+    p.add_argument("--config", help="Ray Serve config YAML (e.g. serve/config.yaml)")
+    p.add_argument("--host", help="HTTP host (default: 127.0.0.1, or the config's)")
+    p.add_argument("--port", type=int, help="HTTP port (default: 8000, or the config's)")
+    p.add_argument("--api-key-file", help="file with one API key per line; requests must send 'Authorization: Bearer KEY'")
+    p.add_argument("--device", help="auto (default), cpu or cuda")
+    p.add_argument("--address", help="Ray cluster address (default: start or join a local Ray)")
+    p.set_defaults(func=run)
+
+
+def load_config(path: str | None) -> tuple[dict, dict, dict]:
+    """(application args incl. deployment_options, http options, the whole file) from a Serve config YAML."""
+    if not path:
+        return {}, {}, {}
+    import yaml
+
+    try:
+        document = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"--config {path}: cannot read it as YAML ({exc})") from None
+    apps = document.get("applications") or []
+    if not apps:
+        raise ValueError(f"--config {path}: no `applications:` entry")
+    app = apps[0]
+    if app.get("import_path", "serve.app:build_app") != "serve.app:build_app":
+        raise ValueError(f"--config {path}: import_path must be serve.app:build_app, got {app['import_path']!r}")
+    args = dict(app.get("args") or {})
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
+    if options:
+        args["deployment_options"] = options
+    return args, dict(document.get("http_options") or {}), document
+
+
+def run(args: argparse.Namespace) -> None:
+    import ray
+    from ray import serve
+
+    from catversion.cli import CLIError
+
+    from .app import build_app
+
+    app_args, http, _ = load_config(args.config)
+    for flag, key in (("residuals", "residuals"), ("model", "model"), ("api_key_file", "api_key_file"), ("device", "device")):
+        if getattr(args, flag):
+            app_args[key] = getattr(args, flag)
+    if not app_args.get("residuals"):
+        raise CLIError("--residuals PREFIX is required (or `args.residuals` in --config)")
+    if args.api_key_file and not Path(args.api_key_file).is_file():
+        raise CLIError(f"--api-key-file {args.api_key_file} does not exist")
+    host = args.host or (http.get("host") if args.config else None) or "127.0.0.1"
+    port = args.port or http.get("port") or 8000
+    application = build_app(app_args)
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=args.address, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application, name="catversion", route_prefix="/")
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        print(f"serving {app_args['residuals']} at http://{shown}:{port}/v1 (OpenAPI docs at /docs); Ctrl-C to stop", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        print("shutting down", file=sys.stderr)
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
