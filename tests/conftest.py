@@ -70,3 +70,14 @@ def ray_session(s3_endpoint, tmp_path_factory):
              _system_config={"metrics_report_interval_ms": 1000})
     yield f"http://127.0.0.1:{metrics_port}/metrics"
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def batch_run(ray_session, s3_endpoint, tmp_path_factory):
+    """One real batch run for the session (4 good and 2 bad concepts, residuals in S3).
+
+    Session-scoped so the batch tests and the metrics tests share the one Ray Train fit it costs.
+    """
+    from batch_inputs import first_batch_run
+
+    return first_batch_run(tmp_path_factory)

@@ -1,85 +1,21 @@
 """Batch personalization on Ray Train: manifest in S3, residuals in S3, failures isolated, reruns, worker death.
 
 Real parts only: a local Ray (2 CPU workers) and moto's S3 server on 127.0.0.1 over HTTP.
-Each Ray Train fit costs ~20 s, so the module runs three: the first run, the changed-image rerun,
-and the fault-injection run. The unchanged rerun needs no fit at all.
+Each Ray Train fit costs ~20 s, so the session runs three: the first run (the `batch_run` fixture),
+the changed-image rerun, and the fault-injection run. The unchanged rerun needs no fit at all.
 """
 
-import io
-
 import boto3
-import pyarrow as pa
-import pyarrow.parquet as pq
-import pytest
 
+from batch_inputs import GOOD, config, put, versions
 from catversion import Residual
 from catversion.cli import main
 from catversion.samples import concept_jpegs
-from pipelines.batch import FAULT_KILL_ENV, FAULT_MARKER_ENV, BatchConfig, read_results, run_batch
-
-GOOD = {"red-teapot": "teapot", "blue-mug": "mug", "green-vase": "vase", "yellow-duck": "toy"}
+from pipelines.batch import FAULT_KILL_ENV, FAULT_MARKER_ENV, read_results, run_batch
 
 
-def put(bucket, key, data):
-    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data)
-
-
-def versions(bucket, key):
-    listed = boto3.client("s3").list_object_versions(Bucket=bucket, Prefix=key).get("Versions", [])
-    return [v for v in listed if v["Key"] == key]
-
-
-def write_manifest(bucket):
-    """Four good concepts (S3 URIs, keys relative to the manifest, inline bytes) and two bad ones."""
-    rows = []
-    for n, (concept_id, word) in enumerate(GOOD.items()):
-        for i, data in enumerate(concept_jpegs(concept_id, n=3, size=96, seed=n)):
-            if concept_id == "yellow-duck":
-                rows.append({"concept_id": concept_id, "class_word": word, "image_bytes": data})
-                continue
-            if concept_id == "green-vase":  # a key relative to the manifest's own location
-                put(bucket, f"manifests/photos/{concept_id}/{i}.jpg", data)
-                uri = f"photos/{concept_id}/{i}.jpg"
-            else:
-                key = f"photos/{concept_id}/{i}.jpg"
-                put(bucket, key, data)
-                uri = f"s3://{bucket}/{key}"
-            rows.append({"concept_id": concept_id, "class_word": word, "image_uri": uri})
-    put(bucket, "photos/broken/0.jpg", concept_jpegs("red-teapot", n=1, size=96)[0])
-    put(bucket, "photos/broken/1.jpg", b"\xff\xd8\xff\xe0 truncated jpeg")
-    rows += [
-        {"concept_id": "broken", "class_word": "teapot", "image_uri": f"s3://{bucket}/photos/broken/0.jpg"},
-        {"concept_id": "broken", "class_word": "teapot", "image_uri": f"s3://{bucket}/photos/broken/1.jpg"},
-        {"concept_id": "missing", "class_word": "mug", "image_uri": f"s3://{bucket}/photos/nowhere/0.jpg"},
-    ]
-    schema = pa.schema([("concept_id", pa.string()), ("class_word", pa.string()), ("image_uri", pa.string()),
-                        ("image_bytes", pa.binary())])
-    sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
-    put(bucket, "manifests/concepts.parquet", sink.getvalue())
-    return f"s3://{bucket}/manifests/concepts.parquet"
-
-
-def config(bucket, manifest, output, tmp_path, **overrides):
-    values = dict(manifest=manifest, output=f"s3://{bucket}/{output}", model="tiny", workers=2, pack=2, steps=3,
-                  max_failures=2, storage_path=str(tmp_path / "ray-train"))
-    values.update(overrides)
-    return BatchConfig(**values)
-
-
-@pytest.fixture(scope="module")
-def first_run(ray_session, s3_endpoint, tmp_path_factory):
-    bucket = "batch-module"
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=bucket)
-    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-    manifest = write_manifest(bucket)
-    tmp_path = tmp_path_factory.mktemp("batch")
-    summary = run_batch(config(bucket, manifest, "run1", tmp_path, run_id="first"), log=lambda _: None)
-    return bucket, manifest, tmp_path, summary
-
-
-def test_good_residuals_land_and_bad_concepts_are_reported(first_run):
+def test_good_residuals_land_and_bad_concepts_are_reported(batch_run):
+    first_run = batch_run
     bucket, _, _, summary = first_run
     assert summary.error is None
     results = {r["concept_id"]: r for r in read_results(f"s3://{bucket}/run1/runs/first/results.parquet")}
@@ -101,7 +37,8 @@ def test_good_residuals_land_and_bad_concepts_are_reported(first_run):
     assert summary.counts == {"ok": 4, "skipped": 0, "failed": 2}
 
 
-def test_rerun_skips_up_to_date_concepts_and_retrains_changed_ones(first_run):
+def test_rerun_skips_up_to_date_concepts_and_retrains_changed_ones(batch_run):
+    first_run = batch_run
     bucket, manifest, tmp_path, _ = first_run
     again = run_batch(config(bucket, manifest, "run1", tmp_path, run_id="again"), log=lambda _: None)
     assert {r["concept_id"]: r["status"] for r in again.results} == {**dict.fromkeys(GOOD, "skipped"), "broken": "failed",
@@ -118,7 +55,8 @@ def test_rerun_skips_up_to_date_concepts_and_retrains_changed_ones(first_run):
     assert len(versions(bucket, "run1/residuals/red-teapot.safetensors")) == 1
 
 
-def test_a_worker_killed_mid_run_is_restarted_and_every_concept_is_written_once(first_run, tmp_path, monkeypatch, capsys):
+def test_a_worker_killed_mid_run_is_restarted_and_every_concept_is_written_once(batch_run, tmp_path, monkeypatch, capsys):
+    first_run = batch_run
     bucket, manifest, _, _ = first_run
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_KILL_ENV, "1")
