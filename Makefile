@@ -11,8 +11,10 @@ export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
+# Keep the single-machine Ray of tests and the demo on 127.0.0.1 (Ray otherwise binds the host's IP).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: venv test demo clean
+.PHONY: venv tools test demo clean
 
 venv: $(STAMP)
 
@@ -23,7 +25,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0 -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# promtool and prometheus for tests/test_infra.py, from Debian's package (CI runs as root with apt).
+# In containers the package's service does not start; elsewhere it is stopped: the tests start
+# their own server on a free port.
+tools:
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+	  && { systemctl disable --now prometheus >/dev/null 2>&1 || true; }; } \
+	  || { echo "make tools: installing Debian's prometheus package needs root and apt" >&2; exit 1; }
+
+test: $(STAMP) tools
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)

@@ -1,17 +1,21 @@
-"""`make demo`: the main job end to end on embedded defaults.
+"""`make demo`: the whole service end to end on embedded defaults, then a clean shutdown.
 
-Starts an S3 server on 127.0.0.1 (moto), puts synthetic photos of three objects and a parquet
-manifest in it, trains every concept with `catversion batch` on a local Ray (built-in tiny model),
-generates an image per concept from the residuals in S3 with `catversion generate`, copies the
-results to demo-output/ and shuts everything down, on Ctrl-C too. Each command is printed as run.
+1. an S3 server on 127.0.0.1 (moto) and a local Ray with its dashboard and metrics endpoint;
+2. synthetic photos of three objects and a parquet manifest, written to S3;
+3. `catversion batch` trains every concept on Ray Train (built-in tiny model), residuals to S3;
+4. `catversion serve` serves them; one image per concept is fetched over HTTP (OpenAI Images API);
+5. the metrics endpoint is read, a summary printed, and everything stopped (on Ctrl-C too).
+Each command is printed as run; results are copied to demo-output/.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -20,28 +24,29 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import requests
 
 from catversion import storage
 from catversion.samples import SAMPLE_CONCEPTS, concept_jpegs
+
+# Everything stays on this machine's loopback interface (Ray binds the host's IP without this).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONCEPTS = ("red-teapot", "blue-mug", "yellow-duck")
 BUCKET = "catversion-demo"
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run(argv: list[str]) -> None:
     print(f"\n$ {shlex.join(argv)}", flush=True)
     subprocess.run(argv, check=True)
-
-
-def start_s3() -> tuple[object, str]:
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    return server, f"http://127.0.0.1:{port}"
 
 
 def write_inputs(photos_per_concept: int) -> str:
@@ -60,58 +65,132 @@ def write_inputs(photos_per_concept: int) -> str:
     return manifest
 
 
+def wait_for(url: str, seconds: float, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with status {server.returncode} before answering {url}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} did not answer within {seconds:.0f} s")
+
+
+def catversion_series(metrics_url: str, seconds: float) -> list[str]:
+    """The catversion_* series names on Ray's Prometheus endpoint (waits for the first report)."""
+    deadline = time.monotonic() + seconds
+    names: set[str] = set()
+    while time.monotonic() < deadline and not names:
+        try:
+            text = requests.get(metrics_url, timeout=5).text
+        except requests.RequestException:
+            text = ""
+        names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_catversion_")}
+        if not names:
+            time.sleep(1)
+    return sorted(names)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-output", help="local folder for copies of the results (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per concept (default: %(default)s)")
     args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     started = time.perf_counter()
     catversion = str(Path(sys.executable).with_name("catversion"))
+    # Ctrl-C or a kill ends the demo through the same cleanup path.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
-    server, endpoint = start_s3()
-    # A real deployment sets these to its S3 (or leaves the endpoint unset for AWS); the demo's server takes any key.
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo",
-                      AWS_DEFAULT_REGION="us-east-1")
+    from moto.server import ThreadedMotoServer
+
+    s3_port, serve_port, metrics_port = free_port(), free_port(), free_port()
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+    server: subprocess.Popen | None = None
+    ray_started = False
     try:
+        s3.start()
+        # A real deployment points these at its S3 (or leaves the endpoint unset for AWS); the demo server takes any key.
+        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}", AWS_ACCESS_KEY_ID="demo",
+                          AWS_SECRET_ACCESS_KEY="demo", AWS_DEFAULT_REGION="us-east-1")
         import boto3
+        import ray
 
         boto3.client("s3").create_bucket(Bucket=BUCKET)
-        print(f"S3 server: {endpoint} (bucket {BUCKET})")
+        print(f"S3 server: http://127.0.0.1:{s3_port} (bucket {BUCKET})", flush=True)
+        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _metrics_export_port=metrics_port,
+                           _system_config={"metrics_report_interval_ms": 2000}, log_to_driver=False)
+        ray_started = True
+        address = context.address_info["gcs_address"]
+        dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "(dashboard not available)"
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        print(f"Ray: {address}, dashboard {dashboard}, metrics {metrics_url}", flush=True)
+
         manifest = write_inputs(photos_per_concept=5)
         output = f"s3://{BUCKET}/run"
         run([catversion, "batch", "--manifest", manifest, "--output", output, "--model", "tiny", "--workers", "2",
-             "--pack", "2", "--steps", str(args.steps), "--run-id", "demo", "--storage-path", str(out.resolve() / "ray")])
+             "--pack", "2", "--steps", str(args.steps), "--run-id", "demo", "--address", address,
+             "--storage-path", str(out / "ray")])
+
+        serve_cmd = [catversion, "serve", "--residuals", output, "--model", "tiny", "--host", "127.0.0.1",
+                     "--port", str(serve_port), "--address", address]
+        print(f"\n$ {shlex.join(serve_cmd)} &", flush=True)
+        server = subprocess.Popen(serve_cmd)
+        base_url = f"http://127.0.0.1:{serve_port}"
+        wait_for(f"{base_url}/healthz", 180, server)
+        models = [m["id"] for m in requests.get(f"{base_url}/v1/models", timeout=30).json()["data"]]
+        print(f"GET {base_url}/v1/models -> {models}", flush=True)
 
         images, residuals = [], []
         for concept_id in CONCEPTS:
+            word = SAMPLE_CONCEPTS[concept_id].class_word
+            body = {"model": concept_id, "prompt": f"a {word} on a beach", "n": 1, "size": "64x64",
+                    "response_format": "b64_json", "num_inference_steps": 25, "seed": 0}
+            print(f"POST {base_url}/v1/images/generations {body}", flush=True)
+            response = requests.post(f"{base_url}/v1/images/generations", json=body, timeout=300)
+            response.raise_for_status()
+            image = out / "images" / f"{concept_id}.png"
+            storage.write_bytes(str(image), base64.b64decode(response.json()["data"][0]["b64_json"]))
+            images.append(image)
             uri = f"{output}/residuals/{concept_id}.safetensors"
             local = out / "residuals" / f"{concept_id}.safetensors"
             storage.write_bytes(str(local), storage.read_bytes(uri))
             residuals.append((uri, local))
-            image = out / "images" / f"{concept_id}.png"
-            prompt = f"a {SAMPLE_CONCEPTS[concept_id].class_word} on a beach"
-            run([catversion, "generate", "--residual", uri, "--prompt", prompt, "--out", str(image), "--steps", "25",
-                 "--device", "cpu", "--quiet"])
-            images.append(image)
         storage.write_bytes(str(out / "results.parquet"), storage.read_bytes(f"{output}/runs/demo/results.parquet"))
+        series = catversion_series(metrics_url, 30)
+
+        print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
+        print(f"  concepts trained: {len(residuals)} ({', '.join(CONCEPTS)}), manifest {manifest}")
+        for uri, local in residuals:
+            print(f"  residual:  {uri} -> {local}")
+        for image in images:
+            print(f"  image:     {image} (over HTTP from {base_url}/v1/images/generations)")
+        print(f"  results:   {out / 'results.parquet'}")
+        print(f"  dashboard: {dashboard} (while the demo runs)")
+        print(f"  metrics:   {metrics_url}: {len(series)} catversion series, e.g. {', '.join(series[:4])}")
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted; shutting down", file=sys.stderr)
         return 130
-    except subprocess.CalledProcessError as exc:
-        print(f"\ndemo failed: {shlex.join(exc.cmd)} exited with {exc.returncode}", file=sys.stderr)
+    except (subprocess.CalledProcessError, RuntimeError, requests.RequestException) as exc:
+        print(f"\ndemo failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        server.stop()
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGINT)  # `catversion serve` shuts Serve down on SIGINT
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        if ray_started:
+            import ray
 
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
-    print(f"  manifest:  {manifest} ({len(CONCEPTS)} concepts, 5 synthetic photos each)")
-    for uri, local in residuals:
-        print(f"  residual:  {uri} -> {local}")
-    for image in images:
-        print(f"  image:     {image}")
-    print(f"  results:   {out / 'results.parquet'}")
-    return 0
+            ray.shutdown()
+        s3.stop()
+        print("stopped: serve, Ray, S3 server", file=sys.stderr)
 
 
 if __name__ == "__main__":

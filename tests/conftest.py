@@ -14,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray binds a single-machine cluster to the loopback interface only with this (meant for laptops) set.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def free_port() -> int:
@@ -65,8 +67,8 @@ def ray_session(s3_endpoint, tmp_path_factory):
 
     os.environ["RAY_TMPDIR"] = str(tmp_path_factory.mktemp("ray"))
     metrics_port = free_port()
-    ray.init(num_cpus=4, object_store_memory=100 * 1024**2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, _metrics_export_port=metrics_port,
+    ray.init(num_cpus=4, object_store_memory=100 * 1024**2, include_dashboard=False,
+             log_to_driver=False, configure_logging=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000})
     yield f"http://127.0.0.1:{metrics_port}/metrics"
     ray.shutdown()
