@@ -102,8 +102,10 @@ def main() -> int:
     out = Path(args.out).resolve()
     started = time.perf_counter()
     catversion = str(Path(sys.executable).with_name("catversion"))
-    # Ctrl-C or a kill ends the demo through the same cleanup path.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C or a kill ends the demo through the same cleanup path (also when started in the background,
+    # where the shell would otherwise have SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     from moto.server import ThreadedMotoServer
 
