@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 from diffusers import DDPMScheduler
@@ -357,8 +357,3 @@ def train_residual(base: BaseModel, images: Sequence[ImageSource], class_word: s
     if result.status != "ok":
         raise ValueError(f"concept {concept_id!r}: {result.error}")
     return result.residual
-
-
-def with_overrides(config: TrainConfig, **overrides) -> TrainConfig:
-    """A copy of ``config`` with the given non-None fields replaced (per-concept overrides)."""
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -9,7 +9,6 @@ already written, so each concept is written exactly once.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -405,8 +404,3 @@ def read_results(uri: str) -> list[dict]:
     import io
 
     return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()
-
-
-def summary_json(summary: BatchSummary) -> str:
-    return json.dumps({"run_id": summary.run_id, "results_uri": summary.results_uri, **summary.counts,
-                       "seconds": round(summary.seconds, 1), "error": summary.error})
