@@ -284,10 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The Ray parts register their own commands; the library itself never imports Ray.
     from pipelines.cli import register as register_batch
+    from pipelines.evaluate import register as register_evaluate
     from serve.cli import register as register_serve
 
     register_batch(sub)
     register_serve(sub)
+    register_evaluate(sub)
     return parser
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import storage
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -23,19 +24,16 @@ class ImageError(ValueError):
 
 
 def read_source(source: ImageSource, name: str | None = None) -> tuple[bytes, str]:
-    """The raw bytes of an image source (a path or bytes) and a name for messages."""
+    """The raw bytes of an image source (a path, file:// or s3:// URI, or bytes) and a name for messages."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), name or "<image bytes>"
-    path = Path(source)
-    label = name or str(path)
+    label = name or str(source)
     try:
-        return path.read_bytes(), label
-    except FileNotFoundError:
+        return storage.read_bytes(str(source)), label
+    except storage.NotFoundError:
         raise ImageError(f"image {label} does not exist") from None
-    except IsADirectoryError:
-        raise ImageError(f"image {label} is a directory, not an image file") from None
-    except PermissionError:
-        raise ImageError(f"image {label} is not readable (permission denied)") from None
+    except storage.StorageError as exc:
+        raise ImageError(f"image {label}: {exc}") from None
 
 
 def decode_image(data: bytes, name: str = "<image bytes>", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:

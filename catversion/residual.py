@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
+
+from . import storage
 
 FORMAT_NAME = "catversion-residual"
 FORMAT_VERSION = 1
@@ -136,7 +137,7 @@ class Residual:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: the file appears complete or not at all."""
-        _atomic_write(Path(path), self.to_bytes())
+        storage.write_bytes(str(path), self.to_bytes())
 
     @classmethod
     def load(cls, source: str | os.PathLike | bytes | bytearray | memoryview, name: str | None = None) -> "Residual":
@@ -347,7 +348,7 @@ class Residual:
         state[_OFFICIAL_POOL_KEY.format(name=adapter_name)] = flat
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        _atomic_write(Path(path), buffer.getvalue())
+        storage.write_bytes(str(path), buffer.getvalue())
 
     def official_adapter_config(self, adapter_name: str = "prefix_tuning1") -> dict[str, Any]:
         """The adapter_config.json the reference code expects beside ``pytorch_adapter.bin``."""
@@ -388,18 +389,3 @@ def _safetensors_header(data: bytes, refuse) -> dict:
     if not isinstance(header, dict):
         raise refuse("not a safetensors file (header is not a JSON object)")
     return header
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
