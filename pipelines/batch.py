@@ -142,6 +142,14 @@ def _collector_class():
         def snapshot(self) -> tuple[dict, dict]:
             return self.rows, self.progress
 
+        def count_planned(self, run_id: str, failed: int, skipped: int) -> None:
+            """Concepts the driver settled before training (rejected, up to date) also count in the metrics."""
+            tags = {"run_id": run_id}
+            if failed:
+                ray_metric(telemetry.CONCEPTS_FAILED).inc(failed, tags)
+            if skipped:
+                ray_metric(telemetry.CONCEPTS_SKIPPED).inc(skipped, tags)
+
     return ResultCollector
 
 
@@ -274,13 +282,16 @@ def _init_ray(config: BatchConfig) -> bool:
     return True
 
 
-def _run_training(config: BatchConfig, run_id: str, plan: list[tuple[ConceptSpec, str]], log: Callable[[str], None]) -> tuple[dict, str | None]:
+def _run_training(config: BatchConfig, run_id: str, plan: list[tuple[ConceptSpec, str]], settled: dict[str, dict],
+                  log: Callable[[str], None]) -> tuple[dict, str | None]:
     import ray
     import ray.data
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     collector = _collector_class().remote()
+    collector.count_planned.remote(run_id, sum(r["status"] == "failed" for r in settled.values()),
+                                   sum(r["status"] == "skipped" for r in settled.values()))
     rows = [{**spec.to_row(), "fingerprint": fingerprint} for spec, fingerprint in plan]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))  # one concept per block: fine-grained split
     env = {k: v for k, v in os.environ.items() if k.startswith("CATVERSION_")}
@@ -369,7 +380,7 @@ def run_batch(config: BatchConfig, log: Callable[[str], None] = print) -> BatchS
     if plan:
         started_ray = _init_ray(config)
         try:
-            trained, error = _run_training(config, run_id, plan, log)
+            trained, error = _run_training(config, run_id, plan, results, log)
         finally:
             if started_ray:
                 import ray
