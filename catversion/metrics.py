@@ -165,7 +165,7 @@ class Scorer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 < mask_threshold < 1.0:
             raise ValueError(f"mask_threshold must be in (0, 1), got {mask_threshold}")
-        self.clip, self.seg, self.dino_model = clip, seg, dino
+        self.clip_model, self.seg_model, self.dino_model = clip, seg, dino
         self.batch_size = batch_size
         self.mask_threshold = mask_threshold
         self.fill = fill
@@ -184,19 +184,19 @@ class Scorer:
 
     @property
     def device(self) -> torch.device:
-        return next(self.clip.model.parameters()).device
+        return next(self.clip_model.model.parameters()).device
 
     # ---- embeddings (unit length, float32, CPU) -------------------------------------------------
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         def embed(chunk):
-            tokens = self._tokenize(self.clip, list(chunk))
-            return _pooled(self.clip.model.get_text_features(**tokens))
+            tokens = self._tokenize(self.clip_model, list(chunk))
+            return _pooled(self.clip_model.model.get_text_features(**tokens))
         return _normalized(self._batched(prompts, embed))
 
     def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """CLIP image embeddings."""
         return _normalized(self._batched(images, lambda chunk: _pooled(
-            self.clip.model.get_image_features(pixel_values=self._pixels(self.clip, chunk)))))
+            self.clip_model.model.get_image_features(pixel_values=self._pixels(self.clip_model, chunk)))))
 
     def dino_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """DINO ViT CLS tokens."""
@@ -212,9 +212,7 @@ class Scorer:
         if len(prompts) != len(images):
             raise ValueError(f"clip_t needs one prompt per image (or a single prompt), got {len(prompts)} prompts "
                              f"for {len(images)} images")
-        unique = list(dict.fromkeys(prompts))
-        text = self.text_embeddings(unique)[[unique.index(p) for p in prompts]]
-        return (text * self.image_embeddings(images)).sum(dim=1).double().tolist()
+        return self._clip_t(prompts, self.image_embeddings(images))
 
     def clip_i(self, references: Sequence[Image.Image], generated: Sequence[Image.Image]) -> Similarity:
         _check_images(references, "references")
@@ -234,8 +232,8 @@ class Scorer:
             raise ValueError("masks need a non-empty class word to prompt the segmenter with")
 
         def segment(chunk):
-            tokens = self._tokenize(self.seg, [class_word] * len(chunk))
-            logits = self.seg.model(pixel_values=self._pixels(self.seg, chunk), **tokens).logits
+            tokens = self._tokenize(self.seg_model, [class_word] * len(chunk))
+            logits = self.seg_model.model(pixel_values=self._pixels(self.seg_model, chunk), **tokens).logits
             return logits.reshape(len(chunk), *logits.shape[-2:])  # a batch of one comes back squeezed
 
         logits = self._batched(images, segment)
@@ -267,9 +265,12 @@ class Scorer:
                            else [_as_mask(m, image.size, f"reference mask {i}")
                                  for i, (m, image) in enumerate(zip(reference_masks, references, strict=True))])
         generated_masks = self.masks(generated, class_word)
+        if len(prompts) != len(generated):
+            raise ValueError(f"score needs one prompt per generated image, got {len(prompts)} for {len(generated)}")
+        generated_clip = self.image_embeddings(generated)  # shared by CLIP-T and CLIP-I
         return Scores(
-            clip_t=self.clip_t(prompts, generated),
-            clip_i=self.clip_i(references, generated).per_generated,
+            clip_t=self._clip_t(list(prompts), generated_clip),
+            clip_i=_similarity(self.image_embeddings(references), generated_clip).per_generated,
             masked_clip_i=self.masked_clip_i(references, generated, class_word, reference_masks,
                                              generated_masks).per_generated,
             dino=self.dino(references, generated).per_generated,
@@ -278,6 +279,11 @@ class Scorer:
         )
 
     # ---- internals --------------------------------------------------------------------------
+    def _clip_t(self, prompts: list[str], image_embeddings: torch.Tensor) -> list[float]:
+        index = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}  # each distinct prompt encoded once
+        text = self.text_embeddings(list(index))[[index[p] for p in prompts]]
+        return (text * image_embeddings).sum(dim=1).double().tolist()
+
     def _batched(self, items: Sequence, run: Callable[[Sequence], torch.Tensor]) -> torch.Tensor:
         with torch.inference_mode():
             outputs = [run(items[i:i + self.batch_size]).float().cpu() for i in range(0, len(items), self.batch_size)]
@@ -362,32 +368,33 @@ DEFAULTS = {"clip": DEFAULT_CLIP, "seg": DEFAULT_SEG, "dino": DEFAULT_DINO}
 def _load(role: str, name: str, device: torch.device, dtype: torch.dtype) -> MetricModel:
     build, load = {"clip": (_tiny_clip, _pretrained_clip), "seg": (_tiny_seg, _pretrained_seg),
                    "dino": (_tiny_dino, _pretrained_dino)}[role]
+    how_to_get = (f"to fix: download it with network access (HF_HUB_OFFLINE unset), e.g. `hf download "
+                  f"{DEFAULTS[role] + ' --local-dir ' + name if _is_path(name) else name}`, or pass a local folder "
+                  f"holding its config.json, weights and preprocessor_config.json, or {TINY!r} for tests")
     if name == TINY:
         loaded = build()
+    elif _is_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        # A clearer message than from_pretrained's, which would take the path for a malformed hub id.
+        raise ModelNotAvailableError(f"{ROLES[role]} folder {name!r} does not exist; {how_to_get}")
     else:
         try:
             loaded = load(name)
         except (OSError, HfHubHTTPError, HFValidationError) as error:
             reason = (str(error).splitlines() or [""])[0]
             raise ModelNotAvailableError(
-                f"{ROLES[role]} {name!r}: cannot load it ({type(error).__name__}: {reason}); to fix: download it "
-                f"with network access (HF_HUB_OFFLINE unset), e.g. `hf download {_download_hint(role, name)}`, or "
-                f"pass a local folder holding its config.json, weights and preprocessor_config.json, or {TINY!r} "
-                "for tests"
+                f"{ROLES[role]} {name!r}: cannot load it ({type(error).__name__}: {reason}); {how_to_get}"
             ) from error
     loaded.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return loaded
 
 
-def _download_hint(role: str, name: str) -> str:
-    """What to download: the hub id itself, or the default model into the folder named."""
+def _is_path(name: str) -> bool:
+    """Whether a model name means a local folder rather than a hub id."""
     try:
         validate_repo_id(name)
-        if not os.path.exists(os.path.expanduser(name)):
-            return name
     except HFValidationError:
-        pass
-    return f"{DEFAULTS[role]} --local-dir {name}"
+        return True
+    return os.path.exists(os.path.expanduser(name))
 
 
 def _tokenizer(name: str) -> CLIPTokenizer:

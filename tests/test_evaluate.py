@@ -1,0 +1,190 @@
+"""`catversion evaluate` end to end on tiny models: residuals + manifest + prompts -> scores and report."""
+
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from catversion import storage
+from catversion.cli import main
+from catversion.metrics import METRICS
+from catversion.models import load_base_model
+from catversion.samples import SAMPLE_CONCEPTS, write_concept_images
+from catversion.training import TrainConfig, train_residual
+from pipelines.evaluate import EvalConfig, run_evaluation
+
+TRAINED = ("red-teapot", "blue-mug")
+UNTRAINED = "green-vase"  # in the manifest, but no residual
+TINY_METRICS = ["--clip-model", "tiny", "--seg-model", "tiny", "--dino-model", "tiny"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A batch-style output prefix with two tiny residuals, a manifest of three concepts, a prompts file."""
+    root = tmp_path_factory.mktemp("evaluate-inputs")
+    base = load_base_model("tiny")
+    rows = []
+    for concept_id in (*TRAINED, UNTRAINED):
+        word = SAMPLE_CONCEPTS[concept_id].class_word
+        photos = write_concept_images(concept_id, root / "photos", n=2, size=64)
+        rows += [{"concept_id": concept_id, "class_word": word, "image_uri": str(p)} for p in photos]
+        if concept_id in TRAINED:
+            residual = train_residual(base, photos, word, TrainConfig(steps=2, save_steps=()))
+            residual.save(root / "run" / "residuals" / f"{concept_id}.safetensors")
+    pq.write_table(pa.Table.from_pylist(rows), root / "manifest.parquet")
+    (root / "prompts.txt").write_text("# evaluation prompts\na {} on the beach\n\nin the snow\n")
+    return root
+
+
+def evaluate(inputs: Path, out: Path, *extra: str) -> int:
+    return main(["evaluate", "--residuals", str(inputs / "run"), "--manifest", str(inputs / "manifest.parquet"),
+                 "--prompts", str(inputs / "prompts.txt"), "--out", str(out), "--model", "tiny", *TINY_METRICS,
+                 "--n-per-prompt", "2", "--steps", "2", "--quiet", *extra])
+
+
+class ReportChecker(HTMLParser):
+    """Collects every link and image source, and every tag that is closed out of order."""
+
+    VOID = {"meta", "img", "br", "link", "hr", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.targets = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.targets.append(attrs.get("src"))
+        if tag == "a":
+            self.targets.append(attrs.get("href"))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+
+
+def check_report(out: Path) -> list[str]:
+    """The report's local files (which must all exist), after checking that it is well-formed HTML."""
+    text = (out / "report.html").read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    checker = ReportChecker()
+    checker.feed(text)
+    checker.close()
+    assert checker.errors == [] and checker.stack == []
+    files = []
+    for target in checker.targets:
+        assert target, "an <img> or <a> without a target"
+        if target.startswith("#"):
+            assert f'id="{target[1:]}"' in text, target
+            continue
+        assert not urlparse(target).scheme and not target.startswith("/"), f"{target} is not a relative path"
+        assert (out / unquote(target)).is_file(), f"report links {target}, which does not exist"
+        files.append(unquote(target))
+    return files
+
+
+def test_evaluate_writes_scores_images_and_a_report(inputs, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert evaluate(inputs, out) == 0
+    captured = capsys.readouterr()
+    assert f"skipped concept '{UNTRAINED}': no residual at" in captured.err
+
+    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    assert len(scores) == len(TRAINED) * 2 * 2  # concepts x prompts x samples
+    assert {(r["concept_id"], r["prompt_index"], r["sample"]) for r in scores} == {
+        (c, p, s) for c in TRAINED for p in range(2) for s in range(2)}
+    assert {r["prompt"] for r in scores if r["concept_id"] == "red-teapot"} == {
+        "a teapot on the beach", "a photo of a teapot in the snow"}
+    for row in scores:
+        for metric in METRICS:
+            assert math.isfinite(row[metric]) and -1.0 <= row[metric] <= 1.0, (metric, row)
+        assert row["seed"] == row["sample"] and 0.0 <= row["mask_area"] <= 1.0
+        assert (out / row["image"]).is_file()
+
+    means = {r["concept_id"]: r for r in pq.read_table(out / "concept_means.parquet").to_pylist()}
+    assert set(means) == set(TRAINED)
+    teapot_rows = [r for r in scores if r["concept_id"] == "red-teapot"]
+    assert means["red-teapot"]["clip_i"] == pytest.approx(sum(r["clip_i"] for r in teapot_rows) / len(teapot_rows))
+    assert means["red-teapot"]["references"] == 2
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["concepts"][UNTRAINED]["status"] == "skipped"
+    assert [summary["concepts"][c]["status"] for c in TRAINED] == ["ok", "ok"]
+    assert summary["overall"]["dino"] == pytest.approx(sum(means[c]["dino"] for c in TRAINED) / 2)
+
+    files = check_report(out)
+    for concept_id in TRAINED:
+        assert f"references/{concept_id}/r00-mask.png" in files
+        assert f"images/{concept_id}/p01-s01.png" in files
+    assert "plots/overview.png" in files
+    assert UNTRAINED in (out / "report.html").read_text()  # listed under "Not scored"
+
+
+def test_a_broken_residual_fails_its_concept_only(inputs, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "residuals").mkdir(parents=True)
+    (run / "residuals" / "red-teapot.safetensors").write_bytes(
+        (inputs / "run" / "residuals" / "red-teapot.safetensors").read_bytes())
+    (run / "residuals" / "blue-mug.safetensors").write_bytes(b"not a residual")
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--residuals", str(run), "--manifest", str(inputs / "manifest.parquet"),
+                 "--prompts", str(inputs / "prompts.txt"), "--out", str(out), "--model", "tiny", *TINY_METRICS,
+                 "--n-per-prompt", "1", "--steps", "2", "--concepts", "red-teapot,blue-mug", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "failed concept 'blue-mug'" in err and "1 concept(s) failed: blue-mug" in err
+    assert {r["concept_id"] for r in pq.read_table(out / "scores.parquet").to_pylist()} == {"red-teapot"}
+    assert json.loads((out / "summary.json").read_text())["concepts"]["blue-mug"]["status"] == "failed"
+    check_report(out)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a {0} on the beach\n", "line 1: 'a {0} on the beach' has a brace"),
+    ("# only a comment\n\n", "has no prompts"),
+])
+def test_bad_prompts_file_is_a_clear_error(inputs, tmp_path, capsys, content, message):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(content)
+    code = main(["evaluate", "--residuals", str(inputs / "run"), "--manifest", str(inputs / "manifest.parquet"),
+                 "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_concept_and_missing_prompts_are_refused(inputs, tmp_path, capsys):
+    assert evaluate(inputs, tmp_path / "out", "--concepts", "red-teapot,nope") == 2
+    assert "--concepts nope: not in the manifest" in capsys.readouterr().err
+    code = main(["evaluate", "--residuals", str(inputs / "run"), "--manifest", str(inputs / "manifest.parquet"),
+                 "--prompts", str(tmp_path / "absent.txt"), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "absent.txt does not exist" in capsys.readouterr().err
+
+
+def test_ray_actor_pool_scores_like_one_process(inputs, tmp_path, ray_session, s3_bucket):
+    """Residuals and manifest in S3, two actors on the session's Ray: the same scores as in-process."""
+    prefix = f"s3://{s3_bucket}/run"
+    for concept_id in TRAINED:
+        name = f"{concept_id}.safetensors"
+        storage.write_bytes(f"{prefix}/residuals/{name}", (inputs / "run" / "residuals" / name).read_bytes())
+    manifest = f"s3://{s3_bucket}/manifest.parquet"
+    storage.write_bytes(manifest, (inputs / "manifest.parquet").read_bytes())
+    common = dict(residuals=prefix, manifest=manifest, prompts=["a {} on the beach"], n_per_prompt=2, steps=2,
+                  model="tiny", clip_model="tiny", seg_model="tiny", dino_model="tiny", device="cpu",
+                  concepts=list(TRAINED))
+
+    on_ray = run_evaluation(EvalConfig(out=str(tmp_path / "ray"), address="auto", replicas=2, **common))
+    local = run_evaluation(EvalConfig(out=str(tmp_path / "local"), **common))
+    assert on_ray.scored == local.scored == list(TRAINED)
+    for concept_id in TRAINED:
+        for metric in METRICS:
+            assert on_ray.statuses[concept_id][metric] == pytest.approx(local.statuses[concept_id][metric], abs=1e-5)
+    check_report(tmp_path / "ray")
