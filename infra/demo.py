@@ -4,7 +4,8 @@
 2. synthetic photos of three objects and a parquet manifest, written to S3;
 3. `catversion batch` trains every concept on Ray Train (built-in tiny model), residuals to S3;
 4. `catversion serve` serves them; one image per concept is fetched over HTTP (OpenAI Images API);
-5. the metrics endpoint is read, a summary printed, and everything stopped (on Ctrl-C too).
+5. the metrics endpoint is read, `catversion evaluate` scores the residuals into an HTML report,
+   a summary is printed, and everything is stopped (on Ctrl-C too).
 Each command is printed as run; results are copied to demo-output/.
 """
 
@@ -49,20 +50,25 @@ def run(argv: list[str]) -> None:
     subprocess.run(argv, check=True)
 
 
-def write_inputs(photos_per_concept: int) -> str:
-    """Photos and a manifest (one row per image) in the demo bucket; returns the manifest URI."""
-    rows = []
+def write_inputs(photos_per_concept: int, out: Path) -> str:
+    """Photos and a manifest (one row per image) in the demo bucket; returns the manifest URI.
+
+    A local copy (out/manifest.parquet with paths relative to it) outlives the demo's S3 server.
+    """
+    rows, local_rows = [], []
     for n, concept_id in enumerate(CONCEPTS):
         word = SAMPLE_CONCEPTS[concept_id].class_word
         for i, data in enumerate(concept_jpegs(concept_id, n=photos_per_concept, size=256, seed=n)):
             uri = f"s3://{BUCKET}/photos/{concept_id}/{i}.jpg"
             storage.write_bytes(uri, data)
+            storage.write_bytes(str(out / "photos" / concept_id / f"{i}.jpg"), data)
             rows.append({"concept_id": concept_id, "image_uri": uri, "class_word": word})
-    sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), sink)
-    manifest = f"s3://{BUCKET}/manifests/demo.parquet"
-    storage.write_bytes(manifest, sink.getvalue())
-    return manifest
+            local_rows.append({**rows[-1], "image_uri": f"photos/{concept_id}/{i}.jpg"})
+    for uri, table in ((f"s3://{BUCKET}/manifests/demo.parquet", rows), (str(out / "manifest.parquet"), local_rows)):
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(table), sink)
+        storage.write_bytes(uri, sink.getvalue())
+    return f"s3://{BUCKET}/manifests/demo.parquet"
 
 
 def wait_for(url: str, seconds: float, server: subprocess.Popen) -> None:
@@ -98,6 +104,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-output", help="local folder for copies of the results (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per concept (default: %(default)s)")
+    parser.add_argument("--keep-running", action="store_true",
+                        help="keep S3, Ray (dashboard, metrics) and the HTTP API up after the summary until Ctrl-C")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     started = time.perf_counter()
@@ -131,7 +139,7 @@ def main() -> int:
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         print(f"Ray: {address}, dashboard {dashboard}, metrics {metrics_url}", flush=True)
 
-        manifest = write_inputs(photos_per_concept=5)
+        manifest = write_inputs(photos_per_concept=5, out=out)
         output = f"s3://{BUCKET}/run"
         run([catversion, "batch", "--manifest", manifest, "--output", output, "--model", "tiny", "--workers", "2",
              "--pack", "2", "--steps", str(args.steps), "--run-id", "demo", "--address", address,
@@ -164,6 +172,12 @@ def main() -> int:
         storage.write_bytes(str(out / "results.parquet"), storage.read_bytes(f"{output}/runs/demo/results.parquet"))
         series = catversion_series(metrics_url, 30)
 
+        prompts = out / "prompts.txt"
+        prompts.write_text("a {} on the beach\na {} in the snow\na red {}\n")
+        run([catversion, "evaluate", "--residuals", str(out), "--manifest", str(out / "manifest.parquet"),
+             "--prompts", str(prompts), "--out", str(out / "evaluation"), "--n-per-prompt", "2", "--steps", "25",
+             "--model", "tiny", "--clip-model", "tiny", "--seg-model", "tiny", "--dino-model", "tiny", "--quiet"])
+
         print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
         print(f"  concepts trained: {len(residuals)} ({', '.join(CONCEPTS)}), manifest {manifest}")
         for uri, local in residuals:
@@ -171,8 +185,13 @@ def main() -> int:
         for image in images:
             print(f"  image:     {image} (over HTTP from {base_url}/v1/images/generations)")
         print(f"  results:   {out / 'results.parquet'}")
+        print(f"  report:    {out / 'evaluation' / 'report.html'} (CLIP-T, CLIP-I, masked CLIP-I, DINO; tiny scorers)")
         print(f"  dashboard: {dashboard} (while the demo runs)")
         print(f"  metrics:   {metrics_url}: {len(series)} catversion series, e.g. {', '.join(series[:4])}")
+        if args.keep_running:
+            print(f"\nstill running: API {base_url}/v1 (docs at {base_url}/docs), dashboard {dashboard}; Ctrl-C stops",
+                  flush=True)
+            signal.pause()
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted; shutting down", file=sys.stderr)
