@@ -1,1 +1,1 @@
-"""Ray batch jobs over the catversion library: manifest schema and validation, the Ray Train job, results."""
+"""Ray jobs over the catversion library: manifest schema and validation, the Ray Train batch job, evaluation."""
