@@ -54,22 +54,11 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2, sort_keys=True, default=str))
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
 def _load_model(name: str, device: str):
-    from .models import ModelNotAvailableError, load_base_model
+    from .models import ModelNotAvailableError, load_base_model, resolve_device
 
     try:
-        return load_base_model(name, device=_device(device))
+        return load_base_model(name, device=resolve_device(device))
     except ModelNotAvailableError as exc:
         raise CLIError(str(exc)) from None
 

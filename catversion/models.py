@@ -388,6 +388,16 @@ def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype,
                      unet_config["sample_size"], vae_config, device, dtype)
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """"auto" → the GPU when there is one, else the CPU; a CUDA device without CUDA is an error."""
+    if isinstance(name, str) and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!s}: CUDA is not available on this machine; use cpu")
+    return device
+
+
 def load_base_model(name: str = "tiny", device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None,
                     components: tuple[str, ...] = COMPONENTS) -> BaseModel:

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from catversion import metrics, storage
 from catversion.images import decode_image
 from catversion.metrics import METRIC_LABELS, METRICS
+from catversion.models import resolve_device
 from catversion.residual import Residual
 
 PLACEHOLDER = "{}"
@@ -253,17 +254,6 @@ def choose_base_model(config: EvalConfig, jobs: Sequence[ConceptJob]) -> str:
 
 
 # ---- evaluating (worker) -----------------------------------------------------------------------
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
-
 
 class ConceptEvaluator:
     """Loads the base model and the metric models once, then evaluates concepts one after another.

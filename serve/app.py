@@ -76,16 +76,11 @@ class Generator:
     """One frozen base model per replica; residuals from the cache; one UNet batch for many concepts."""
 
     def __init__(self, settings: dict):
-        import torch
-
         from catversion.generation import ImageGenerator
-        from catversion.models import load_base_model
+        from catversion.models import load_base_model, resolve_device
 
         self.settings = ServeSettings.from_dict(settings)
-        device = self.settings.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.base = load_base_model(self.settings.model, device=device)
+        self.base = load_base_model(self.settings.model, device=resolve_device(self.settings.device))
         self.images = ImageGenerator(self.base)
         hits, misses, load = (ray_metric(s) for s in (telemetry.CACHE_HITS, telemetry.CACHE_MISSES,
                                                        telemetry.RESIDUAL_LOAD_SECONDS))
