@@ -46,6 +46,14 @@ def local_path(uri: str | os.PathLike) -> Path:
     return Path(text)
 
 
+def absolute(uri: str) -> str:
+    """Local paths made absolute (other processes, e.g. Ray workers, run in other folders); URIs as given."""
+    text = str(uri)
+    if is_s3(text) or text.startswith("file://"):
+        return text
+    return os.path.abspath(text)
+
+
 def join(prefix: str, *parts: str) -> str:
     """``join("s3://b/run1", "residuals", "x.safetensors")`` → ``s3://b/run1/residuals/x.safetensors``."""
     prefix = str(prefix)

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
+    from catversion import storage
     from catversion.cli import CLIError
 
     from .app import build_app
@@ -72,6 +73,10 @@ def run(args: argparse.Namespace) -> None:
         raise CLIError("--residuals PREFIX is required (or `args.residuals` in --config)")
     if args.api_key_file and not Path(args.api_key_file).is_file():
         raise CLIError(f"--api-key-file {args.api_key_file} does not exist")
+    # Replicas run in their own folders: relative local paths must mean what they mean here.
+    app_args["residuals"] = storage.absolute(app_args["residuals"])
+    if app_args.get("api_key_file"):
+        app_args["api_key_file"] = storage.absolute(app_args["api_key_file"])
     host = args.host or (http.get("host") if args.config else None) or "127.0.0.1"
     port = args.port or http.get("port") or 8000
     application = build_app(app_args)

@@ -11,7 +11,7 @@ from batch_inputs import GOOD, config, put, versions
 from catversion import Residual
 from catversion.cli import main
 from catversion.samples import concept_jpegs
-from pipelines.batch import FAULT_KILL_ENV, FAULT_MARKER_ENV, read_results, run_batch
+from pipelines.batch import FAULT_KILL_ENV, FAULT_MARKER_ENV, BatchConfig, read_results, run_batch
 
 
 def test_good_residuals_land_and_bad_concepts_are_reported(batch_run):
@@ -74,3 +74,24 @@ def test_a_worker_killed_mid_run_is_restarted_and_every_concept_is_written_once(
         Residual.load(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
     out = capsys.readouterr()
     assert "4 trained" in out.out and "failed broken" in out.out
+
+
+def test_relative_local_paths_mean_the_same_to_the_workers(ray_session, tmp_path, monkeypatch):
+    """Workers run in their own folders: a relative manifest, image and output path still work."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    rows = []
+    for i, data in enumerate(concept_jpegs("blue-mug", n=2, size=64)):
+        (tmp_path / "photos" / f"{i}.jpg").write_bytes(data)
+        rows.append({"concept_id": "mug", "class_word": "mug", "image_uri": f"photos/{i}.jpg"})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
+    summary = run_batch(BatchConfig(manifest="manifest.parquet", output="out", model="tiny", workers=1, pack=1, steps=2,
+                                    storage_path="ray-train"), log=lambda _: None)
+    assert summary.counts["ok"] == 1, summary.format()
+    residual = Residual.load(tmp_path / "out" / "residuals" / "mug.safetensors")
+    assert residual.meta["class_word"] == "mug"
+    assert read_results(str(tmp_path / "out" / "runs" / summary.run_id / "results.parquet"))[0]["residual_uri"] == str(
+        tmp_path / "out" / "residuals" / "mug.safetensors")
