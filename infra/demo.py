@@ -3,9 +3,9 @@
 1. an S3 server on 127.0.0.1 (moto) and a local Ray with its dashboard and metrics endpoint;
 2. synthetic photos of three objects and a parquet manifest, written to S3;
 3. `catversion batch` trains every concept on Ray Train (built-in tiny model), residuals to S3;
-4. `catversion serve` serves them; one image per concept is fetched over HTTP (OpenAI Images API);
-5. the metrics endpoint is read, `catversion evaluate` scores the residuals into an HTML report,
-   a summary is printed, and everything is stopped (on Ctrl-C too).
+4. `catversion evaluate` scores the residuals (CLIP-T, CLIP-I, masked CLIP-I, DINO) into an HTML report;
+5. `catversion serve` serves them; one image per concept is fetched over HTTP (OpenAI Images API);
+6. the metrics endpoint is read, a summary printed, and everything stopped (on Ctrl-C too).
 Each command is printed as run; results are copied to demo-output/.
 """
 
@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import requests
 
 from catversion import storage
+from catversion.telemetry import BATCH_SIZE, CONCEPTS_DONE, REQUESTS
 from catversion.samples import SAMPLE_CONCEPTS, concept_jpegs
 
 # Everything stays on this machine's loopback interface (Ray binds the host's IP without this).
@@ -85,17 +86,17 @@ def wait_for(url: str, seconds: float, server: subprocess.Popen) -> None:
     raise RuntimeError(f"{url} did not answer within {seconds:.0f} s")
 
 
-def catversion_series(metrics_url: str, seconds: float) -> list[str]:
-    """The catversion_* series names on Ray's Prometheus endpoint (waits for the first report)."""
+def catversion_series(metrics_url: str, seconds: float, expect: tuple[str, ...]) -> list[str]:
+    """The catversion_* series names on Ray's Prometheus endpoint, once `expect` are reported (or time is up)."""
     deadline = time.monotonic() + seconds
     names: set[str] = set()
-    while time.monotonic() < deadline and not names:
+    while time.monotonic() < deadline and not set(expect) <= names:
         try:
             text = requests.get(metrics_url, timeout=5).text
         except requests.RequestException:
             text = ""
         names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_catversion_")}
-        if not names:
+        if not set(expect) <= names:
             time.sleep(1)
     return sorted(names)
 
@@ -145,6 +146,18 @@ def main() -> int:
              "--pack", "2", "--steps", str(args.steps), "--run-id", "demo", "--address", address,
              "--storage-path", str(out / "ray")])
 
+        residuals = []
+        for concept_id in CONCEPTS:
+            uri = f"{output}/residuals/{concept_id}.safetensors"
+            local = out / "residuals" / f"{concept_id}.safetensors"
+            storage.write_bytes(str(local), storage.read_bytes(uri))
+            residuals.append((uri, local))
+        prompts = out / "prompts.txt"
+        prompts.write_text("a {} on the beach\na {} in the snow\na red {}\n")
+        run([catversion, "evaluate", "--residuals", str(out), "--manifest", str(out / "manifest.parquet"),
+             "--prompts", str(prompts), "--out", str(out / "evaluation"), "--n-per-prompt", "2", "--steps", "25",
+             "--model", "tiny", "--clip-model", "tiny", "--seg-model", "tiny", "--dino-model", "tiny", "--quiet"])
+
         serve_cmd = [catversion, "serve", "--residuals", output, "--model", "tiny", "--host", "127.0.0.1",
                      "--port", str(serve_port), "--address", address]
         print(f"\n$ {shlex.join(serve_cmd)} &", flush=True)
@@ -154,7 +167,7 @@ def main() -> int:
         models = [m["id"] for m in requests.get(f"{base_url}/v1/models", timeout=30).json()["data"]]
         print(f"GET {base_url}/v1/models -> {models}", flush=True)
 
-        images, residuals = [], []
+        images = []
         for concept_id in CONCEPTS:
             word = SAMPLE_CONCEPTS[concept_id].class_word
             body = {"model": concept_id, "prompt": f"a {word} on a beach", "n": 1, "size": "64x64",
@@ -165,18 +178,10 @@ def main() -> int:
             image = out / "images" / f"{concept_id}.png"
             storage.write_bytes(str(image), base64.b64decode(response.json()["data"][0]["b64_json"]))
             images.append(image)
-            uri = f"{output}/residuals/{concept_id}.safetensors"
-            local = out / "residuals" / f"{concept_id}.safetensors"
-            storage.write_bytes(str(local), storage.read_bytes(uri))
-            residuals.append((uri, local))
         storage.write_bytes(str(out / "results.parquet"), storage.read_bytes(f"{output}/runs/demo/results.parquet"))
-        series = catversion_series(metrics_url, 30)
+        series = catversion_series(metrics_url, 30, expect=(CONCEPTS_DONE.prometheus_name, REQUESTS.prometheus_name,
+                                                            BATCH_SIZE.prometheus_name + "_count"))
 
-        prompts = out / "prompts.txt"
-        prompts.write_text("a {} on the beach\na {} in the snow\na red {}\n")
-        run([catversion, "evaluate", "--residuals", str(out), "--manifest", str(out / "manifest.parquet"),
-             "--prompts", str(prompts), "--out", str(out / "evaluation"), "--n-per-prompt", "2", "--steps", "25",
-             "--model", "tiny", "--clip-model", "tiny", "--seg-model", "tiny", "--dino-model", "tiny", "--quiet"])
 
         print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
         print(f"  concepts trained: {len(residuals)} ({', '.join(CONCEPTS)}), manifest {manifest}")
@@ -187,7 +192,8 @@ def main() -> int:
         print(f"  results:   {out / 'results.parquet'}")
         print(f"  report:    {out / 'evaluation' / 'report.html'} (CLIP-T, CLIP-I, masked CLIP-I, DINO; tiny scorers)")
         print(f"  dashboard: {dashboard} (while the demo runs)")
-        print(f"  metrics:   {metrics_url}: {len(series)} catversion series, e.g. {', '.join(series[:4])}")
+        shown = [n for n in series if not n.endswith(("_bucket", "_sum"))]
+        print(f"  metrics:   {metrics_url}: {len(series)} catversion series, incl. {', '.join(shown)}")
         if args.keep_running:
             print(f"\nstill running: API {base_url}/v1 (docs at {base_url}/docs), dashboard {dashboard}; Ctrl-C stops",
                   flush=True)
