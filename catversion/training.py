@@ -25,6 +25,7 @@ from .residual import Residual
 
 DEFAULT_SAVE_STEPS = (250, 500, 750, 1000)
 LOSS_WINDOW = 50  # final_loss is the mean of the last LOSS_WINDOW steps (single steps are noisy)
+SYNC_EVERY = 10  # steps between loss read-backs when no concept ends or checkpoints
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ class _ConceptState:
         )
         self.step = 0
         self.losses: list[float] = []
+        self.unread: list[torch.Tensor] = []  # this concept's losses not yet copied to the host
         self.order = torch.empty(0, dtype=torch.long)
         self.started = time.perf_counter()
 
@@ -282,21 +284,31 @@ class ResidualTrainer:
                     finish(TrainResult(concept.concept_id, "failed", error=str(exc)))
 
         refill()
+        iteration = 0
         while active:
             losses = self._step(active)
+            iteration += 1
             rows_done += sum(s.cfg.batch_size for s in active)
-            for state, loss in zip(list(active), losses):
+            for state, loss in zip(active, losses):
                 state.step += 1
+                state.unread.append(loss)
                 steps_done += 1
-                if not math.isfinite(loss):
+            # Losses stay on the device until something needs them (a concept's end or checkpoint, or
+            # every SYNC_EVERY steps for progress and divergence), so the GPU never waits for the host.
+            due = any(s.step >= s.cfg.steps or s.step in s.cfg.save_steps for s in active)
+            if not due and iteration % SYNC_EVERY:
+                continue
+            latest = self._read_losses(active)
+            for state in list(active):
+                bad = next((i for i, x in enumerate(state.losses) if not math.isfinite(x)), None)
+                if bad is not None:
                     active.remove(state)
                     finish(TrainResult(
                         state.concept.concept_id, "failed", steps=state.step,
-                        error=f"loss became non-finite at step {state.step} (learning rate "
+                        error=f"loss became non-finite at step {bad + 1} (learning rate "
                         f"{state.cfg.learning_rate} too high?)", seconds=time.perf_counter() - state.started,
                     ))
                     continue
-                state.losses.append(loss)
                 if state.step in state.cfg.save_steps and state.step < state.cfg.steps and on_checkpoint:
                     on_checkpoint(state.concept.concept_id, state.step, state.snapshot(self.base, self.encoder.layers, False))
                 if state.step >= state.cfg.steps:
@@ -308,7 +320,7 @@ class ResidualTrainer:
             refill()
             if on_progress is not None:
                 elapsed = max(time.perf_counter() - started, 1e-9)
-                finite = [x for x in losses if math.isfinite(x)]
+                finite = [x for x in latest if math.isfinite(x)]
                 on_progress(Progress(
                     steps_done=steps_done, steps_total=total,
                     concepts_done=sum(r.status == "ok" for r in results),
@@ -318,7 +330,20 @@ class ResidualTrainer:
                 ))
         return results
 
-    def _step(self, active: list[_ConceptState]) -> list[float]:
+    @staticmethod
+    def _read_losses(active: list["_ConceptState"]) -> list[float]:
+        """Move every concept's unread losses to the host in one transfer; returns each one's latest."""
+        unread = [loss for state in active for loss in state.unread]
+        values = torch.stack(unread).cpu().tolist() if unread else []
+        latest = []
+        for state in active:
+            taken, values = values[: len(state.unread)], values[len(state.unread):]
+            state.losses += taken
+            state.unread.clear()
+            latest.append(taken[-1] if taken else (state.losses[-1] if state.losses else math.nan))
+        return latest
+
+    def _step(self, active: list[_ConceptState]) -> list[torch.Tensor]:
         """One optimizer step for every concept in the pack, through one UNet forward/backward."""
         noisy, timesteps, noise, residuals, biases, hidden, sizes = [], [], [], [], [], [], []
         for state in active:
@@ -337,14 +362,13 @@ class ResidualTrainer:
         pred = unet(torch.cat(noisy).to(unet.dtype), torch.cat(timesteps), encoder_hidden_states=cond.to(unet.dtype)).sample
         per_row = (pred.float() - torch.cat(noise)).square().mean(dim=(1, 2, 3))
         per_concept = torch.stack([rows.mean() for rows in per_row.split(sizes)])
-        finite = torch.isfinite(per_concept)
-        # loss = sum of per-concept means: each residual gets exactly the gradient it gets alone.
-        per_concept.where(finite, torch.zeros_like(per_concept)).sum().backward()
-        for state, ok in zip(active, finite.tolist()):
-            if ok:
-                state.optimizer.step()
+        # loss = sum of per-concept means: each residual gets exactly the gradient it gets alone. A
+        # diverged concept is masked out of the sum (its NaNs stay in its own rows) and dropped once read.
+        per_concept.nan_to_num(0.0, 0.0, 0.0).sum().backward()
+        for state in active:
+            state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)
-        return per_concept.detach().cpu().tolist()
+        return list(per_concept.detach().unbind())
 
 
 def train_residual(base: BaseModel, images: Sequence[ImageSource], class_word: str, config: TrainConfig | None = None,
