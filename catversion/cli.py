@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    from .generation import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from .models import BUILTIN_MODELS, DEFAULT_MODEL
     from .training import DEFAULT_SAVE_STEPS, TrainConfig
 
@@ -231,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=f"{model_help} (default: the base model recorded in the residual)")
     p.add_argument("--n", type=int, default=1, help="number of images (seeds SEED, SEED+1, ...; default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
-    p.add_argument("--guidance", type=float, default=10.0, help="classifier-free guidance scale (default: 10)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--residual-scale", type=float, default=1.0, help="strength of the residual, 0 = off (default: 1)")
     p.add_argument("--negative-prompt", default="", help="negative prompt, encoded without the residual")
     p.add_argument("--size", type=int, help="image size in px (default: the model's native size)")
