@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from catversion import metrics, storage
-from catversion.images import decode_image
+from catversion.images import load_image
 from catversion.metrics import METRIC_LABELS, METRICS
 from catversion.models import resolve_device
 from catversion.residual import Residual
@@ -109,13 +109,13 @@ class EvalConfig:
 
 @dataclass
 class ConceptJob:
-    """Everything a worker needs to evaluate one concept (bytes, not objects: it may travel to Ray)."""
+    """What a worker needs to evaluate one concept. It carries URIs, not bytes: the worker fetches the
+    residual and photos itself, so the driver never holds a whole manifest's images (and Ray ships little)."""
 
     concept_id: str
     class_word: str
     residual_uri: str
-    residual: bytes
-    references: list[tuple[str, bytes]]  # (name, encoded image)
+    references: list[tuple[str, str | bytes]]  # (name, URI or the manifest's inline image bytes)
     prompts: list[str]  # the templates filled with the class word
 
 
@@ -123,6 +123,7 @@ class ConceptJob:
 class ConceptResult:
     concept_id: str
     generated: list[Image.Image] = field(default_factory=list)  # prompt-major: prompt p, sample s at p * n + s
+    references: list[Image.Image] = field(default_factory=list)  # the concept's photos, decoded
     scores: metrics.Scores | None = None
     error: str | None = None
     seconds: float = 0.0
@@ -191,8 +192,8 @@ def fill_prompt(template: str, class_word: str) -> str:
 # ---- planning (driver) -------------------------------------------------------------------------
 
 def plan(config: EvalConfig, log: Callable[[str], None]) -> tuple[list[ConceptJob], dict[str, dict]]:
-    """The concepts to evaluate (residual and photos fetched and checked), and every selected concept's
-    status in manifest order: "pending" for those to evaluate, else skipped/failed with the reason."""
+    """The concepts to evaluate (those with a residual), and every selected concept's status in manifest
+    order: "pending" for those to evaluate, else skipped/failed with the reason."""
     from .batch import residual_uri
     from .manifest import validate_manifest
 
@@ -216,21 +217,16 @@ def plan(config: EvalConfig, log: Callable[[str], None]) -> tuple[list[ConceptJo
             continue
         uri = residual_uri(config.residuals, concept_id)
         try:
-            data = storage.read_bytes(uri)
-        except storage.NotFoundError:
-            statuses[concept_id] = _status("skipped", f"no residual at {uri}")
-            continue
-        try:
-            Residual.load(data, name=uri)
-            references = [(ref.name, ref.data if ref.data is not None else storage.read_bytes(ref.uri))
-                          for ref in spec.images]
-            for name, image in references:
-                decode_image(image, name)
-        except (ValueError, storage.StorageError) as exc:  # ResidualFormatError and ImageError are ValueErrors
+            if not storage.exists(uri):
+                statuses[concept_id] = _status("skipped", f"no residual at {uri}")
+                continue
+        except storage.StorageError as exc:
             statuses[concept_id] = _status("failed", str(exc))
             continue
+        # A broken residual or photo fails this concept in the worker, with its message.
+        references = [(ref.name, ref.data if ref.data is not None else ref.uri) for ref in spec.images]
         prompts = [fill_prompt(template, spec.class_word) for template in config.prompts]
-        jobs.append(ConceptJob(concept_id, spec.class_word, uri, data, references, prompts))
+        jobs.append(ConceptJob(concept_id, spec.class_word, uri, references, prompts))
     for concept_id, status in statuses.items():
         if status["status"] != "pending":
             log(f"{status['status']} concept {concept_id!r}: {status['reason']}")
@@ -246,7 +242,10 @@ def choose_base_model(config: EvalConfig, jobs: Sequence[ConceptJob]) -> str:
     if config.model:
         return config.model
     for job in jobs:
-        recorded = Residual.load(job.residual, name=job.residual_uri).meta.get("base_model")
+        try:
+            recorded = Residual.load(storage.read_bytes(job.residual_uri), name=job.residual_uri).meta.get("base_model")
+        except (ValueError, storage.StorageError):
+            continue  # that concept fails on its own in the worker
         if recorded:
             return recorded
     raise ValueError("the residuals do not record their base model (imported from the reference code?); "
@@ -275,17 +274,18 @@ class ConceptEvaluator:
         """Generate and score one concept; a failure is returned as the result's error, never raised."""
         started = time.perf_counter()
         try:
-            generated, scores = self._evaluate(job, on_images)
+            generated, references, scores = self._evaluate(job, on_images)
         except Exception as exc:  # one concept's failure (bad residual, OOM, ...) must not stop the others
             return ConceptResult(job.concept_id, error=f"{type(exc).__name__}: {exc}",
                                  seconds=time.perf_counter() - started)
-        return ConceptResult(job.concept_id, generated, scores, seconds=time.perf_counter() - started)
+        return ConceptResult(job.concept_id, generated, references, scores, seconds=time.perf_counter() - started)
 
-    def _evaluate(self, job: ConceptJob, on_images) -> tuple[list[Image.Image], metrics.Scores]:
+    def _evaluate(self, job: ConceptJob, on_images) -> tuple[list[Image.Image], list[Image.Image], metrics.Scores]:
         from catversion.generation import GenerationRequest, ImageGenerator
 
         cfg = self.config
-        residual = Residual.load(job.residual, name=job.residual_uri)
+        residual = Residual.load(storage.read_bytes(job.residual_uri), name=job.residual_uri)
+        references = [load_image(source, name) for name, source in job.references]
         key = (residual.layers, residual.tokens)
         if key not in self._generators:
             self._generators[key] = ImageGenerator(self.base, layers=residual.layers, tokens=residual.tokens)
@@ -299,9 +299,8 @@ class ConceptEvaluator:
             generated += generator.generate(chunk, steps=cfg.steps, guidance=cfg.guidance)
             if on_images is not None:
                 on_images(len(chunk))
-        references = [decode_image(data, name) for name, data in job.references]
         scores = self.scorer.score(references, generated, [r.prompt for r in requests], job.class_word)
-        return generated, scores
+        return generated, references, scores
 
 
 def _evaluate_locally(config: EvalConfig, jobs: list[ConceptJob], quiet: bool) -> Iterator[ConceptResult]:
@@ -425,7 +424,7 @@ class _Writer:
         scores, n = result.scores, self.config.n_per_prompt
         concept = job.concept_id
         references = []
-        decoded = [decode_image(data, name) for name, data in job.references]
+        decoded = result.references
         masked = metrics.mask_out(decoded, scores.reference_masks)
         for i, (image, mask, cut) in enumerate(zip(decoded, scores.reference_masks, masked)):
             stem = f"references/{concept}/r{i:02d}"
