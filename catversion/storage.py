@@ -46,8 +46,10 @@ def local_path(uri: str | os.PathLike) -> Path:
     return Path(text)
 
 
-def absolute(uri: str) -> str:
+def absolute(uri: str | list[str]) -> str | list[str]:
     """Local paths made absolute (other processes, e.g. Ray workers, run in other folders); URIs as given."""
+    if isinstance(uri, list):
+        return [absolute(u) for u in uri]
     text = str(uri)
     if is_s3(text) or text.startswith("file://"):
         return text

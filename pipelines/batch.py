@@ -350,8 +350,7 @@ def _run_training(config: BatchConfig, run_id: str, plan: list[tuple[ConceptSpec
 def run_batch(config: BatchConfig, log: Callable[[str], None] = print) -> BatchSummary:
     started = time.perf_counter()
     # Workers run in their own folders: relative local paths must mean what they mean here.
-    manifest = [storage.absolute(m) for m in config.manifest] if isinstance(config.manifest, list) else storage.absolute(config.manifest)
-    config = replace(config, manifest=manifest, output=storage.absolute(config.output),
+    config = replace(config, manifest=storage.absolute(config.manifest), output=storage.absolute(config.output),
                      storage_path=storage.absolute(config.storage_path) if config.storage_path else None)
     run_id = config.run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     report = validate_manifest(config.manifest)

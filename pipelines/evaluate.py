@@ -358,6 +358,8 @@ def run_evaluation(config: EvalConfig, log: Callable[[str], None] = lambda line:
                    quiet: bool = True) -> EvalSummary:
     """Plan, evaluate every concept, write DIR (see DESCRIPTION); returns each concept's status."""
     config.check()
+    # Ray actors run in their own folders: relative local paths must mean what they mean here.
+    config = replace(config, manifest=storage.absolute(config.manifest), residuals=storage.absolute(config.residuals))
     jobs, statuses = plan(config, log)
     if jobs:
         config = replace(config, model=choose_base_model(config, jobs))
