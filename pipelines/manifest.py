@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catversion import storage
-from catversion.images import ImageError, decode_image
+from catversion.images import ImageError, decode_image, read_source
 from catversion.training import TrainConfig, image_digest
 
 # \Z rather than $: "$" also matches before a trailing newline, and the id names a file.
@@ -407,18 +407,9 @@ def _check_images(concepts: list[tuple[str | None, dict, list[ImageRef], list[st
 
 def _check_image(ref: ImageRef) -> tuple[str | None, str | None]:
     """(digest, None) for a usable image, else (None, why). A fetched image's bytes are dropped on return."""
-    data = ref.data
-    if data is None:
-        try:
-            data = storage.read_bytes(ref.uri)
-        except storage.NotFoundError:
-            return None, f"image {ref.uri} does not exist"
-        except storage.StorageError as exc:
-            return None, str(exc)
-        except OSError as exc:
-            return None, f"cannot read image {ref.uri}: {exc}"
     try:
-        decode_image(data, ref.name)
+        data, name = read_source(ref.data if ref.data is not None else ref.uri, ref.name)
+        decode_image(data, name)
     except ImageError as exc:
         return None, str(exc)
     return image_digest(data), None
