@@ -20,6 +20,15 @@ from .residual import Residual
 ResidualLike = Residual | torch.Tensor | None
 
 
+def patched_layers(depth: int, layers: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The encoder layers a residual patches: ``layers`` checked, or by default the last three
+    of a ``depth``-layer encoder (9, 10, 11 for SD v1's CLIP ViT-L/14, as the method does)."""
+    chosen = tuple(range(depth - 3, depth)) if layers is None else tuple(sorted(int(i) for i in layers))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= depth or len(set(chosen)) != len(chosen):
+        raise ValueError(f"layers {chosen} are not distinct indices of this {depth}-layer text encoder")
+    return chosen
+
+
 class ResidualTextEncoder(nn.Module):
     """Wraps a ``CLIPTextModel``; ``forward`` returns ``last_hidden_state`` [B, S, D].
 
@@ -37,9 +46,7 @@ class ResidualTextEncoder(nn.Module):
             raise TypeError(
                 f"expected a transformers CLIPTextModel (with .embeddings and .encoder), got {type(text_encoder).__name__}"
             )
-        layers = tuple(range(depth - 3, depth)) if layers is None else tuple(sorted(int(i) for i in layers))
-        if not layers or layers[0] < 0 or layers[-1] >= depth or len(set(layers)) != len(layers):
-            raise ValueError(f"layers {layers} are not distinct indices of this {depth}-layer text encoder")
+        layers = patched_layers(depth, layers)
         if tokens < 1:
             raise ValueError(f"tokens must be >= 1, got {tokens}")
         # Kept out of the module tree on purpose: wrapping must not register the base model as a

@@ -17,12 +17,9 @@ from PIL import Image
 
 from .encoder import ResidualTextEncoder
 from .images import to_pil
+from .limits import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_GUIDANCE, MAX_IMAGE_SIDE, MAX_RESIDUAL_SCALE, MAX_SEED, MAX_STEPS
 from .models import BaseModel
 from .residual import Residual
-
-DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 10.0
-MAX_STEPS = 1000
 
 
 @dataclass
@@ -60,19 +57,20 @@ class ImageGenerator:
             raise ValueError("no generation requests given")
         if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
-        if not 0.0 <= guidance <= 100.0:
-            raise ValueError(f"guidance scale must be in [0, 100], got {guidance}")
-        if size % self.size_multiple or not self.size_multiple <= size <= 4096:
+        if not 0.0 <= guidance <= MAX_GUIDANCE:
+            raise ValueError(f"guidance scale must be in [0, {MAX_GUIDANCE:g}], got {guidance}")
+        if size % self.size_multiple or not self.size_multiple <= size <= MAX_IMAGE_SIDE:
             raise ValueError(
-                f"size {size} must be a multiple of {self.size_multiple} between {self.size_multiple} and 4096 "
+                f"size {size} must be a multiple of {self.size_multiple} between {self.size_multiple} and {MAX_IMAGE_SIDE} "
                 f"for this model (native size {self.base.resolution})"
             )
         for i, request in enumerate(requests):
             if request.residual is not None:
                 request.residual.check_compatible(self.base.text_encoder, fingerprint=self.base.fingerprint)
-            if not 0.0 <= request.residual_scale <= 10.0:
-                raise ValueError(f"request {i}: residual_scale must be in [0, 10], got {request.residual_scale}")
-            if not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
+            if not 0.0 <= request.residual_scale <= MAX_RESIDUAL_SCALE:
+                raise ValueError(f"request {i}: residual_scale must be in [0, {MAX_RESIDUAL_SCALE:g}], "
+                                 f"got {request.residual_scale}")
+            if not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED:
                 raise ValueError(f"request {i}: seed must be a non-negative integer, got {request.seed!r}")
 
     @torch.no_grad()

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import io
-import os
 import warnings
-from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import storage
-
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
+from .recipe import ImageSource
 
 # Well above any camera (a 100 MP photo is 1e8 px) but far below what would exhaust memory.
 MAX_IMAGE_PIXELS = 120_000_000

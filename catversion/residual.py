@@ -44,6 +44,10 @@ class ResidualFormatError(ValueError):
     """A residual file (or bytes) that cannot be read as a valid residual."""
 
 
+class ResidualNotFoundError(ResidualFormatError, FileNotFoundError):
+    """No residual exists at the given path or URI."""
+
+
 class IncompatibleResidualError(ValueError):
     """A valid residual that does not fit the given text encoder."""
 
@@ -141,19 +145,20 @@ class Residual:
 
     @classmethod
     def load(cls, source: str | os.PathLike | bytes | bytearray | memoryview, name: str | None = None) -> "Residual":
-        """Read and verify a residual file (or its bytes); refuses anything not exactly right.
+        """Read and verify a residual (a path, ``file://`` or ``s3://`` URI, or the file's bytes).
 
-        ``name`` is what error messages call the source (e.g. the s3:// URI the bytes came from).
+        Refuses anything not exactly right with ResidualFormatError (ResidualNotFoundError when
+        nothing is there); an unreachable store raises ``storage.StorageError``. ``name`` is what error messages call the source (e.g. the s3:// URI the bytes came from).
         """
         if isinstance(source, (bytes, bytearray, memoryview)):
             data, name = bytes(source), name or "<residual bytes>"
         else:
             name = name or str(source)
             try:
-                data = Path(source).read_bytes()
-            except FileNotFoundError:
-                raise ResidualFormatError(f"residual file {name} does not exist") from None
-            except IsADirectoryError:
+                data = storage.read_bytes(str(source))
+            except storage.NotFoundError:
+                raise ResidualNotFoundError(f"residual file {name} does not exist") from None
+            except storage.NotAFileError:
                 raise ResidualFormatError(f"residual path {name} is a directory, expected a .safetensors file") from None
         return cls._from_bytes(data, name)
 

@@ -26,6 +26,10 @@ class NotFoundError(StorageError, FileNotFoundError):
     """The object or file does not exist."""
 
 
+class NotAFileError(StorageError, IsADirectoryError):
+    """The path is a folder where a file was expected."""
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
@@ -124,7 +128,7 @@ def read_bytes(uri: str) -> bytes:
     except FileNotFoundError:
         raise NotFoundError(f"{uri} does not exist") from None
     except IsADirectoryError:
-        raise StorageError(f"{uri} is a directory, not a file") from None
+        raise NotAFileError(f"{uri} is a directory, not a file") from None
     except PermissionError:
         raise StorageError(f"cannot read {uri}: permission denied") from None
 

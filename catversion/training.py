@@ -1,88 +1,36 @@
 """Residual optimization for one or many concepts: the reference recipe, packed into one UNet batch.
 
-Read top to bottom: the recipe (TrainConfig), a concept's cached data (latents of each image and
+Read top to bottom (the recipe, TrainConfig, is in recipe.py): a concept's cached data (latents of each image and
 its flip, encoded once), then the packed loop. Packing is exact: a concept's loss depends only on
 its own residual and its own random stream, so training it in a pack or alone gives the same result.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler
 
 from . import __version__
-from .encoder import ResidualTextEncoder
-from .images import ImageError, ImageSource, decode_image, read_source, to_tensor
+from .encoder import ResidualTextEncoder, patched_layers
+from .images import ImageError, decode_image, read_source, to_tensor
 from .models import BaseModel
+from .recipe import (  # noqa: F401  (the recipe's names are part of this module's API too)
+    Concept,
+    ImageSource,
+    TrainConfig,
+    TrainingTarget,
+    image_digest,
+    training_fingerprint,
+)
 from .residual import Residual
 
-DEFAULT_SAVE_STEPS = (250, 500, 750, 1000)
 LOSS_WINDOW = 50  # final_loss is the mean of the last LOSS_WINDOW steps (single steps are noisy)
 SYNC_EVERY = 10  # steps between loss read-backs when no concept ends or checkpoints
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Per-concept hyper-parameters; the defaults are the reference recipe (METHOD.md)."""
-
-    steps: int = 1000
-    learning_rate: float = 1e-2  # 5e-3 base × batch 2 ("scale_lr")
-    batch_size: int = 2
-    seed: int = 0
-    weight_decay: float = 0.01
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    flip_p: float = 0.5
-    init_std: float = 1.0  # residual init N(0, 1), as the reference code
-    prefix_logit_bias: float = 0.0  # 1.0 trains reference-compatible residuals
-    save_steps: tuple[int, ...] = DEFAULT_SAVE_STEPS
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not isinstance(self.steps, int) or self.steps < 1:
-            problems.append(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            problems.append(f"learning_rate must be a positive number, got {self.learning_rate!r}")
-        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 64:
-            problems.append(f"batch_size must be an integer in 1..64, got {self.batch_size!r}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            problems.append(f"seed must be a non-negative integer, got {self.seed!r}")
-        if not 0.0 <= self.flip_p <= 1.0:
-            problems.append(f"flip_p must be in [0, 1], got {self.flip_p!r}")
-        if any(not isinstance(s, int) or s < 1 for s in self.save_steps):
-            problems.append(f"save_steps must be positive integers, got {self.save_steps!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def hyperparameters(self) -> dict:
-        """What goes into a residual's metadata and its training fingerprint."""
-        params = asdict(self)
-        params.pop("save_steps")
-        params["adam_betas"] = list(self.adam_betas)
-        return params
-
-
-@dataclass
-class Concept:
-    """One concept to personalize: a few photos and the plain base-class word (e.g. "teapot")."""
-
-    concept_id: str
-    images: Sequence[ImageSource]
-    class_word: str
-    caption: str | None = None  # training caption; the class word alone by default
-    config: TrainConfig = field(default_factory=TrainConfig)
-    image_names: Sequence[str] | None = None  # names for messages (e.g. the manifest's URIs)
-
-    @property
-    def prompt(self) -> str:
-        return self.caption or self.class_word
 
 
 @dataclass
@@ -109,25 +57,14 @@ class Progress:
     images_per_s: float  # training rows per second since the start
 
 
-def image_digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def training_target(base: BaseModel, resolution: int | None = None, layers: Sequence[int] | None = None,
+                    tokens: int = 1) -> TrainingTarget:
+    """What residuals trained on ``base`` are trained against (for the training fingerprint).
 
-
-def training_fingerprint(image_digests: Sequence[str], class_word: str, caption: str, config: TrainConfig,
-                         base_fingerprint: str | None, resolution: int, layers: Sequence[int], tokens: int) -> str:
-    """Everything that determines the trained residual: a rerun with the same fingerprint can be skipped.
-
-    ``image_digests`` are ``image_digest(bytes)`` of the training images, in order.
+    Needs only the base model's text encoder, so the batch driver can call it without the UNet.
     """
-    digest = hashlib.sha256()
-    for image in image_digests:
-        digest.update(image.encode())
-    facts = {
-        "class_word": class_word, "caption": caption, "config": config.hyperparameters(),
-        "base": base_fingerprint, "resolution": resolution, "layers": list(layers), "tokens": tokens,
-    }
-    digest.update(json.dumps(facts, sort_keys=True).encode())
-    return "sha256:" + digest.hexdigest()
+    depth = base.text_encoder.config.num_hidden_layers
+    return TrainingTarget(base.fingerprint, resolution or base.resolution, patched_layers(depth, layers), int(tokens))
 
 
 class _ConceptState:
@@ -211,12 +148,12 @@ class ResidualTrainer:
         if self.resolution % base.vae_scale_factor:
             raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE factor {base.vae_scale_factor}")
         self.device = base.device
+        self.target = training_target(base, self.resolution, self.encoder.layers, self.encoder.tokens)
         self._prefix_cache: dict[str, torch.Tensor] = {}
 
     # ---- per-concept preparation (once per concept, not per step) -------------------------------
     def fingerprint(self, concept: Concept, image_bytes: Sequence[bytes]) -> str:
-        return training_fingerprint([image_digest(b) for b in image_bytes], concept.class_word, concept.prompt, concept.config,
-                                    self.base.fingerprint, self.resolution, self.encoder.layers, self.encoder.tokens)
+        return training_fingerprint(concept, [image_digest(b) for b in image_bytes], self.target)
 
     def _prefix_hidden(self, caption: str) -> torch.Tensor:
         if caption not in self._prefix_cache:

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catversion import storage, telemetry
-from catversion.models import DEFAULT_MODEL, load_base_model
-from catversion.residual import Residual, ResidualFormatError
-from catversion.training import TrainConfig, training_fingerprint
+from catversion import layout, storage, telemetry
+from catversion.telemetry import ray_metric
+from catversion.limits import DEFAULT_MODEL
+from catversion.recipe import REFERENCE_PREFIX_LOGIT_BIAS, Concept, TrainConfig, training_fingerprint
+from catversion.residual import Residual, ResidualFormatError, ResidualNotFoundError
 
 from .manifest import ConceptSpec, ManifestReport, validate_manifest
-from .raymetrics import ray_metric
 
 RESULT_COLUMNS = ("concept_id", "status", "error", "residual_uri", "sha256", "steps", "final_loss", "seconds")
 # Forwarded to the Train workers so they reach the same S3 endpoint and model cache as the driver.
@@ -47,6 +47,7 @@ class BatchConfig:
     cpus_per_worker: float = 1.0
     pack: int = 4
     steps: int | None = None  # job-wide default; a manifest's per-concept `steps` wins
+    prefix_logit_bias: float = REFERENCE_PREFIX_LOGIT_BIAS  # the reference recipe's +1; 0.0 = the paper's equation
     max_failures: int = 2
     run_id: str | None = None
     resolution: int | None = None
@@ -82,25 +83,26 @@ class BatchSummary:
         return "\n".join(lines)
 
 
-def residual_uri(output: str, concept_id: str) -> str:
-    return storage.join(output, "residuals", f"{concept_id}.safetensors")
-
-
-def results_uri(output: str, run_id: str) -> str:
-    return storage.join(output, "runs", run_id, "results.parquet")
-
-
-def concept_config(spec: ConceptSpec, job_steps: int | None) -> TrainConfig:
-    """The recipe for one concept: defaults, then the job's --steps, then the manifest's overrides."""
-    values = {"steps": job_steps} if job_steps else {}
+def concept_config(spec: ConceptSpec, job_steps: int | None, prefix_logit_bias: float) -> TrainConfig:
+    """The recipe for one concept: defaults, then the job's options, then the manifest's overrides."""
+    values: dict = {"prefix_logit_bias": prefix_logit_bias}
+    if job_steps:
+        values["steps"] = job_steps
     values.update(spec.overrides)
     return TrainConfig(save_steps=(), **values)
 
 
+def to_concept(spec: ConceptSpec, config: TrainConfig, images: list | None = None) -> Concept:
+    """The library's Concept for a manifest concept; ``images`` default to the manifest's references."""
+    sources = images if images is not None else [ref.data if ref.data is not None else ref.uri for ref in spec.images]
+    return Concept(spec.concept_id, sources, spec.class_word, spec.caption, config,
+                   image_names=[ref.name for ref in spec.images])
+
+
 def _existing_residual(uri: str) -> Residual | None:
     try:
-        return Residual.load(storage.read_bytes(uri), name=uri)
-    except storage.NotFoundError:
+        return Residual.load(uri)
+    except ResidualNotFoundError:
         return None
     except ResidualFormatError:
         return None  # a corrupt or foreign object is retrained and overwritten
@@ -190,7 +192,8 @@ def _train_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from catversion.training import Concept, ResidualTrainer
+    from catversion.models import load_base_model
+    from catversion.training import ResidualTrainer
 
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device() if cfg["gpus_per_worker"] > 0 else "cpu"
@@ -217,7 +220,7 @@ def _train_worker(cfg: dict) -> None:
     def concepts():
         for row in ray.train.get_dataset_shard("concepts").iter_rows():
             spec = ConceptSpec.from_row(row)
-            uri = residual_uri(output, spec.concept_id)
+            uri = layout.residual_uri(output, spec.concept_id)
             existing = _existing_residual(uri)
             if existing is not None and existing.meta.get("training_fingerprint") == row["fingerprint"]:
                 # Written by this run before a worker restart: never train or write it twice.
@@ -230,15 +233,13 @@ def _train_worker(cfg: dict) -> None:
             except storage.StorageError as exc:
                 fail(spec.concept_id, str(exc))
                 continue
-            config = concept_config(spec, cfg["steps"])
-            yield Concept(spec.concept_id, images, spec.class_word, spec.caption, config,
-                          image_names=[ref.name for ref in spec.images])
+            yield to_concept(spec, concept_config(spec, cfg["steps"], cfg["prefix_logit_bias"]), images)
 
     def on_result(result) -> None:
         if result.status != "ok":
             fail(result.concept_id, result.error, result.seconds)
             return
-        uri = residual_uri(output, result.concept_id)
+        uri = layout.residual_uri(output, result.concept_id)
         try:
             storage.write_bytes(uri, result.residual.to_bytes())
         except storage.StorageError as exc:
@@ -303,6 +304,7 @@ def _run_training(config: BatchConfig, run_id: str, plan: list[tuple[ConceptSpec
         _train_worker,
         train_loop_config={
             "model": config.model, "pack": config.pack, "resolution": config.resolution, "steps": config.steps,
+            "prefix_logit_bias": config.prefix_logit_bias,
             "output": config.output, "run_id": run_id, "collector": collector, "gpus_per_worker": config.gpus_per_worker,
             "cpus_per_worker": config.cpus_per_worker,
         },
@@ -359,24 +361,24 @@ def run_batch(config: BatchConfig, log: Callable[[str], None] = print) -> BatchS
     results: dict[str, dict] = {cid: _result_row(cid, "failed", error="; ".join(reasons)) for cid, reasons in report.problems.items()}
     plan: list[tuple[ConceptSpec, str]] = []
     if report.concepts:
-        base = load_base_model(config.model, device="cpu", components=("text_encoder",))
-        depth = base.text_encoder.config.num_hidden_layers
-        layers, resolution = tuple(range(depth - 3, depth)), config.resolution or base.resolution
+        from catversion.models import load_base_model
+        from catversion.training import training_target
+
+        target = training_target(load_base_model(config.model, device="cpu", components=("text_encoder",)),
+                                 config.resolution)
         for spec in report.concepts:
             try:
-                train_config = concept_config(spec, config.steps)
+                concept = to_concept(spec, concept_config(spec, config.steps, config.prefix_logit_bias))
             except ValueError as exc:
                 results[spec.concept_id] = _result_row(spec.concept_id, "failed", error=str(exc))
                 continue
-            fingerprint = training_fingerprint([ref.digest for ref in spec.images], spec.class_word, spec.caption or spec.class_word,
-                                               train_config, base.fingerprint, resolution, layers, 1)
-            uri = residual_uri(config.output, spec.concept_id)
+            fingerprint = training_fingerprint(concept, [ref.digest for ref in spec.images], target)
+            uri = layout.residual_uri(config.output, spec.concept_id)
             existing = _existing_residual(uri)
             if existing is not None and existing.meta.get("training_fingerprint") == fingerprint:
                 results[spec.concept_id] = _ok_row(spec.concept_id, uri, existing, status="skipped")
             else:
                 plan.append((spec, fingerprint))
-        del base
     log(f"[batch {run_id}] {len(plan)} to train, {sum(r['status'] == 'skipped' for r in results.values())} up to date")
 
     error = None
@@ -394,7 +396,7 @@ def run_batch(config: BatchConfig, log: Callable[[str], None] = print) -> BatchS
                 spec.concept_id, "failed", error=f"not trained: {error or 'the job ended before reaching it'}"
             )
     rows = [results[cid] for cid in _ordered_ids(report, results)]
-    uri = results_uri(config.output, run_id)
+    uri = layout.results_uri(config.output, run_id)
     storage.write_bytes(uri, _results_parquet(rows))
     counts = {status: sum(r["status"] == status for r in rows) for status in ("ok", "skipped", "failed")}
     return BatchSummary(run_id, uri, rows, report, time.perf_counter() - started, error, counts)

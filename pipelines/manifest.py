@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,13 +15,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catversion import storage
+from catversion import layout, storage
 from catversion.images import ImageError, decode_image, read_source
-from catversion.training import TrainConfig, image_digest
+from catversion.recipe import TrainConfig, image_digest
 
 # \Z rather than $: "$" also matches before a trailing newline, and the id names a file.
-CONCEPT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
-MAX_CONCEPT_ID_LENGTH = 128
 REQUIRED_COLUMNS = ("concept_id", "class_word")
 IMAGE_COLUMNS = ("image_uri", "image_bytes")  # each row gives exactly one of them
 OVERRIDE_COLUMNS: dict[str, type] = {"caption": str, "steps": int, "learning_rate": float, "batch_size": int, "seed": int}
@@ -298,13 +295,7 @@ def _concept_id_problem(concept_id: str | None, where: str) -> str | None:
         return f"{where} has no concept_id"
     if concept_id == "":
         return f"{where} has an empty concept_id"
-    if CONCEPT_ID_RE.match(concept_id):
-        return None
-    if len(concept_id) > MAX_CONCEPT_ID_LENGTH:
-        return (f"concept_id {concept_id[:40]!r}… is {len(concept_id)} characters long; "
-                f"the limit is {MAX_CONCEPT_ID_LENGTH}")
-    return (f"concept_id {concept_id!r} is not valid: it names the residual file, so use 1-{MAX_CONCEPT_ID_LENGTH} "
-            "ASCII letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return layout.concept_id_problem(concept_id)
 
 
 def _class_word(rows: _Rows, members: list[int], reasons: list[str]) -> str | None:

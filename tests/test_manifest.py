@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import png_bytes
+from catversion.layout import CONCEPT_ID_RE
 from pipelines.manifest import (
-    CONCEPT_ID_RE,
     ROW_COLUMN,
     SOURCE_COLUMN,
     ConceptSpec,
@@ -211,7 +211,7 @@ def test_good_concepts_survive_and_each_bad_one_is_rejected_with_its_reasons(tmp
     assert problems["caption-conflict"] == ["caption differs between rows: 'a red thing', 'a blue thing'; a concept has one caption"]
     assert problems["steps-partial"] == [f"steps is 500 on some rows but empty on row 28 {at}; "
                                          "give it on every row of the concept or on none"]
-    assert problems["bad-lr"] == ["invalid hyper-parameters: learning_rate must be a positive number, got -1.0"]
+    assert problems["bad-lr"] == ["invalid hyper-parameters: learning_rate must be a positive finite number, got -1.0"]
     assert problems["bad-batch"] == ["invalid hyper-parameters: batch_size must be an integer in 1..64, got 0; "
                                      "seed must be a non-negative integer, got -5"]
     assert problems["missing"] == [f"image {p}/gone.png does not exist"]

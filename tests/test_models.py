@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from catversion import models
+from catversion import models, sd_v1
 from catversion.models import (
     BUILTIN_MODELS,
     ModelNotAvailableError,
@@ -76,7 +76,7 @@ def test_tiny_model_is_frozen_and_native_64px(tiny):
 
 def test_tiny_tokenizer_pads_to_77_and_round_trips(tiny):
     tokenizer = tiny_tokenizer()
-    assert len(tokenizer) == models.TINY_VOCAB_SIZE
+    assert len(tokenizer) == sd_v1.TINY_VOCAB_SIZE
     assert tokenizer.model_max_length == 77
     prompt = "a photo of a teapot on the beach"
     ids = tokenizer(prompt).input_ids
@@ -191,8 +191,7 @@ def test_unknown_component_is_rejected():
 
 def test_sd15_random_has_sd15_shapes():
     # Building it for real takes ~15 s on CPU; its shapes are checked on the meta device instead.
-    modules = models._build_builtin_modules("sd15-random", torch.device("meta"), torch.float32,
-                                            models.COMPONENTS, tiny_tokenizer())
+    modules = sd_v1.build_modules("sd15-random", torch.device("meta"), torch.float32, models.COMPONENTS, tiny_tokenizer())
     params = {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
     assert params == {"text_encoder": 123_060_480, "unet": 859_520_964, "vae": 83_653_863}
     assert modules["text_encoder"].config.vocab_size == 49408

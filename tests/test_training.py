@@ -4,6 +4,7 @@ import io
 import math
 import struct
 import zlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,15 @@ from PIL import Image
 from catversion import Residual
 from catversion.images import ImageError, decode_image
 from catversion.models import load_base_model
-from catversion.training import Concept, ResidualTrainer, TrainConfig, train_residual, training_fingerprint
+from catversion.training import (
+    Concept,
+    ResidualTrainer,
+    TrainConfig,
+    image_digest,
+    train_residual,
+    training_fingerprint,
+    training_target,
+)
 from helpers import png_bytes
 
 
@@ -124,16 +133,45 @@ def test_config_rejects_bad_values_by_name():
         TrainConfig(learning_rate=float("nan"))
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="steps must be an integer in 1..1000000"):
+        TrainConfig(steps=10**9)
+    with pytest.raises(ValueError, match="learning_rate must be a positive finite number, got nan"):
+        TrainConfig(learning_rate=float("nan"))
+    with pytest.raises(ValueError, match="steps must be"):
+        TrainConfig(steps=True)
 
 
 def test_training_fingerprint_tracks_inputs(base):
-    args = dict(class_word="cat", caption="cat", config=TrainConfig(), base_fingerprint=base.fingerprint,
-                resolution=64, layers=(2, 3, 4), tokens=1)
-    same = training_fingerprint(["a", "b"], **args)
-    assert same == training_fingerprint(["a", "b"], **args)
-    assert same != training_fingerprint(["a", "c"], **args)
-    assert same != training_fingerprint(["a", "b"], **{**args, "config": TrainConfig(steps=999)})
-    assert same != training_fingerprint(["a", "b"], **{**args, "base_fingerprint": "sha256:other"})
+    target = training_target(base)
+    concept = Concept("cat-1", ["a.png", "b.png"], "cat")
+    same = training_fingerprint(concept, ["a", "b"], target)
+    assert same == training_fingerprint(Concept("renamed", ["x.png", "y.png"], "cat"), ["a", "b"], target)  # content identity
+    assert same != training_fingerprint(concept, ["a", "c"], target)
+    assert same != training_fingerprint(Concept("cat-1", ["a.png", "b.png"], "cat", "a cat"), ["a", "b"], target)
+    assert same != training_fingerprint(Concept("cat-1", ["a.png", "b.png"], "cat", config=TrainConfig(steps=999)),
+                                        ["a", "b"], target)
+    assert same != training_fingerprint(
+        Concept("cat-1", ["a.png", "b.png"], "cat", config=TrainConfig(prefix_logit_bias=0.0)), ["a", "b"], target)
+    assert same != training_fingerprint(concept, ["a", "b"], replace(target, base_fingerprint="sha256:other"))
+    assert same != training_fingerprint(concept, ["a", "b"], training_target(base, resolution=128))
+    with pytest.raises(ValueError, match="2 images"):
+        training_fingerprint(concept, ["a"], target)
+
+
+def test_the_trainer_records_the_fingerprint_the_driver_computes(base):
+    """The batch driver decides what is up to date with training_fingerprint(concept, digests, target);
+    the residual the trainer writes must carry exactly that value, or reruns would retrain everything."""
+    images = [png_bytes(1), png_bytes(2)]
+    concept = Concept("teapot-1", images, "teapot", config=TrainConfig(steps=2, save_steps=()))
+    result = ResidualTrainer(base, pack=1).train([concept])[0]
+    expected = training_fingerprint(concept, [image_digest(b) for b in images], training_target(base))
+    assert result.residual.meta["training_fingerprint"] == expected
+
+
+def test_default_recipe_is_the_reference_recipe():
+    config = TrainConfig()
+    assert (config.steps, config.learning_rate, config.batch_size, config.weight_decay, config.init_std) == (1000, 1e-2, 2, 0.01, 1.0)
+    assert config.prefix_logit_bias == 1.0  # the reference code's mask quirk, which its hyper-parameters were tuned with
 
 
 # ---- image decoding ------------------------------------------------------------------------

@@ -1,0 +1,41 @@
+"""Defaults and limits shared by the command line, the library, evaluation and serving.
+
+Each is defined once, here. This module imports neither torch nor Ray, so `catversion --help`
+shows the defaults without loading either.
+"""
+
+# Base models: the hub's maintained copy of Stable Diffusion v1.5 (the runwayml repository was
+# withdrawn), and the built-ins that need no download ("tiny" for tests, "sd15-random" for benchmarks).
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+BUILTIN_MODELS = ("tiny", "sd15-random")
+
+# Generation: the reference inference settings (DDIM 50 steps, guidance 10) and the valid ranges.
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 10.0
+MAX_STEPS = 1000  # a DDIM schedule cannot have more steps than SD's 1000 training timesteps
+MAX_GUIDANCE = 100.0
+MAX_RESIDUAL_SCALE = 10.0  # 0 = residual off, 1 = as trained
+MAX_IMAGE_SIDE = 4096  # px
+MAX_SEED = 2**63 - 1  # torch.Generator seeds are signed 64-bit
+
+# Evaluation
+
+# The metric names, defined once: columns of score tables and keys of Scores.means(). CLIP-T,
+# CLIP-I and masked CLIP-I are the CatVersion paper's; DINO is DreamBooth's, reported alongside.
+METRICS = ("clip_t", "clip_i", "masked_clip_i", "dino")
+METRIC_LABELS = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "masked_clip_i": "masked CLIP-I", "dino": "DINO"}
+# How help texts and the report's key name each metric (whose it is), and what it measures.
+METRIC_TITLES = {**METRIC_LABELS, "dino": "DINO (DreamBooth's metric)"}
+METRIC_DESCRIPTIONS = {
+    "clip_t": "cosine between the prompt's CLIP text embedding and the image's CLIP embedding",
+    "clip_i": "mean CLIP image cosine to the reference photos",
+    "masked_clip_i": "CLIP-I with the background replaced in both images (CLIPSeg mask of the class word), "
+                     "so that a shared background cannot inflate the score",
+    "dino": "mean DINO ViT CLS-token cosine to the reference photos",
+}
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # the paper's CLIP ViT-B/32
+DEFAULT_SEG = "CIDAS/clipseg-rd64-refined"  # the paper names no mask model; CLIPSeg is prompted by the class word
+DEFAULT_DINO = "facebook/dino-vits16"  # DreamBooth's DINO ViT-S/16
+DEFAULT_MASK_THRESHOLD = 0.4  # on CLIPSeg's sigmoid
+SAVED_REFERENCE_SIDE = 512  # px: the evaluation report keeps reference photos shrunk to this longest side
