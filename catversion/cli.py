@@ -1,25 +1,33 @@
-"""The `catversion` command: one subcommand per user task, each a thin layer over the library."""
+"""The `catversion` command: one subcommand per user task, each a thin layer over the library.
+
+This is the composition root. The library's own commands are defined here; the Ray jobs
+(`batch`, `evaluate`) and the server (`serve`) register theirs through the `catversion.commands`
+entry point group, so the library never imports `pipelines/` or `serve/`. Building the parser
+(and so `--help`) imports neither torch nor Ray.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
-from .residual import IncompatibleResidualError, Residual, ResidualFormatError
+from . import limits
+from .errors import CLIError
+from .recipe import DEFAULT_SAVE_STEPS, REFERENCE_PREFIX_LOGIT_BIAS, TrainConfig
 from .storage import StorageError
 
+COMMANDS_GROUP = "catversion.commands"  # entry points: name = "module:register", register(subparsers)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 EPILOG = "Run `catversion COMMAND --help` for the options of each command."
 
 
-class CLIError(Exception):
-    """An error the user can fix; printed without a traceback, exit status 2."""
-
-
 def _cmd_import_official(args: argparse.Namespace) -> None:
+    from .residual import Residual
+
     src = Path(args.src)
     if src.is_dir():
         src = src / "pytorch_adapter.bin"
@@ -29,6 +37,8 @@ def _cmd_import_official(args: argparse.Namespace) -> None:
 
 
 def _cmd_export_official(args: argparse.Namespace) -> None:
+    from .residual import Residual
+
     residual = Residual.load(args.src)
     out = Path(args.out)
     if out.suffix != ".bin":
@@ -43,7 +53,9 @@ def _cmd_export_official(args: argparse.Namespace) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
-    residual = _load_residual(args.residual)
+    from .residual import Residual
+
+    residual = Residual.load(args.residual)
     info = {
         "layers": list(residual.layers),
         "tokens": residual.tokens,
@@ -94,13 +106,14 @@ def _checkpoint_path(out: Path, step: int) -> Path:
 def _cmd_train(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .training import ResidualTrainer, Concept, TrainConfig
+    from .residual import Residual
+    from .training import Concept, ResidualTrainer
 
     images = _expand_images(args.images)
     try:
         config = TrainConfig(
             steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
-            save_steps=args.save_steps, prefix_logit_bias=1.0 if args.reference_compatible else 0.0,
+            save_steps=args.save_steps, prefix_logit_bias=args.prefix_logit_bias,
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from None
@@ -131,25 +144,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"residual: {out} (final loss {result.final_loss:.4f}, {result.seconds:.1f} s)")
 
 
-def _load_residual(uri: str) -> Residual:
-    """A residual from a path, file:// or s3:// URI, verified."""
-    from . import storage
-
-    if storage.is_s3(uri) or uri.startswith("file://"):
-        try:
-            data = storage.read_bytes(uri)
-        except storage.NotFoundError:
-            raise CLIError(f"residual {uri} does not exist") from None
-        return Residual.load(data, name=uri)
-    return Residual.load(uri)
-
-
 def _cmd_generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from .generation import GenerationRequest, ImageGenerator
+    from .residual import Residual
 
-    residual = _load_residual(args.residual) if args.residual else None
+    residual = Residual.load(args.residual) if args.residual else None
     model = args.model or (residual.meta.get("base_model") if residual else None)
     if not model:
         raise CLIError(
@@ -184,24 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    from .generation import DEFAULT_GUIDANCE, DEFAULT_STEPS
-    from .models import BUILTIN_MODELS, DEFAULT_MODEL
-    from .training import DEFAULT_SAVE_STEPS, TrainConfig
-
     defaults = TrainConfig()
-    model_help = f"base model: {' | '.join(BUILTIN_MODELS)} | a diffusers folder | a hub id"
+    model_help = f"base model: {' | '.join(limits.BUILTIN_MODELS)} | a diffusers folder | a hub id"
+    save_steps = ",".join(str(s) for s in DEFAULT_SAVE_STEPS if s < defaults.steps)
 
     p = sub.add_parser(
         "train",
         help="learn a residual for one concept from a few photos",
         description="Optimize a CatVersion residual (extra K/V in the text encoder's last 3 self-attention layers) "
-        "for one concept. Defaults are the paper's reference recipe: AdamW lr 1e-2, batch 2, 1000 steps, "
-        "native resolution (512 px for SD1.x), random flips, caption = the class word.",
+        f"for one concept. Defaults are the reference recipe: AdamW (lr {defaults.learning_rate:g}, weight decay "
+        f"{defaults.weight_decay:g}), batch {defaults.batch_size}, {defaults.steps} steps, N(0, 1) init, native "
+        "resolution (512 px for SD1.x), random horizontal flips, caption = the class word, and the reference code's "
+        f"+{REFERENCE_PREFIX_LOGIT_BIAS:g} residual logit bias, so the result exports to pytorch_adapter.bin.",
     )
     p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders of images (3-10 photos)")
     p.add_argument("--class-word", required=True, help="the plain base-class word, e.g. 'teapot' (also the prompt word)")
     p.add_argument("--out", required=True, help="output residual, e.g. teapot.safetensors")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=limits.DEFAULT_MODEL, help=f"{model_help} (default: {limits.DEFAULT_MODEL})")
     p.add_argument("--caption", help="training caption (default: the class word alone)")
     p.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--lr", type=float, default=defaults.learning_rate, help="learning rate (default: %(default)s)")
@@ -210,11 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="training image size in px (default: the model's native size)")
     p.add_argument(
         "--save-steps", type=_parse_steps, default=DEFAULT_SAVE_STEPS,
-        help="also save OUT.stepN.safetensors at these steps, comma-separated (default: 250,500,750); '' for none",
+        help=f"also save OUT.stepN.safetensors at these steps, comma-separated (default: {save_steps}); '' for none",
     )
     p.add_argument(
-        "--reference-compatible", action="store_true",
-        help="train with the reference code's +1.0 residual logit so the result exports to pytorch_adapter.bin",
+        "--prefix-logit-bias", type=float, default=defaults.prefix_logit_bias,
+        help="logit added to the residual tokens in attention: 1 = the reference code's recipe (exports to "
+        "pytorch_adapter.bin), 0 = the paper's equation as written (default: %(default)s)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -232,10 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=f"{model_help} (default: the base model recorded in the residual)")
     p.add_argument("--n", type=int, default=1, help="number of images (seeds SEED, SEED+1, ...; default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM steps (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+    p.add_argument("--steps", type=int, default=limits.DEFAULT_STEPS, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=limits.DEFAULT_GUIDANCE,
                    help="classifier-free guidance scale (default: %(default)s)")
-    p.add_argument("--residual-scale", type=float, default=1.0, help="strength of the residual, 0 = off (default: 1)")
+    p.add_argument("--residual-scale", type=float, default=1.0,
+                   help=f"strength of the residual, 0 = off, up to {limits.MAX_RESIDUAL_SCALE:g} (default: 1)")
     p.add_argument("--negative-prompt", default="", help="negative prompt, encoded without the residual")
     p.add_argument("--size", type=int, help="image size in px (default: the model's native size)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
@@ -260,27 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a residual as the reference code's pytorch_adapter.bin (4 keys sharing one fp32 storage). "
         "If OUT does not end in .bin it is a folder and gets pytorch_adapter.bin plus adapter_config.json.",
     )
-    p.add_argument("src", help="input .safetensors residual")
+    p.add_argument("src", help="input .safetensors residual: a path, file:// or s3:// URI")
     p.add_argument("out", help="output .bin file, or a folder")
     p.add_argument(
         "--force",
         action="store_true",
-        help="export even if the residual was trained with a prefix_logit_bias other than the reference code's 1.0",
+        help=f"export even if the residual was trained with a prefix_logit_bias other than the reference code's "
+        f"{REFERENCE_PREFIX_LOGIT_BIAS:g} (e.g. --prefix-logit-bias 0); it then behaves differently there",
     )
     p.set_defaults(func=_cmd_export_official)
 
     p = sub.add_parser("inspect", help="print a residual's metadata", description="Verify a residual file and print its header.")
-    p.add_argument("residual", help=".safetensors residual")
+    p.add_argument("residual", help=".safetensors residual: a path, file:// or s3:// URI")
     p.set_defaults(func=_cmd_inspect)
 
-    # The Ray parts register their own commands; the library itself never imports Ray.
-    from pipelines.cli import register as register_batch
-    from pipelines.evaluate import register as register_evaluate
-    from serve.cli import register as register_serve
-
-    register_batch(sub)
-    register_serve(sub)
-    register_evaluate(sub)
+    # The Ray jobs and the server register their own commands (see COMMANDS_GROUP).
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        entry.load()(sub)
     return parser
 
 
@@ -289,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (CLIError, ResidualFormatError, IncompatibleResidualError, FileNotFoundError, ValueError, StorageError) as exc:
-        # ValueError covers bad inputs the library names (an undecodable image, an invalid size, ...).
+    except (CLIError, FileNotFoundError, ValueError, StorageError) as exc:
+        # ValueError covers bad inputs the library names (an undecodable image, an invalid size, a residual
+        # that is corrupt or does not fit: ResidualFormatError and IncompatibleResidualError are ValueErrors).
         print(f"catversion {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

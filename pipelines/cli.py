@@ -1,26 +1,38 @@
-"""`catversion batch`: train every concept of a parquet manifest on Ray Train, residuals to S3 or disk."""
+"""The Ray jobs' commands, registered into `catversion` (entry point group `catversion.commands`):
+`catversion batch` trains every concept of a parquet manifest on Ray Train, residuals to S3 or disk;
+`catversion evaluate` generates with each residual and scores it into a report.
+
+Building the parser imports neither torch nor Ray; each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-DESCRIPTION = """\
+from catversion import layout
+from catversion.errors import CLIError
+from catversion.limits import BUILTIN_MODELS, DEFAULT_MODEL
+from catversion.recipe import REFERENCE_PREFIX_LOGIT_BIAS, TrainConfig
+
+DESCRIPTION = f"""\
 Train one CatVersion residual per concept of a parquet manifest (one row per image: concept_id,
 image_uri or image_bytes, class_word, optional caption/steps/learning_rate/batch_size/seed) on a
-Ray cluster. Writes PREFIX/residuals/<concept_id>.safetensors as each concept finishes and
-PREFIX/runs/<run_id>/results.parquet at the end. Concepts that break the manifest schema are
+Ray cluster. Writes {layout.RESIDUAL_PATTERN} as each concept finishes and
+{layout.RESULTS_PATTERN} at the end. Concepts that break the manifest schema are
 reported by name and never stop the others. A rerun skips concepts whose residual is up to date
 and retrains those whose inputs changed.
+
+Every concept is trained with the reference recipe unless the manifest overrides it: AdamW
+(lr 1e-2, weight decay 0.01), batch 2, {TrainConfig().steps} steps, N(0, 1) init, random flips,
+caption = the class word, residual logit bias +{REFERENCE_PREFIX_LOGIT_BIAS:g} (as the reference code).
 
 Runs on a local Ray by default; --address joins a running cluster. To run it on a remote
 cluster as a Ray Job:  ray job submit --working-dir . -- catversion batch --manifest ... --output ...
 """
 
 
-def register(sub) -> None:
-    from catversion.models import BUILTIN_MODELS, DEFAULT_MODEL
-
+def register_batch(sub) -> None:
     p = sub.add_parser("batch", help="train every concept of a parquet manifest on Ray Train", description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", required=True, nargs="+", metavar="URI",
@@ -32,19 +44,21 @@ def register(sub) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; 0 trains on CPU (default: 0)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default: 1)")
     p.add_argument("--pack", type=int, default=4, help="concepts trained together in one UNet batch per worker (default: 4)")
-    p.add_argument("--steps", type=int, help="training steps per concept unless the manifest says otherwise (default: 1000)")
+    p.add_argument("--steps", type=int,
+                   help=f"training steps per concept unless the manifest says otherwise (default: {TrainConfig().steps})")
+    p.add_argument("--prefix-logit-bias", type=float, default=REFERENCE_PREFIX_LOGIT_BIAS,
+                   help="logit added to the residual tokens in attention: 1 = the reference code's recipe (exports "
+                        "to pytorch_adapter.bin), 0 = the paper's equation as written (default: %(default)s)")
     p.add_argument("--resolution", type=int, help="training image size in px (default: the model's native size)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default: 2)")
     p.add_argument("--address", help="Ray cluster address (default: start or join a local Ray)")
-    p.add_argument("--run-id", help="name of this run under PREFIX/runs/ (default: timestamp + random suffix)")
+    p.add_argument("--run-id", help=f"name of this run under PREFIX/{layout.RUNS_FOLDER}/ (default: timestamp + random suffix)")
     p.add_argument("--storage-path", help="Ray Train run state location (default: ~/ray_results)")
     p.add_argument("--validate-only", action="store_true", help="check the manifest and its images, print the report, train nothing")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run_batch_command)
 
 
-def run(args: argparse.Namespace) -> None:
-    from catversion.cli import CLIError
-
+def run_batch_command(args: argparse.Namespace) -> None:
     from .batch import BatchConfig, run_batch
     from .manifest import ManifestError, validate_manifest
 
@@ -65,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
             manifest=manifest, output=args.output, model=args.model, workers=args.workers,
             gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, pack=args.pack, steps=args.steps,
             max_failures=args.max_failures, run_id=args.run_id, resolution=args.resolution, address=args.address,
-            storage_path=args.storage_path,
+            storage_path=args.storage_path, prefix_logit_bias=args.prefix_logit_bias,
         )
         summary = run_batch(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     except ManifestError as exc:
@@ -73,3 +87,82 @@ def run(args: argparse.Namespace) -> None:
     print(summary.format())
     if not summary.ok:
         raise CLIError(f"run {summary.run_id} finished with failures; see {summary.results_uri}")
+
+
+def register_evaluate(sub) -> None:
+    from catversion.limits import (DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_GUIDANCE, DEFAULT_MASK_THRESHOLD,
+                                   DEFAULT_SEG, DEFAULT_STEPS)
+
+    from .evaluate import DEFAULT_BATCH_SIZE, DEFAULT_N_PER_PROMPT, DESCRIPTION as EVALUATE_DESCRIPTION
+
+    p = sub.add_parser("evaluate",
+                       help="generate with each residual and score it (the paper's CLIP-T, CLIP-I, masked CLIP-I; "
+                            "DreamBooth's DINO)",
+                       description=EVALUATE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--residuals", required=True, metavar="PREFIX",
+                   help=f"the batch output prefix holding {layout.RESIDUAL_PATTERN} (s3:// or a folder)")
+    p.add_argument("--manifest", required=True, nargs="+", metavar="URI",
+                   help="the concepts' parquet manifest(s); their images are the reference photos")
+    p.add_argument("--prompts", required=True, metavar="FILE", help="prompt templates, one per line, {} = class word")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files in it are replaced)")
+    p.add_argument("--n-per-prompt", type=int, default=DEFAULT_N_PER_PROMPT,
+                   help="images per prompt and concept (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of each prompt's first image (default: 0)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help="classifier-free guidance scale (default: %(default)s)")
+    p.add_argument("--model", help=f"base model: {' | '.join(BUILTIN_MODELS)} | a diffusers folder | a hub id "
+                                   "(default: the one recorded in the residuals)")
+    p.add_argument("--clip-model", default=DEFAULT_CLIP,
+                   help="CLIP for CLIP-T/CLIP-I: hub id, folder or 'tiny' (default: %(default)s)")
+    p.add_argument("--seg-model", default=DEFAULT_SEG,
+                   help="CLIPSeg for the masks of masked CLIP-I: hub id, folder or 'tiny' (default: %(default)s)")
+    p.add_argument("--dino-model", default=DEFAULT_DINO,
+                   help="DINO ViT for DINO, DreamBooth's metric: hub id, folder or 'tiny' (default: %(default)s)")
+    p.add_argument("--mask-threshold", type=float, default=DEFAULT_MASK_THRESHOLD,
+                   help="segmentation mask = sigmoid(CLIPSeg logit) > this (default: %(default)s)")
+    p.add_argument("--masked-crop", action="store_true",
+                   help="crop each masked image to its object's box, centred on a grey square (scores then ignore "
+                        "the object's size and position; not the paper's protocol)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="images per generation and scoring batch (default: %(default)s)")
+    p.add_argument("--concepts", type=lambda text: [c.strip() for c in text.split(",") if c.strip()],
+                   metavar="ID,ID", help="evaluate only these concepts (default: every concept of the manifest)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto; Ray actors with GPUs "
+                                                    "use their GPU)")
+    p.add_argument("--address", help="Ray cluster address: evaluate concepts on a pool of Ray actors "
+                                     "(default: one local process, no Ray)")
+    p.add_argument("--replicas", type=int, help="actors in the Ray pool (default: one per GPU of the cluster, or 1)")
+    p.add_argument("--gpus-per-replica", type=float,
+                   help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_evaluate_command)
+
+
+def run_evaluate_command(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from catversion.models import ModelNotAvailableError
+
+    from .evaluate import EvalConfig, WorkerError, read_prompts, run_evaluation
+
+    try:
+        config = EvalConfig(
+            residuals=args.residuals, manifest=args.manifest if len(args.manifest) > 1 else args.manifest[0],
+            prompts=read_prompts(args.prompts), out=args.out, n_per_prompt=args.n_per_prompt, seed=args.seed,
+            steps=args.steps, guidance=args.guidance, model=args.model, clip_model=args.clip_model,
+            seg_model=args.seg_model, dino_model=args.dino_model, device=args.device, concepts=args.concepts,
+            batch_size=args.batch_size, mask_threshold=args.mask_threshold, masked_crop=args.masked_crop,
+            address=args.address, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+        )
+        summary = run_evaluation(config, log=lambda line: print(line, file=sys.stderr, flush=True), quiet=args.quiet)
+    except (ModelNotAvailableError, WorkerError) as exc:
+        raise CLIError(str(exc)) from None
+    print(summary.format())
+    if summary.failed:
+        raise CLIError(f"{len(summary.failed)} concept(s) failed: {', '.join(summary.failed)}; see "
+                       f"{Path(args.out) / 'summary.json'}")
+    if not summary.scored:
+        raise CLIError(f"no concept was scored: each was skipped (no residual at {layout.RESIDUAL_PATTERN} with "
+                       f"PREFIX {args.residuals}, or rejected by the manifest check); see "
+                       f"{Path(args.out) / 'report.html'}")

@@ -1,4 +1,8 @@
-"""`catversion serve`: run the OpenAI-compatible generation endpoint on Ray Serve."""
+"""`catversion serve`: run the OpenAI-compatible generation endpoint on Ray Serve.
+
+Registered into `catversion` through the `catversion.commands` entry point group; building the
+parser imports neither torch nor Ray.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,12 @@ import sys
 import threading
 from pathlib import Path
 
-DESCRIPTION = """\
-Serve every residual under PREFIX/residuals/ (the `catversion batch --output` prefix) behind an
+from catversion import layout, storage
+from catversion.errors import CLIError
+from catversion.limits import BUILTIN_MODELS, DEFAULT_MODEL
+
+DESCRIPTION = f"""\
+Serve every residual {layout.RESIDUAL_PATTERN} (PREFIX: the `catversion batch --output`) behind an
 OpenAI-Images-compatible HTTP API: POST /v1/images/generations with "model": <concept id> or
 "base", GET /v1/models, GET /healthz, OpenAPI schema at /docs. Residuals load on first use and are
 cached; requests for different concepts share one UNet batch.
@@ -22,8 +30,10 @@ here override its `args`. The same file deploys to a cluster with `serve deploy`
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve residuals over an OpenAI-compatible HTTP API (Ray Serve)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--residuals", metavar="PREFIX", help="s3://bucket/prefix or a folder holding residuals/<concept_id>.safetensors")
-    p.add_argument("--model", help="base model: tiny | sd15-random | a diffusers folder | a hub id (default: SD v1.5)")
+    p.add_argument("--residuals", metavar="PREFIX",
+                   help=f"s3://bucket/prefix or a folder holding {layout.RESIDUAL_PATTERN.removeprefix('PREFIX/')}")
+    p.add_argument("--model", help=f"base model: {' | '.join(BUILTIN_MODELS)} | a diffusers folder | a hub id "
+                                   f"(default: {DEFAULT_MODEL})")
     p.add_argument("--config", help="Ray Serve config YAML (e.g. serve/config.yaml)")
     p.add_argument("--host", help="HTTP host (default: 127.0.0.1, or the config's)")
     p.add_argument("--port", type=int, help="HTTP port (default: 8000, or the config's)")
@@ -59,9 +69,6 @@ def load_config(path: str | None) -> tuple[dict, dict, dict]:
 def run(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
-
-    from catversion import storage
-    from catversion.cli import CLIError
 
     from .app import build_app
 

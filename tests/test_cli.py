@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import boto3
 import torch
 
 from catversion import Residual
@@ -73,6 +74,47 @@ def test_train_then_generate(tmp_path, capsys):
     assert main(argv) == 0
     for name in ("beach-0.png", "beach-1.png"):
         assert Image.open(tmp_path / "img" / name).size == (64, 64)
+
+
+def test_a_residual_trained_with_the_defaults_exports_to_the_reference_format(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        (photos / f"{i}.png").write_bytes(png_bytes(i))
+    out = tmp_path / "teapot.safetensors"
+    # Only --steps differs from the defaults (to keep the test fast): the recipe is the reference one.
+    assert main(["train", "--images", str(photos), "--class-word", "teapot", "--out", str(out), "--model", "tiny",
+                 "--steps", "2", "--device", "cpu", "--quiet"]) == 0
+    residual = Residual.load(out)
+    assert residual.prefix_logit_bias == 1.0
+    assert main(["export-official", str(out), str(tmp_path / "exported")]) == 0  # no --force needed
+    state = torch.load(tmp_path / "exported" / "pytorch_adapter.bin", weights_only=True)
+    back = Residual.from_official(tmp_path / "exported" / "pytorch_adapter.bin")
+    assert len(state) == 4 and torch.equal(back.tensor, residual.tensor) and back.layers == residual.layers
+
+    # The paper's clean equation is one option away, and then exporting needs --force.
+    clean = tmp_path / "clean.safetensors"
+    assert main(["train", "--images", str(photos), "--class-word", "teapot", "--out", str(clean), "--model", "tiny",
+                 "--steps", "2", "--device", "cpu", "--quiet", "--prefix-logit-bias", "0"]) == 0
+    assert Residual.load(clean).prefix_logit_bias == 0.0
+    capsys.readouterr()
+    assert main(["export-official", str(clean), str(tmp_path / "clean.bin")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["export-official", str(clean), str(tmp_path / "clean.bin"), "--force"]) == 0
+
+
+def test_residual_commands_read_s3_uris(tmp_path, s3_bucket, capsys):
+    out = tmp_path / "r.safetensors"
+    write_reference_checkpoint(tmp_path / "pytorch_adapter.bin", torch.randn(4608))
+    assert main(["import-official", str(tmp_path / "pytorch_adapter.bin"), str(out), "--class-word", "mug"]) == 0
+    uri = f"s3://{s3_bucket}/run/r.safetensors"
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="run/r.safetensors", Body=out.read_bytes())
+    capsys.readouterr()
+    assert main(["inspect", uri]) == 0
+    assert json.loads(capsys.readouterr().out)["class_word"] == "mug"
+    assert Residual.load(uri).sha256 == Residual.load(out).sha256
+    assert main(["inspect", f"s3://{s3_bucket}/run/missing.safetensors"]) == 2
+    assert "missing.safetensors does not exist" in capsys.readouterr().err
 
 
 def test_train_errors_name_the_bad_input(tmp_path, capsys):
