@@ -26,14 +26,15 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from catversion import __version__, telemetry
-from pipelines.raymetrics import ray_metric
+from catversion import __version__, layout, limits, telemetry
+from catversion.telemetry import ray_metric
 
-from .cache import ResidualCache, UnknownConceptError, UnusableResidualError, list_concepts
+from .cache import ResidualCache
 from .config import ServeSettings
+from .errors import InvalidParameterError, RequestError, request_error
 
 BASE_MODEL_ID = "base"
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**32 - 1  # OpenAI-style clients send 32-bit seeds; image i of a request uses seed + i
 
 
 # ---- the OpenAI wire format -------------------------------------------------------------------
@@ -50,15 +51,22 @@ class ImageGenerationRequest(BaseModel):
     size: str | None = Field(None, description="'WxH' with W == H, e.g. '512x512' (default: the model's native size)")
     response_format: str = Field("b64_json", description="only 'b64_json' is supported")
     negative_prompt: str = Field("", max_length=4000, description="encoded without the residual")
-    num_inference_steps: int | None = Field(None, ge=1, description="DDIM steps (default 50)")
-    guidance_scale: float | None = Field(None, ge=0.0, le=100.0, description="classifier-free guidance (default 10)")
+    num_inference_steps: int | None = Field(None, ge=1, description=f"DDIM steps (default {limits.DEFAULT_STEPS})")
+    guidance_scale: float | None = Field(None, ge=0.0, le=limits.MAX_GUIDANCE,
+                                         description=f"classifier-free guidance (default {limits.DEFAULT_GUIDANCE:g})")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image; image i uses seed + i")
-    residual_scale: float = Field(1.0, ge=0.0, le=10.0, description="strength of the concept's residual; 0 = off")
+    residual_scale: float = Field(1.0, ge=0.0, le=limits.MAX_RESIDUAL_SCALE,
+                                  description="strength of the concept's residual; 0 = off")
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
                    param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+
+
+def request_error_response(error: RequestError) -> JSONResponse:
+    """The one mapping from a request's error to OpenAI's error body and HTTP status."""
+    return error_response(error.status, error.message, type_=error.type, code=error.code, param=error.param)
 
 
 def _png_b64(image) -> str:
@@ -98,36 +106,29 @@ class Generator:
                 "device": str(self.base.device)}
 
     def describe(self, concept_id: str) -> dict:
-        """Metadata of a concept's residual, or an error status."""
-        try:
-            residual = self.cache.get(concept_id)
-        except UnknownConceptError as exc:
-            return {"status": 404, "code": "model_not_found", "message": str(exc)}
-        except UnusableResidualError as exc:
-            return {"status": 422, "code": "residual_invalid", "message": str(exc)}
+        """Metadata of a concept's residual; raises a RequestError (unknown or unusable concept)."""
+        residual = self.cache.get(concept_id)
         keys = ("class_word", "caption", "base_model", "steps", "final_loss", "sha256")
-        return {"status": 200, "meta": {k: residual.meta.get(k) for k in keys}}
+        return {k: residual.meta.get(k) for k in keys}
 
     async def generate(self, item: dict) -> dict:
-        """One image. Returns {"b64_json", "seed"} or {"status", "code", "message"} for a concept error."""
+        """One image as {"b64_json", "seed"}; raises a RequestError for this request's own problem."""
         residual = None
         if item["model"] != BASE_MODEL_ID:
-            try:
-                residual = await asyncio.to_thread(self.cache.get, item["model"])
-            except UnknownConceptError as exc:
-                return {"status": 404, "code": "model_not_found", "message": str(exc)}
-            except UnusableResidualError as exc:
-                return {"status": 422, "code": "residual_invalid", "message": str(exc)}
-        return await self._batched({**item, "residual": residual})
+            residual = await asyncio.to_thread(self.cache.get, item["model"])
+        result = await self._batched({**item, "residual": residual})
+        if isinstance(result, RequestError):
+            raise result
+        return result
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
-    async def _batched(self, items: list[dict]) -> list[dict]:
+    async def _batched(self, items: list[dict]) -> list[dict | RequestError]:
         from catversion.generation import GenerationRequest
 
         groups: dict[tuple, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
             groups[(item["steps"], item["guidance"], item["size"])].append(index)
-        results: list[dict] = [{}] * len(items)
+        results: list[dict | RequestError] = [{}] * len(items)
         for (steps, guidance, size), indexes in groups.items():
             requests = [GenerationRequest(items[i]["prompt"], items[i]["residual"], items[i]["seed"],
                                           items[i]["residual_scale"], items[i]["negative_prompt"]) for i in indexes]
@@ -136,7 +137,7 @@ class Generator:
                 encoded = await asyncio.to_thread(self._render, requests, steps, guidance, size)
             except ValueError as exc:  # validated at the ingress; kept as a per-item error, never a crash
                 for i in indexes:
-                    results[i] = {"status": 400, "code": "invalid_value", "message": str(exc)}
+                    results[i] = InvalidParameterError(str(exc))
                 continue
             for i, b64 in zip(indexes, encoded):
                 results[i] = {"b64_json": b64, "seed": items[i]["seed"]}
@@ -236,7 +237,7 @@ class Ingress:
     async def _concepts(self) -> list[str]:
         fetched, names = self._models
         if time.monotonic() - fetched > self.settings.models_ttl_s:
-            names = await asyncio.to_thread(list_concepts, self.settings.residuals)
+            names = await asyncio.to_thread(layout.list_concepts, self.settings.residuals)
             self._models = (time.monotonic(), names)
         return names
 
@@ -266,10 +267,14 @@ class Ingress:
         body = {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "catversion"}
         if model_id == BASE_MODEL_ID:
             return JSONResponse({**body, "base_model": (await self._model_info())["model"]})
-        described = await self.generator.describe.remote(model_id)
-        if described["status"] != 200:
-            return error_response(described["status"], described["message"], code=described["code"], param="model")
-        return JSONResponse({**body, **described["meta"]})
+        try:
+            described = await self.generator.describe.remote(model_id)
+        except Exception as exc:
+            error = request_error(exc)
+            if error is None:
+                raise
+            return request_error_response(error)
+        return JSONResponse({**body, **described})
 
     @api.post("/v1/images/generations", responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 429: {}, 503: {}})
     async def generations(self, body: ImageGenerationRequest, request: Request) -> JSONResponse:
@@ -283,14 +288,15 @@ class Ingress:
         except BackPressureError:
             response = error_response(429, "the server is at capacity; retry shortly", type_="rate_limit_error",
                                       code="overloaded")
+        except Exception as exc:  # the generator's errors arrive wrapped by Ray
+            error = request_error(exc)
+            if error is None:
+                raise
+            response = request_error_response(error)
         return self._done(route, started, response)
 
     async def _generate(self, body: ImageGenerationRequest) -> JSONResponse:
-        problem = await self._check(body)
-        if problem is not None:
-            return problem
-        info = await self._model_info()
-        size = int(body.size.split("x")[0]) if body.size else info["resolution"]
+        size = await self._check(body)
         first_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - body.n)
         items = [{"model": body.model, "prompt": body.prompt, "negative_prompt": body.negative_prompt,
                   "seed": first_seed + i, "residual_scale": body.residual_scale, "size": size,
@@ -298,35 +304,33 @@ class Ingress:
                   "guidance": self.settings.default_guidance if body.guidance_scale is None else body.guidance_scale}
                  for i in range(body.n)]
         results = await asyncio.gather(*[self.generator.generate.remote(item) for item in items])
-        for result in results:
-            if "status" in result:
-                return error_response(result["status"], result["message"], code=result["code"],
-                                      param="model" if result["status"] in (404, 422) else None)
         data = [{"b64_json": r["b64_json"], "revised_prompt": None, "seed": r["seed"]} for r in results]
         return JSONResponse({"created": int(time.time()), "data": data})
 
-    async def _check(self, body: ImageGenerationRequest) -> JSONResponse | None:
-        """Limits that depend on settings or on the loaded model (pydantic checks the rest)."""
+    async def _check(self, body: ImageGenerationRequest) -> int:
+        """Limits that depend on settings or on the loaded model (pydantic checks the rest); returns the size."""
         s = self.settings
         if body.response_format != "b64_json":
-            return error_response(400, f"response_format {body.response_format!r} is not supported; use 'b64_json'",
-                                  param="response_format", code="invalid_value")
+            raise InvalidParameterError(f"response_format {body.response_format!r} is not supported; use 'b64_json'",
+                                        param="response_format")
         if body.n > s.max_n:
-            return error_response(400, f"n must be between 1 and {s.max_n}, got {body.n}", param="n", code="invalid_value")
+            raise InvalidParameterError(f"n must be between 1 and {s.max_n}, got {body.n}", param="n")
         if body.num_inference_steps is not None and body.num_inference_steps > s.max_steps:
-            return error_response(400, f"num_inference_steps must be between 1 and {s.max_steps}, got {body.num_inference_steps}",
-                                  param="num_inference_steps", code="invalid_value")
-        if body.size is not None:
-            info = await self._model_info()
-            largest = s.max_size or 2 * info["resolution"]
-            multiple = info["size_multiple"]
-            parts = body.size.lower().split("x")
-            valid = len(parts) == 2 and all(p.isdigit() for p in parts) and parts[0] == parts[1]
-            if not valid or int(parts[0]) % multiple or not multiple <= int(parts[0]) <= largest:
-                return error_response(
-                    400, f"size {body.size!r} is not supported: use 'NxN' with N a multiple of {multiple} up to {largest} "
-                    f"(native {info['resolution']}x{info['resolution']})", param="size", code="invalid_value")
-        return None
+            raise InvalidParameterError(
+                f"num_inference_steps must be between 1 and {s.max_steps}, got {body.num_inference_steps}",
+                param="num_inference_steps")
+        info = await self._model_info()
+        if body.size is None:
+            return info["resolution"]
+        largest = s.max_size or 2 * info["resolution"]
+        multiple = info["size_multiple"]
+        parts = body.size.lower().split("x")
+        valid = len(parts) == 2 and all(p.isascii() and p.isdigit() for p in parts) and parts[0] == parts[1]
+        if not valid or int(parts[0]) % multiple or not multiple <= int(parts[0]) <= largest:
+            raise InvalidParameterError(
+                f"size {body.size!r} is not supported: use 'NxN' with N a multiple of {multiple} up to {largest} "
+                f"(native {info['resolution']}x{info['resolution']})", param="size")
+        return int(parts[0])
 
 
 def build_app(args: dict[str, Any]):

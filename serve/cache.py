@@ -7,30 +7,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from catversion import storage
-from catversion.residual import IncompatibleResidualError, Residual, ResidualFormatError
-from pipelines.manifest import CONCEPT_ID_RE
+from catversion import layout
+from catversion.residual import IncompatibleResidualError, Residual, ResidualFormatError, ResidualNotFoundError
 
-RESIDUALS_FOLDER = "residuals"
-SUFFIX = ".safetensors"
-
-
-class UnknownConceptError(LookupError):
-    """No residual exists for this concept id."""
-
-
-class UnusableResidualError(ValueError):
-    """A residual exists but is corrupt or does not fit the loaded base model."""
-
-
-def residual_uri(prefix: str, concept_id: str) -> str:
-    return storage.join(prefix, RESIDUALS_FOLDER, f"{concept_id}{SUFFIX}")
-
-
-def list_concepts(prefix: str) -> list[str]:
-    folder = storage.join(prefix, RESIDUALS_FOLDER)
-    names = [uri.rsplit("/", 1)[-1][: -len(SUFFIX)] for uri in storage.list_uris(folder, SUFFIX)]
-    return sorted(name for name in names if CONCEPT_ID_RE.match(name))
+from .errors import UnknownConceptError, UnusableResidualError
 
 
 class ResidualCache:
@@ -46,8 +26,8 @@ class ResidualCache:
         self._lock = threading.Lock()
 
     def get(self, concept_id: str) -> Residual:
-        if not CONCEPT_ID_RE.match(concept_id or ""):
-            raise UnknownConceptError(f"model {concept_id!r} is not a valid concept id")
+        if not layout.is_concept_id(concept_id):
+            raise UnknownConceptError(f"model {concept_id!r} is not a valid concept id ({layout.CONCEPT_ID_RULE})")
         with self._lock:
             residual = self._items.get(concept_id)
             if residual is not None:
@@ -65,14 +45,12 @@ class ResidualCache:
         return residual
 
     def _load(self, concept_id: str) -> Residual:
-        uri = residual_uri(self.prefix, concept_id)
+        uri = layout.residual_uri(self.prefix, concept_id)
         try:
-            data = storage.read_bytes(uri)
-        except storage.NotFoundError:
-            raise UnknownConceptError(f"model {concept_id!r} does not exist (no residual at {uri})") from None
-        try:
-            residual = Residual.load(data, name=uri)
+            residual = Residual.load(uri)
             self._check(residual)
+        except ResidualNotFoundError:
+            raise UnknownConceptError(f"model {concept_id!r} does not exist (no residual at {uri})") from None
         except (ResidualFormatError, IncompatibleResidualError) as exc:
             # Not cached: a retrained residual is picked up on the next request.
             raise UnusableResidualError(f"model {concept_id!r} cannot be used: {exc}") from None

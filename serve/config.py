@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from catversion.generation import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from catversion.models import DEFAULT_MODEL
+from catversion.limits import DEFAULT_GUIDANCE, DEFAULT_MODEL, DEFAULT_STEPS
 
 
 @dataclass

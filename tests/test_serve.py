@@ -18,9 +18,11 @@ import pytest
 import requests
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from catversion import Residual
 from catversion.models import load_base_model
+from catversion.telemetry import BATCH_SIZE
 from catversion.training import TrainConfig, train_residual
 from helpers import png_bytes
 from serve.cli import load_config
@@ -111,13 +113,14 @@ def test_concurrent_mixed_requests_share_unet_batches(server):
 
 
 def batch_histogram(text):
-    """(batches observed, batches of size <= 1) from Ray's Prometheus text."""
+    """(batches observed, batches of size <= 1) from Ray's Prometheus text, read with Prometheus's own parser."""
     count = single = 0.0
-    for line in text.splitlines():
-        if line.startswith("ray_catversion_batch_size_count"):
-            count += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("ray_catversion_batch_size_bucket") and 'le="1.0"' in line:
-            single += float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == BATCH_SIZE.prometheus_name + "_count":
+                count += sample.value
+            elif sample.name == BATCH_SIZE.prometheus_name + "_bucket" and float(sample.labels["le"]) == 1.0:
+                single += sample.value
     return count, single
 
 
@@ -147,6 +150,8 @@ def test_errors_use_openai_bodies_and_statuses(server):
     status, error = error_of(post(url, {**ok, "size": "50x50"}))
     assert status == 400 and error["param"] == "size" and "multiple of 16" in error["message"]
     assert error_of(post(url, {**ok, "size": "64x128"}))[0] == 400
+    assert error_of(post(url, {**ok, "size": "\u00b2x\u00b2"}))[1]["param"] == "size"  # superscript digits: 400, not 500
+    assert post(url, {**ok, "size": "64X64"}).status_code == 200
     assert error_of(post(url, {**ok, "n": 5}))[1]["param"] == "n"
     assert error_of(post(url, {**ok, "n": 0}))[0] == 400
     assert error_of(post(url, {**ok, "num_inference_steps": 1000}))[1]["param"] == "num_inference_steps"
@@ -171,10 +176,13 @@ def test_a_corrupt_or_incompatible_residual_fails_alone(server):
     ok = {"model": "teapot-1", "prompt": "a teapot", "num_inference_steps": STEPS}
     status, error = error_of(post(url, {**ok, "model": "corrupt"}))
     assert status == 422 and error["code"] == "residual_invalid" and "sha256 mismatch" in error["message"]
+    assert error["param"] == "model"
     status, error = error_of(post(url, {**ok, "model": "wide"}))
     assert status == 422 and "hidden size 768" in error["message"]
     headers = {"Authorization": f"Bearer {KEY}"}
     assert requests.get(f"{url}/v1/models/corrupt", headers=headers, timeout=30).status_code == 422
+    status, error = error_of(requests.get(f"{url}/v1/models/no-such-concept", headers=headers, timeout=30))
+    assert status == 404 and error["code"] == "model_not_found"
     assert post(url, ok).status_code == 200  # the others keep working
 
 
