@@ -1,8 +1,10 @@
-"""The paper's evaluation metrics: CLIP-T, CLIP-I, masked CLIP-I and DINO (METHOD.md, "Evaluation").
+"""The paper's evaluation metrics, CLIP-T, CLIP-I and masked CLIP-I, and DreamBooth's DINO
+(METHOD.md, "Evaluation the paper introduces").
 
-Masked CLIP-I compares reference and generated images with their backgrounds removed by a
-segmentation mask of the concept (CLIPSeg prompted with the class word), so that a shared
-background cannot inflate the score. Library code: no Ray, no HTTP.
+Masked CLIP-I compares reference and generated images with their backgrounds replaced by a fill
+colour outside a segmentation mask of the concept (CLIPSeg prompted with the class word), full
+frame as the paper does, so that a shared background cannot inflate the score. Library code: no
+Ray, no HTTP.
 """
 
 from __future__ import annotations
@@ -19,24 +21,20 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 
-from .models import BUILTIN_SEED, MAX_LENGTH, MIN_TOKENIZER_VOCAB, ModelNotAvailableError, tiny_tokenizer
+# The metric names and default models are defined in the torch-free `limits`, which the command
+# line reads for its help; they are re-exported here, where the metrics are computed.
+from .limits import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_MASK_THRESHOLD, DEFAULT_SEG, METRICS
+from .limits import METRIC_LABELS as METRIC_LABELS
+from .models import ModelNotAvailableError
+from .sd_v1 import BUILTIN_SEED, MAX_LENGTH, MIN_TOKENIZER_VOCAB, tiny_tokenizer
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
-# The transformers model classes are imported where the models are built: importing this module
-# (e.g. for the CLI's defaults) stays cheap.
+# The transformers model classes are imported where the models are built, not with this module.
 
-# The metric names, defined once: column names of score tables and keys of Scores.means().
-METRICS = ("clip_t", "clip_i", "masked_clip_i", "dino")
-METRIC_LABELS = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "masked_clip_i": "masked CLIP-I", "dino": "DINO"}
-
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # the paper's CLIP ViT-B/32
-DEFAULT_SEG = "CIDAS/clipseg-rd64-refined"
-DEFAULT_DINO = "facebook/dino-vits16"
 TINY = "tiny"  # built-in random-weight versions of all three, for tests
 DEFAULT_BATCH_SIZE = 32
-DEFAULT_MASK_THRESHOLD = 0.4  # on CLIPSeg's sigmoid
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -155,12 +153,14 @@ class Scorer:
     """Holds the three frozen metric models; reuse one Scorer for every concept.
 
     Embeddings are computed in batches of ``batch_size`` under ``torch.inference_mode`` in the
-    models' dtype, then compared in float32.
+    models' dtype, then compared in float32. Masked CLIP-I scores full-frame images with the
+    background replaced (the paper's protocol); ``masked_crop`` crops each to its object instead
+    (see ``mask_out``).
     """
 
     def __init__(self, clip: MetricModel, seg: MetricModel, dino: MetricModel,
                  batch_size: int = DEFAULT_BATCH_SIZE, mask_threshold: float = DEFAULT_MASK_THRESHOLD,
-                 fill: tuple[int, int, int] = FILL):
+                 fill: tuple[int, int, int] = FILL, masked_crop: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 < mask_threshold < 1.0:
@@ -169,18 +169,20 @@ class Scorer:
         self.batch_size = batch_size
         self.mask_threshold = mask_threshold
         self.fill = fill
+        self.masked_crop = masked_crop
 
     @classmethod
     def load(cls, clip: str = DEFAULT_CLIP, seg: str = DEFAULT_SEG, dino: str = DEFAULT_DINO,
              device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             batch_size: int = DEFAULT_BATCH_SIZE, mask_threshold: float = DEFAULT_MASK_THRESHOLD) -> Scorer:
+             batch_size: int = DEFAULT_BATCH_SIZE, mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+             masked_crop: bool = False) -> Scorer:
         """Load each model by hub id, local folder or "tiny". dtype None: float16 on CUDA, float32
         otherwise. Raises ModelNotAvailableError naming the model that cannot be loaded."""
         device = torch.device(device)
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
         models = [_load(role, name, device, dtype) for role, name in (("clip", clip), ("seg", seg), ("dino", dino))]
-        return cls(*models, batch_size=batch_size, mask_threshold=mask_threshold)
+        return cls(*models, batch_size=batch_size, mask_threshold=mask_threshold, masked_crop=masked_crop)
 
     @property
     def device(self) -> torch.device:
@@ -245,7 +247,8 @@ class Scorer:
         return masks
 
     def mask_out(self, images: Sequence[Image.Image], masks: Sequence[MaskLike]) -> list[Image.Image]:
-        return mask_out(images, masks, fill=self.fill)
+        """The images masked CLIP-I embeds: this scorer's fill colour, and crop setting."""
+        return mask_out(images, masks, fill=self.fill, crop=self.masked_crop)
 
     def masked_clip_i(self, references: Sequence[Image.Image], generated: Sequence[Image.Image], class_word: str,
                       reference_masks: Sequence[MaskLike] | None = None,
@@ -299,11 +302,13 @@ class Scorer:
         return {"input_ids": tokens.input_ids.to(device), "attention_mask": tokens.attention_mask.to(device)}
 
 
-def mask_out(images: Sequence[Image.Image], masks: Sequence[MaskLike],
-             fill: tuple[int, int, int] = FILL) -> list[Image.Image]:
-    """Copies with the background (mask False) set to ``fill``, cropped to the mask's bounding box and
-    padded to a square with ``fill``, so that a center crop keeps the whole object. An empty mask
-    gives an image of ``fill`` alone (nothing of the concept to compare)."""
+def mask_out(images: Sequence[Image.Image], masks: Sequence[MaskLike], fill: tuple[int, int, int] = FILL,
+             crop: bool = False) -> list[Image.Image]:
+    """Copies with the background (mask False) set to ``fill``, full frame: the object keeps its size
+    and place, as in the paper's masked CLIP-I. With ``crop``, each copy is cut to its mask's
+    bounding box and padded to a square with ``fill``, so that a center crop keeps the whole object
+    (scores then ignore the object's size and position). An empty mask gives an image of ``fill``
+    alone, the image's size (nothing of the concept to compare)."""
     if len(images) != len(masks):
         raise ValueError(f"mask_out needs one mask per image, got {len(masks)} masks for {len(images)} images")
     out = []
@@ -314,11 +319,14 @@ def mask_out(images: Sequence[Image.Image], masks: Sequence[MaskLike],
             continue
         pixels = np.array(image.convert("RGB"))
         pixels[~mask] = fill
+        if not crop:
+            out.append(Image.fromarray(pixels))
+            continue
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        crop = Image.fromarray(pixels[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
-        side = max(crop.size)
+        box = Image.fromarray(pixels[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+        side = max(box.size)
         square = Image.new("RGB", (side, side), fill)
-        square.paste(crop, ((side - crop.width) // 2, (side - crop.height) // 2))
+        square.paste(box, ((side - box.width) // 2, (side - box.height) // 2))
         out.append(square)
     return out
 

@@ -1,7 +1,10 @@
 """`catversion evaluate` end to end on tiny models: residuals + manifest + prompts -> scores and report."""
 
+import contextlib
+import io
 import json
 import math
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -9,10 +12,12 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from PIL import Image
 
-from catversion import storage
+from catversion import layout, storage
 from catversion.cli import main
-from catversion.metrics import METRICS
+from catversion.limits import METRIC_TITLES, METRICS
 from catversion.models import load_base_model
 from catversion.samples import SAMPLE_CONCEPTS, write_concept_images
 from catversion.training import TrainConfig, train_residual
@@ -35,7 +40,7 @@ def inputs(tmp_path_factory):
         rows += [{"concept_id": concept_id, "class_word": word, "image_uri": str(p)} for p in photos]
         if concept_id in TRAINED:
             residual = train_residual(base, photos, word, TrainConfig(steps=2, save_steps=()))
-            residual.save(root / "run" / "residuals" / f"{concept_id}.safetensors")
+            residual.save(layout.residual_uri(str(root / "run"), concept_id))
     pq.write_table(pa.Table.from_pylist(rows), root / "manifest.parquet")
     (root / "prompts.txt").write_text("# evaluation prompts\na {} on the beach\n\nin the snow\n")
     return root
@@ -48,13 +53,15 @@ def evaluate(inputs: Path, out: Path, *extra: str) -> int:
 
 
 class ReportChecker(HTMLParser):
-    """Collects every link and image source, and every tag that is closed out of order."""
+    """Collects every link and image source, the text of each <section> (by id) and of the whole page,
+    and every tag that is closed out of order."""
 
     VOID = {"meta", "img", "br", "link", "hr", "input"}
 
     def __init__(self):
         super().__init__()
         self.stack, self.errors, self.targets = [], [], []
+        self.text, self.sections, self._section = [], {}, None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -62,18 +69,29 @@ class ReportChecker(HTMLParser):
             self.targets.append(attrs.get("src"))
         if tag == "a":
             self.targets.append(attrs.get("href"))
+        if tag == "section":
+            self._section = attrs["id"]
+            self.sections[self._section] = ""
         if tag not in self.VOID:
             self.stack.append(tag)
 
     def handle_endtag(self, tag):
+        if tag == "section":
+            self._section = None
         if not self.stack or self.stack[-1] != tag:
             self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
         else:
             self.stack.pop()
 
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._section is not None:
+            self.sections[self._section] += data
 
-def check_report(out: Path) -> list[str]:
-    """The report's local files (which must all exist), after checking that it is well-formed HTML."""
+
+def read_report(out: Path) -> ReportChecker:
+    """The parsed report, after checking that it is well-formed HTML whose links all resolve; its
+    ``targets`` are then the local files it shows (relative to ``out``)."""
     text = (out / "report.html").read_text()
     assert text.startswith("<!DOCTYPE html>")
     checker = ReportChecker()
@@ -89,14 +107,23 @@ def check_report(out: Path) -> list[str]:
         assert not urlparse(target).scheme and not target.startswith("/"), f"{target} is not a relative path"
         assert (out / unquote(target)).is_file(), f"report links {target}, which does not exist"
         files.append(unquote(target))
-    return files
+    checker.targets = files
+    return checker
 
 
-def test_evaluate_writes_scores_images_and_a_report(inputs, tmp_path, capsys):
-    out = tmp_path / "eval"
-    assert evaluate(inputs, out) == 0
-    captured = capsys.readouterr()
-    assert f"skipped concept '{UNTRAINED}': no residual at" in captured.err
+@pytest.fixture(scope="module")
+def evaluated(inputs, tmp_path_factory):
+    """One `catversion evaluate` run over the inputs: (its folder, its stderr)."""
+    out = tmp_path_factory.mktemp("evaluate") / "eval"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert evaluate(inputs, out) == 0, err.getvalue()
+    return out, err.getvalue()
+
+
+def test_evaluate_writes_scores_images_and_a_report(evaluated):
+    out, err = evaluated
+    assert f"skipped concept '{UNTRAINED}': no residual at" in err
 
     scores = pq.read_table(out / "scores.parquet").to_pylist()
     assert len(scores) == len(TRAINED) * 2 * 2  # concepts x prompts x samples
@@ -121,20 +148,65 @@ def test_evaluate_writes_scores_images_and_a_report(inputs, tmp_path, capsys):
     assert [summary["concepts"][c]["status"] for c in TRAINED] == ["ok", "ok"]
     assert summary["overall"]["dino"] == pytest.approx(sum(means[c]["dino"] for c in TRAINED) / 2)
 
-    files = check_report(out)
+    files = read_report(out).targets
     for concept_id in TRAINED:
         assert f"references/{concept_id}/r00-mask.png" in files
         assert f"images/{concept_id}/p01-s01.png" in files
+        # The paper's masked CLIP-I: the masked copies keep their image's frame.
+        for stem in (f"references/{concept_id}/r00", f"images/{concept_id}/p01-s01"):
+            with Image.open(out / f"{stem}.png") as image, Image.open(out / f"{stem}-masked.png") as masked:
+                assert masked.size == image.size, stem
     assert "plots/overview.png" in files
     assert UNTRAINED in (out / "report.html").read_text()  # listed under "Not scored"
 
 
+def test_report_is_rendered_from_its_template_with_real_plots(evaluated):
+    out, _ = evaluated
+    report = read_report(out)
+    # The page's stylesheet is written only in the template file.
+    template = (Path(__file__).parents[1] / "pipelines" / "templates" / "report.html.j2").read_text()
+    style = re.search(r"<style>.*?</style>", template, re.S).group(0)
+    assert style in (out / "report.html").read_text()
+
+    text = " ".join(report.text)
+    assert METRIC_TITLES["dino"] == "DINO (DreamBooth's metric)" and METRIC_TITLES["dino"] in text
+    assert set(report.sections) == {f"c-{concept_id}" for concept_id in TRAINED}
+    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    for concept_id in TRAINED:
+        section = report.sections[f"c-{concept_id}"]
+        assert f"a {SAMPLE_CONCEPTS[concept_id].class_word} on the beach" in section
+        for row in scores:  # every image's scores, under its thumbnail
+            if row["concept_id"] == concept_id:
+                assert f"{row['masked_clip_i']:.3f}" in section and f"seed {row['seed']}" in section
+
+    plots = sorted(p.relative_to(out).as_posix() for p in (out / "plots").iterdir())
+    assert plots == sorted(["plots/overview.png", *(f"plots/{c}.png" for c in TRAINED)])
+    assert set(plots) <= set(report.targets)
+    sizes = {}
+    for plot in plots:
+        with Image.open(out / plot) as image:
+            assert image.format == "PNG"
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 24)) > 16, f"{plot} is blank"
+            sizes[plot] = image.size
+    assert len({sizes[f"plots/{c}.png"] for c in TRAINED}) == 1  # one size for every concept's histograms
+
+
+def test_masked_crop_is_an_option_recorded_with_the_results(inputs, evaluated, tmp_path):
+    default, _ = evaluated
+    assert json.loads((default / "summary.json").read_text())["settings"]["masked_crop"] is False
+    assert "full frame, background replaced" in " ".join(read_report(default).text)
+
+    out = tmp_path / "crop"
+    assert evaluate(inputs, out, "--masked-crop", "--concepts", "red-teapot", "--n-per-prompt", "1") == 0
+    assert json.loads((out / "summary.json").read_text())["settings"]["masked_crop"] is True
+    assert "cropped to the object's box" in " ".join(read_report(out).text)
+
+
 def test_a_broken_residual_fails_its_concept_only(inputs, tmp_path, capsys):
     run = tmp_path / "run"
-    (run / "residuals").mkdir(parents=True)
-    (run / "residuals" / "red-teapot.safetensors").write_bytes(
-        (inputs / "run" / "residuals" / "red-teapot.safetensors").read_bytes())
-    (run / "residuals" / "blue-mug.safetensors").write_bytes(b"not a residual")
+    storage.write_bytes(layout.residual_uri(str(run), "red-teapot"),
+                        storage.read_bytes(layout.residual_uri(str(inputs / "run"), "red-teapot")))
+    storage.write_bytes(layout.residual_uri(str(run), "blue-mug"), b"not a residual")
     out = tmp_path / "eval"
     code = main(["evaluate", "--residuals", str(run), "--manifest", str(inputs / "manifest.parquet"),
                  "--prompts", str(inputs / "prompts.txt"), "--out", str(out), "--model", "tiny", *TINY_METRICS,
@@ -144,7 +216,7 @@ def test_a_broken_residual_fails_its_concept_only(inputs, tmp_path, capsys):
     assert "failed concept 'blue-mug'" in err and "1 concept(s) failed: blue-mug" in err
     assert {r["concept_id"] for r in pq.read_table(out / "scores.parquet").to_pylist()} == {"red-teapot"}
     assert json.loads((out / "summary.json").read_text())["concepts"]["blue-mug"]["status"] == "failed"
-    check_report(out)
+    read_report(out)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -173,8 +245,8 @@ def test_ray_actor_pool_scores_like_one_process(inputs, tmp_path, ray_session, s
     """Residuals and manifest in S3, two actors on the session's Ray: the same scores as in-process."""
     prefix = f"s3://{s3_bucket}/run"
     for concept_id in TRAINED:
-        name = f"{concept_id}.safetensors"
-        storage.write_bytes(f"{prefix}/residuals/{name}", (inputs / "run" / "residuals" / name).read_bytes())
+        trained = layout.residual_uri(str(inputs / "run"), concept_id)
+        storage.write_bytes(layout.residual_uri(prefix, concept_id), storage.read_bytes(trained))
     manifest = f"s3://{s3_bucket}/manifest.parquet"
     storage.write_bytes(manifest, (inputs / "manifest.parquet").read_bytes())
     common = dict(residuals=prefix, manifest=manifest, prompts=["a {} on the beach"], n_per_prompt=2, steps=2,
@@ -182,9 +254,18 @@ def test_ray_actor_pool_scores_like_one_process(inputs, tmp_path, ray_session, s
                   concepts=list(TRAINED))
 
     on_ray = run_evaluation(EvalConfig(out=str(tmp_path / "ray"), address="auto", replicas=2, **common))
-    local = run_evaluation(EvalConfig(out=str(tmp_path / "local"), **common))
+    # A num_cpus=1 actor runs torch on one thread; so does this process here, so that both sum in the
+    # same order (with more threads a pixel can round the other way, moving a score by ~1e-5).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = run_evaluation(EvalConfig(out=str(tmp_path / "local"), **common))
+    finally:
+        torch.set_num_threads(threads)
     assert on_ray.scored == local.scored == list(TRAINED)
     for concept_id in TRAINED:
         for metric in METRICS:
-            assert on_ray.statuses[concept_id][metric] == pytest.approx(local.statuses[concept_id][metric], abs=1e-5)
-    check_report(tmp_path / "ray")
+            assert on_ray.statuses[concept_id][metric] == local.statuses[concept_id][metric], (concept_id, metric)
+    tables = [pq.read_table(tmp_path / name / "scores.parquet") for name in ("ray", "local")]
+    assert tables[0].equals(tables[1])
+    read_report(tmp_path / "ray")

@@ -1,11 +1,11 @@
-"""The evaluation metrics on the built-in tiny models: CLIP-T, CLIP-I, masked CLIP-I, DINO."""
+"""The evaluation metrics on the built-in tiny models: the paper's CLIP-T, CLIP-I, masked CLIP-I; DreamBooth's DINO."""
 
 import json
 import math
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 from catversion.metrics import CLIP_MEAN, CLIP_STD, FILL, IMAGENET_MEAN, IMAGENET_STD, Preprocess, Scorer, mask_out
 from catversion.models import ModelNotAvailableError
@@ -66,14 +66,44 @@ def test_masked_clip_i_ignores_the_background_that_moves_clip_i(scorer):
         pytest.approx(masked[0], abs=1e-9)
 
 
-def test_mask_out_fills_background_and_crops_to_the_object():
+def test_mask_out_keeps_the_frame_and_replaces_the_background():
+    """The paper's masked CLIP-I: full frame, every pixel outside the mask set to the fill colour, the
+    object's pixels where they were."""
     image, mask = object_on(noise(3))
-    (cut,) = mask_out([image], [mask])
+    (masked,) = mask_out([image], [mask])
+    assert masked.size == image.size
+    before, after = np.asarray(image), np.asarray(masked)
+    assert np.array_equal(after[mask], before[mask])
+    assert (after[~mask] == FILL).all()
+    (empty,) = mask_out([image], [np.zeros((64, 64), dtype=bool)])
+    assert empty.size == image.size and empty.getcolors() == [(64 * 64, FILL)]
+
+
+def test_mask_out_crop_cuts_to_the_object_on_a_fill_square():
+    image, mask = object_on(noise(3))
+    (cut,) = mask_out([image], [mask], crop=True)
     assert cut.size == (37, 37)  # the disc's bounding box, already square
     assert cut.getpixel((0, 0)) == FILL
     assert cut.getpixel((18, 18)) == image.getpixel((14 + 18, 18 + 18))
-    (empty,) = mask_out([image], [np.zeros((64, 64), dtype=bool)])
-    assert empty.size == image.size and empty.getcolors() == [(64 * 64, FILL)]
+    wide = Image.new("RGB", (64, 64), (10, 20, 30))
+    bar = np.zeros((64, 64), dtype=bool)
+    bar[30:34, 8:48] = True  # 40 x 4 px: padded to a 40 x 40 square, the bar in its middle rows
+    (square,) = mask_out([wide], [bar], crop=True)
+    assert square.size == (40, 40)
+    assert square.getpixel((0, 0)) == FILL and square.getpixel((0, 18)) == (10, 20, 30)
+
+
+def test_scorer_masks_full_frame_unless_asked_to_crop(scorer):
+    image, mask = object_on(noise(7))
+    assert scorer.mask_out([image], [mask])[0].size == image.size
+    cropping = Scorer(scorer.clip_model, scorer.seg_model, scorer.dino_model, masked_crop=True)
+    assert cropping.mask_out([image], [mask])[0].size == (37, 37)
+    # The same object moved elsewhere in the frame: full frame scores the move, the crop ignores it.
+    moved, moved_mask = ImageChops.offset(image, 10, -8), np.roll(mask, (-8, 10), axis=(0, 1))
+    full = scorer.masked_clip_i([image], [moved], "teapot", [mask], [moved_mask]).mean
+    cropped = cropping.masked_clip_i([image], [moved], "teapot", [mask], [moved_mask]).mean
+    assert cropped == pytest.approx(1.0, abs=1e-5)
+    assert full < cropped - 1e-3
 
 
 def test_segmenter_masks_run_end_to_end(scorer):
