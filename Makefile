@@ -1,5 +1,6 @@
 # Two entry points: `make demo` (the whole job end to end on embedded defaults) and `make test`.
-# Both create .venv with pinned versions (constraints.txt) when it is missing or out of date.
+# Both create .venv with pinned versions (constraints.txt: runtime, constraints-dev.txt: tests) when it is
+# missing or out of date.
 
 PYTHON ?= python3
 VENV := .venv
@@ -18,11 +19,11 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt constraints-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned in the same command as everything else so pip takes the CPU build on disk.
-	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0 -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -c constraints-dev.txt torch==2.13.0 -e '.[dev]'
 	touch $(STAMP)
 
 # promtool and prometheus for tests/test_infra.py, from Debian's package (CI runs as root with apt).

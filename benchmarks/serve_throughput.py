@@ -51,11 +51,11 @@ import torch
 from PIL import Image
 from ray import serve
 
-from catversion import Residual
+from catversion import Residual, layout
+from catversion.encoder import patched_layers
 from catversion.models import load_base_model
 from catversion.samples import SAMPLE_CONCEPTS
 from serve.app import build_app
-from serve.cache import RESIDUALS_FOLDER, SUFFIX
 from serve.config import ServeSettings
 
 HOST = "127.0.0.1"
@@ -102,16 +102,14 @@ def write_residuals(model: str, prefix: Path, count: int) -> list[tuple[str, str
     sd15-random's weights depend on the device they are built on, so a CPU-made one would not match.
     """
     encoder = load_base_model(model, "cpu", components=("text_encoder",)).text_encoder.config
-    layers = tuple(range(encoder.num_hidden_layers - 3, encoder.num_hidden_layers))
+    layers = patched_layers(encoder.num_hidden_layers)
     words = [sample.class_word for sample in SAMPLE_CONCEPTS.values()]
-    folder = prefix / RESIDUALS_FOLDER
-    folder.mkdir(parents=True)
     concepts = []
     generator = torch.Generator().manual_seed(0)
     for i in range(count):
         concept_id, word = f"concept-{i}", words[i % len(words)]
         tensor = torch.randn((len(layers), 2, 1, encoder.hidden_size), generator=generator)
-        Residual(tensor, layers, meta={"class_word": word, "base_model": model}).save(folder / f"{concept_id}{SUFFIX}")
+        Residual(tensor, layers, meta={"class_word": word, "base_model": model}).save(layout.residual_uri(str(prefix), concept_id))
         concepts.append((concept_id, word))
     return concepts
 

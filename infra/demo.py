@@ -26,8 +26,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
-from catversion import storage
+from catversion import layout, storage
 from catversion.telemetry import BATCH_SIZE, CONCEPTS_DONE, REQUESTS
 from catversion.samples import SAMPLE_CONCEPTS, concept_jpegs
 
@@ -95,7 +96,9 @@ def catversion_series(metrics_url: str, seconds: float, expect: tuple[str, ...])
             text = requests.get(metrics_url, timeout=5).text
         except requests.RequestException:
             text = ""
-        names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_catversion_")}
+        # Prometheus's own parser: sample names (with _bucket/_sum/_count/_total) as a scraper sees them.
+        names = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples
+                 if sample.name.startswith("ray_catversion_")}
         if not set(expect) <= names:
             time.sleep(1)
     return sorted(names)
@@ -148,9 +151,8 @@ def main() -> int:
 
         residuals = []
         for concept_id in CONCEPTS:
-            uri = f"{output}/residuals/{concept_id}.safetensors"
-            local = out / "residuals" / f"{concept_id}.safetensors"
-            storage.write_bytes(str(local), storage.read_bytes(uri))
+            uri, local = layout.residual_uri(output, concept_id), layout.residual_uri(str(out), concept_id)
+            storage.write_bytes(local, storage.read_bytes(uri))
             residuals.append((uri, local))
         prompts = out / "prompts.txt"
         prompts.write_text("a {} on the beach\na {} in the snow\na red {}\n")
@@ -178,7 +180,8 @@ def main() -> int:
             image = out / "images" / f"{concept_id}.png"
             storage.write_bytes(str(image), base64.b64decode(response.json()["data"][0]["b64_json"]))
             images.append(image)
-        storage.write_bytes(str(out / "results.parquet"), storage.read_bytes(f"{output}/runs/demo/results.parquet"))
+        results = out / layout.RESULTS_FILE
+        storage.write_bytes(str(results), storage.read_bytes(layout.results_uri(output, "demo")))
         series = catversion_series(metrics_url, 30, expect=(CONCEPTS_DONE.prometheus_name, REQUESTS.prometheus_name,
                                                             BATCH_SIZE.prometheus_name + "_count"))
 
@@ -189,7 +192,7 @@ def main() -> int:
             print(f"  residual:  {uri} -> {local}")
         for image in images:
             print(f"  image:     {image} (over HTTP from {base_url}/v1/images/generations)")
-        print(f"  results:   {out / 'results.parquet'}")
+        print(f"  results:   {results}")
         print(f"  report:    {out / 'evaluation' / 'report.html'} (CLIP-T, CLIP-I, masked CLIP-I, DINO; tiny scorers)")
         print(f"  dashboard: {dashboard} (while the demo runs)")
         shown = [n for n in series if not n.endswith(("_bucket", "_sum"))]
