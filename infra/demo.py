@@ -3,7 +3,7 @@
 1. an S3 server on 127.0.0.1 (moto) and a local Ray with its dashboard and metrics endpoint;
 2. synthetic photos of three objects and a parquet manifest, written to S3;
 3. `catversion batch` trains every concept on Ray Train (built-in tiny model), residuals to S3;
-4. `catversion evaluate` scores the residuals (CLIP-T, CLIP-I, masked CLIP-I, DINO) into an HTML report;
+4. `catversion evaluate` scores the residuals (CLIP-T, CLIP-I, masked CLIP-I; DreamBooth's DINO) into an HTML report;
 5. `catversion serve` serves them; one image per concept is fetched over HTTP (OpenAI Images API);
 6. the metrics endpoint is read, a summary printed, and everything stopped (on Ctrl-C too).
 Each command is printed as run; results are copied to demo-output/.
@@ -193,7 +193,7 @@ def main() -> int:
         for image in images:
             print(f"  image:     {image} (over HTTP from {base_url}/v1/images/generations)")
         print(f"  results:   {results}")
-        print(f"  report:    {out / 'evaluation' / 'report.html'} (CLIP-T, CLIP-I, masked CLIP-I, DINO; tiny scorers)")
+        print(f"  report:    {out / 'evaluation' / 'report.html'} (CLIP-T, CLIP-I, masked CLIP-I and DreamBooth's DINO; tiny scorers)")
         print(f"  dashboard: {dashboard} (while the demo runs)")
         shown = [n for n in series if not n.endswith(("_bucket", "_sum"))]
         print(f"  metrics:   {metrics_url}: {len(series)} catversion series, incl. {', '.join(shown)}")
