@@ -23,7 +23,7 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
 # paper's equation as written.
 REFERENCE_PREFIX_LOGIT_BIAS = 1.0
 DEFAULT_SAVE_STEPS = (250, 500, 750, 1000)  # the reference recipe's checkpoints
-MAX_TRAIN_STEPS = 1_000_000
+MAX_TRAIN_STEPS = 100_000
 MAX_BATCH_SIZE = 64
 
 

@@ -1,21 +1,82 @@
 """URI-addressed object storage: ``s3://bucket/key`` through boto3, ``file://`` URIs and plain paths.
 
 S3 uses boto3's standard configuration (AWS_ENDPOINT_URL, the credential chain, region), so real
-S3, MinIO or any S3-compatible server works unchanged. Transient errors are retried with backoff
-by boto3's "standard" retry mode; permanent ones become a StorageError that says what to fix.
+S3, MinIO or any S3-compatible server works unchanged. Permanent errors (a missing object or
+bucket, denied access, no credentials) raise at once as a StorageError that says what to fix.
+
+Retry budgets
+-------------
+Transient S3 errors (endpoint unreachable, connection dropped or timed out, throttling, 5xx) are
+retried with exponential backoff and jitter for as long as the call's :class:`RetryBudget` allows:
+``RetryBudget(seconds)`` keeps retrying for ``seconds`` in total (a retry is only started before the
+budget is spent, so the last attempt may end up to one request timeout later). Serving passes
+nothing and gets :data:`SHORT_BUDGET` (10 s: fail fast, the client can try again); batch jobs pass
+:data:`LONG_BUDGET` (5 min: ride out an S3 or network hiccup rather than lose the work). botocore's
+own retries are turned down to one retry with short timeouts, so the budget governs the timing.
+When the budget is spent the call raises :class:`StorageUnavailableError`, whose message names the
+URI, the action and the root cause. Local file errors are never retried.
+
+Stamps and conditional writes
+-----------------------------
+Every object has a stamp (:class:`ObjectInfo`): the ETag for S3 (quotes stripped), and
+``f"{size}-{mtime_ns}"`` for local files. ``write_bytes(if_absent=True)`` creates an object only
+where none exists (else :class:`AlreadyExistsError`); ``write_bytes(if_match=stamp)`` and
+``delete(if_match=stamp)`` change an object only while it still has that stamp (else
+:class:`ConditionFailedError`). On S3 the conditions are checked by the server (If-None-Match /
+If-Match), so they hold across hosts; a 409 ConditionalRequestConflict (a race with another request
+on the key) is retried like a transient error, as AWS advises. A conditional write that is retried
+after its answer was lost recognises its own earlier success (the object's ETag is the MD5 of the
+bytes written) instead of reporting a conflict with itself. Local files are meant for one host: creation is atomic
+(``os.link``), but ``if_match`` compares the stamp and then replaces the file, so two processes can
+race between the two steps.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import random
+import stat as statmod
 import tempfile
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 from urllib.parse import unquote, urlparse
 
-S3_RETRY_ATTEMPTS = 8
+# botocore's own attempts per call (the first and 1 retry): the RetryBudget, not botocore, decides how long to keep trying.
+S3_RETRY_ATTEMPTS = 2
+S3_CONNECT_TIMEOUT = 5
+S3_READ_TIMEOUT = 30
 
 _local = threading.local()
+_generation = 0  # bumped by reset_clients(): every thread then builds a fresh client
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryBudget:
+    """How long a storage call keeps retrying transient errors, and how it backs off in between."""
+
+    seconds: float  # keep retrying transient errors for this long in total
+    first_delay: float = 0.2  # exponential backoff with jitter, capped at max_delay
+    max_delay: float = 5.0
+
+
+SHORT_BUDGET = RetryBudget(10.0)  # the default when a caller passes none (serving uses this)
+LONG_BUDGET = RetryBudget(300.0)  # batch jobs
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object's URI, size in bytes and stamp (S3: the ETag without quotes; files: ``size-mtime_ns``)."""
+
+    uri: str
+    size: int
+    stamp: str
 
 
 class StorageError(RuntimeError):
@@ -28,6 +89,18 @@ class NotFoundError(StorageError, FileNotFoundError):
 
 class NotAFileError(StorageError, IsADirectoryError):
     """The path is a folder where a file was expected."""
+
+
+class StorageUnavailableError(StorageError):
+    """A transient failure (unreachable, throttled, 5xx...) that outlived the call's retry budget."""
+
+
+class AlreadyExistsError(StorageError):
+    """``write_bytes(if_absent=True)`` found an existing object."""
+
+
+class ConditionFailedError(StorageError):
+    """``write_bytes(if_match=...)`` or ``delete(if_match=...)``: the object no longer has that stamp."""
 
 
 def is_s3(uri: str) -> bool:
@@ -78,22 +151,95 @@ def resolve(uri: str, relative_to: str) -> str:
     return str(Path(base).parent / uri)
 
 
+# ---- S3 client and error handling ------------------------------------------------------------
+
+
 def s3_client():
-    """One boto3 client per thread (clients are thread-safe, sessions are not)."""
+    """One boto3 client per thread (clients are thread-safe, sessions are not).
+
+    A thread's client is rebuilt after :func:`reset_clients` or when AWS_ENDPOINT_URL changed.
+    """
+    key = (_generation, os.environ.get("AWS_ENDPOINT_URL"))
     client = getattr(_local, "client", None)
-    if client is None:
+    if client is None or getattr(_local, "key", None) != key:
         import boto3
         from botocore.config import Config
 
-        config = Config(retries={"mode": "standard", "max_attempts": S3_RETRY_ATTEMPTS}, connect_timeout=10, read_timeout=60)
+        # total_max_attempts counts the first attempt too (Config's "max_attempts" would count retries only).
+        config = Config(retries={"mode": "standard", "total_max_attempts": S3_RETRY_ATTEMPTS},
+                        connect_timeout=S3_CONNECT_TIMEOUT, read_timeout=S3_READ_TIMEOUT)
         client = boto3.session.Session().client("s3", config=config)
-        _local.client = client
+        _local.client, _local.key = client, key
     return client
 
 
+def reset_clients() -> None:
+    """Make every thread build a new S3 client on its next call (after changing AWS_* settings, e.g. in tests)."""
+    global _generation
+    _generation += 1
+    _local.client = None
+
+
+def _code(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return ""
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: Exception) -> int:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return 0
+    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _retried_by_botocore(exc: Exception) -> bool:
+    response = getattr(exc, "response", None)
+    return isinstance(response, dict) and bool(response.get("ResponseMetadata", {}).get("RetryAttempts"))
+
+
+# ConditionalRequestConflict (409): a conditional write raced another operation on the key; AWS says retry
+# (the retry then succeeds, or meets the winner's object as a 412).
+_TRANSIENT_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                    "InternalError", "ServiceUnavailable", "503", "500", "ConditionalRequestConflict")
+
+
+_NETWORK_HINT = "check AWS_ENDPOINT_URL and the network"
+_SERVICE_HINT = "the S3 service is overloaded or failing: try again later, or give the job a longer RetryBudget"
+
+
+def _transient_cause(exc: Exception) -> tuple[str, str] | None:
+    """What went wrong and what to check, in words, when ``exc`` is worth retrying; None for permanent errors."""
+    from botocore import exceptions as bce
+
+    if isinstance(exc, bce.SSLError):
+        return None  # a certificate problem does not fix itself
+    if isinstance(exc, bce.ReadTimeoutError):
+        return f"S3 endpoint did not answer in time ({exc})", _NETWORK_HINT
+    if isinstance(exc, (bce.ConnectionError, bce.HTTPClientError, bce.IncompleteReadError, ConnectionError, TimeoutError)):
+        return f"S3 endpoint unreachable ({exc})", _NETWORK_HINT
+    try:
+        import urllib3.exceptions
+    except ImportError:  # pragma: no cover - botocore depends on urllib3
+        pass
+    else:
+        if isinstance(exc, (urllib3.exceptions.ProtocolError, urllib3.exceptions.TimeoutError,
+                            urllib3.exceptions.NewConnectionError, urllib3.exceptions.IncompleteRead)):
+            return f"S3 endpoint unreachable ({exc})", _NETWORK_HINT
+    if isinstance(exc, bce.ClientError):
+        code, status = _code(exc), _status(exc)
+        if status >= 500 or code in _TRANSIENT_CODES:
+            return f"S3 is failing or throttling (HTTP {status or '?'} {code or type(exc).__name__}: {exc})", _SERVICE_HINT
+    return None
+
+
 def _s3_error(exc: Exception, uri: str, action: str) -> StorageError:
+    """The StorageError for a permanent S3 failure."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
+    if isinstance(exc, StorageError):
+        return exc
     if isinstance(exc, NoCredentialsError):
         return StorageError(
             f"cannot {action} {uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
@@ -102,46 +248,72 @@ def _s3_error(exc: Exception, uri: str, action: str) -> StorageError:
     if isinstance(exc, EndpointConnectionError):
         return StorageError(f"cannot {action} {uri}: S3 endpoint unreachable ({exc}); check AWS_ENDPOINT_URL and the network")
     if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
+        code = _code(exc)
         bucket = split_s3(uri)[0]
         if code in ("NoSuchKey", "404", "NotFound"):
             return NotFoundError(f"{uri} does not exist")
         if code == "NoSuchBucket":
             return StorageError(f"cannot {action} {uri}: bucket {bucket!r} does not exist (create it, or fix the URI)")
         if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            need = {"read": "s3:GetObject", "write": "s3:PutObject", "list": "s3:ListBucket"}.get(action, "access")
+            need = {"read": "s3:GetObject", "write": "s3:PutObject", "list": "s3:ListBucket",
+                    "delete": "s3:DeleteObject"}.get(action, "access")
             return StorageError(f"cannot {action} {uri}: permission denied ({code}); the credentials need {need} on bucket {bucket!r}")
         return StorageError(f"cannot {action} {uri}: S3 error {code or type(exc).__name__}: {exc}")
     return StorageError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}")
 
 
-def read_bytes(uri: str) -> bytes:
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
+def _s3_call(uri: str, action: str, budget: RetryBudget | None, call: Callable[[int], T]) -> T:
+    """``call(attempt)`` (attempt counts from 1), retried on transient errors until ``budget`` is spent.
+
+    A StorageError raised by ``call`` passes through; other permanent errors become one (_s3_error).
+    """
+    budget = budget or SHORT_BUDGET
+    start = time.monotonic()
+    delay = budget.first_delay
+    attempt = 0
+    while True:
+        attempt += 1
         try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            return call(attempt)
+        except StorageError:
+            raise
         except Exception as exc:
-            raise _s3_error(exc, uri, "read") from None
-    path = local_path(uri)
+            transient = _transient_cause(exc)
+            if transient is None:
+                raise _s3_error(exc, uri, action) from None
+            left = budget.seconds - (time.monotonic() - start)
+            if left <= 0:
+                cause, hint = transient
+                raise StorageUnavailableError(
+                    f"cannot {action} {uri}: {cause}; still failing after retrying for {budget.seconds:g} s "
+                    f"({attempt} attempts); {hint}"
+                ) from None
+        time.sleep(min(left, random.uniform(delay / 2, delay)))
+        delay = min(delay * 2, budget.max_delay)
+
+
+def _etag(value: str | None) -> str:
+    return (value or "").strip('"')
+
+
+# ---- local files -----------------------------------------------------------------------------
+
+
+def _file_info(uri: str, st: os.stat_result) -> ObjectInfo:
+    return ObjectInfo(uri, st.st_size, f"{st.st_size}-{st.st_mtime_ns}")
+
+
+def _local_stat(uri: str) -> os.stat_result | None:
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{uri} does not exist") from None
-    except IsADirectoryError:
-        raise NotAFileError(f"{uri} is a directory, not a file") from None
+        st = os.stat(local_path(uri))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     except PermissionError:
         raise StorageError(f"cannot read {uri}: permission denied") from None
+    return st if statmod.S_ISREG(st.st_mode) else None
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write an object whole: readers see the old object or the complete new one, never a part."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data)  # a PUT is atomic in S3
-        except Exception as exc:
-            raise _s3_error(exc, uri, "write") from None
-        return
+def _local_write(uri: str, data: bytes, if_absent: bool, if_match: str | None) -> ObjectInfo:
     path = local_path(uri)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,42 +325,208 @@ def write_bytes(uri: str, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        old = _local_stat(uri)
+        if if_match is not None and (old is None or _file_info(uri, old).stamp != if_match):
+            raise ConditionFailedError(f"cannot write {uri}: it changed since stamp {if_match} (now "
+                                       f"{_file_info(uri, old).stamp if old else 'absent'})")
+        new = os.stat(tmp)
+        if old is not None and (old.st_size, old.st_mtime_ns) == (new.st_size, new.st_mtime_ns):
+            # A coarse file clock gave the new file the old stamp: move its mtime on so the stamp changes.
+            os.utime(tmp, ns=(new.st_atime_ns, old.st_mtime_ns + 1))
+        if if_absent:
+            try:
+                os.link(tmp, path)  # atomic, and fails where the file exists
+            except FileExistsError:
+                raise AlreadyExistsError(f"cannot create {uri}: it already exists") from None
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                # No hard links on this filesystem: exclusive create (readers may see a partial file meanwhile).
+                try:
+                    with open(path, "xb") as handle:
+                        handle.write(data)
+                except FileExistsError:
+                    raise AlreadyExistsError(f"cannot create {uri}: it already exists") from None
+        else:
+            os.replace(tmp, path)
+        return _file_info(uri, os.stat(path))
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
-def exists(uri: str) -> bool:
+# ---- the operations --------------------------------------------------------------------------
+
+
+def read_bytes(uri: str, *, budget: RetryBudget | None = None) -> bytes:
+    return read_object(uri, budget=budget)[0]
+
+
+def read_object(uri: str, *, budget: RetryBudget | None = None) -> tuple[bytes, ObjectInfo]:
+    """The object's bytes and the stamp of exactly those bytes (S3: the GET's ETag)."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
+
+        def get(attempt: int) -> tuple[bytes, ObjectInfo]:
+            response = s3_client().get_object(Bucket=bucket, Key=key)
+            data = response["Body"].read()
+            return data, ObjectInfo(uri, len(data), _etag(response.get("ETag")))
+
+        return _s3_call(uri, "read", budget, get)
+    path = local_path(uri)
+    try:
+        with open(path, "rb") as handle:
+            st = os.fstat(handle.fileno())  # the opened file: writes replace it, never change it in place
+            return handle.read(), _file_info(uri, st)
+    except FileNotFoundError:
+        raise NotFoundError(f"{uri} does not exist") from None
+    except IsADirectoryError:
+        raise NotAFileError(f"{uri} is a directory, not a file") from None
+    except PermissionError:
+        raise StorageError(f"cannot read {uri}: permission denied") from None
+
+
+def write_bytes(uri: str, data: bytes, *, budget: RetryBudget | None = None, if_absent: bool = False,
+                if_match: str | None = None) -> ObjectInfo:
+    """Write an object whole: readers see the old object or the complete new one, never a part.
+
+    ``if_absent``: only create it (else AlreadyExistsError). ``if_match``: only replace the object
+    that has this stamp (else ConditionFailedError, also when it is gone). Returns the new object's info.
+    """
+    if if_absent and if_match is not None:
+        raise ValueError("write_bytes: give if_absent or if_match, not both")
+    data = bytes(data)
+    if not is_s3(uri):
+        return _local_write(uri, data, if_absent, if_match)
+    bucket, key = split_s3(uri)
+    extra = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_match} if if_match is not None else {}
+
+    def put(attempt: int) -> ObjectInfo:
+        from botocore.exceptions import ClientError
+
         try:
-            s3_client().head_object(Bucket=bucket, Key=key)
-            return True
-        except Exception as exc:
-            error = _s3_error(exc, uri, "read")
-            if isinstance(error, NotFoundError):
-                return False
-            raise error from None
+            response = s3_client().put_object(Bucket=bucket, Key=key, Body=data, **extra)  # a PUT is atomic in S3
+        except ClientError as exc:
+            code, status = _code(exc), _status(exc)
+            failed = code == "PreconditionFailed" or status == 412
+            missing = if_match is not None and code in ("NoSuchKey", "404", "NotFound")
+            if not (extra and (failed or missing)):
+                raise
+            if attempt > 1 or _retried_by_botocore(exc):
+                # An earlier attempt may have written these very bytes before its answer was lost.
+                now = _s3_head(bucket, key)
+                if now is not None and now.stamp == hashlib.md5(data).hexdigest():
+                    return ObjectInfo(uri, len(data), now.stamp)
+            if if_absent:
+                raise AlreadyExistsError(f"cannot create {uri}: it already exists") from None
+            raise ConditionFailedError(f"cannot write {uri}: it " + ("no longer exists" if missing else
+                                       f"changed since stamp {if_match}")) from None
+        return ObjectInfo(uri, len(data), _etag(response.get("ETag")))
+
+    return _s3_call(uri, "write", budget, put)
+
+
+def _s3_head(bucket: str, key: str) -> ObjectInfo | None:
+    """HEAD one object (no retries of its own: called inside _s3_call)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        response = s3_client().head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise
+    return ObjectInfo(f"s3://{bucket}/{key}", int(response.get("ContentLength", 0)), _etag(response.get("ETag")))
+
+
+def stat(uri: str, *, budget: RetryBudget | None = None) -> ObjectInfo | None:
+    """The object's size and stamp; None when there is no such object (or the path is a folder)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return _s3_call(uri, "read", budget, lambda attempt: _s3_head(bucket, key))
+    st = _local_stat(uri)
+    return None if st is None else _file_info(uri, st)
+
+
+def exists(uri: str, *, budget: RetryBudget | None = None) -> bool:
+    if is_s3(uri):
+        return stat(uri, budget=budget) is not None
     return local_path(uri).is_file()
 
 
-def list_uris(prefix: str, suffix: str = "") -> list[str]:
-    """Objects (or files, recursively) under a prefix whose names end with ``suffix``, sorted."""
+def delete(uri: str, *, budget: RetryBudget | None = None, if_match: str | None = None) -> None:
+    """Delete an object; one that is already absent is fine (also with ``if_match``: it is gone either way).
+
+    ``if_match``: only delete the object while it has this stamp (else ConditionFailedError).
+    """
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        extra = {"IfMatch": if_match} if if_match is not None else {}
+
+        def remove(attempt: int) -> None:
+            from botocore.exceptions import ClientError
+
+            try:
+                s3_client().delete_object(Bucket=bucket, Key=key, **extra)
+            except ClientError as exc:
+                code = _code(exc)
+                if code in ("NoSuchKey", "404", "NotFound"):
+                    return None  # absent already (or an earlier attempt deleted it)
+                if if_match is not None and (code == "PreconditionFailed" or _status(exc) == 412):
+                    raise ConditionFailedError(f"cannot delete {uri}: it changed since stamp {if_match}") from None
+                raise
+
+        return _s3_call(uri, "delete", budget, remove)
+    path = local_path(uri)
+    if if_match is not None:
+        st = _local_stat(uri)
+        if st is None:
+            return
+        if _file_info(uri, st).stamp != if_match:
+            raise ConditionFailedError(f"cannot delete {uri}: it changed since stamp {if_match} (now "
+                                       f"{_file_info(uri, st).stamp})")
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise NotAFileError(f"{uri} is a directory, not a file") from None
+    except PermissionError:
+        raise StorageError(f"cannot delete {uri}: permission denied") from None
+
+
+def list_objects(prefix: str, suffix: str = "", *, budget: RetryBudget | None = None) -> list[ObjectInfo]:
+    """Objects (or files, recursively) under a prefix whose names end with ``suffix``, with size and stamp, sorted by URI.
+
+    S3 takes size and ETag from the listing itself (1000 objects per request, no call per object).
+    """
     if is_s3(prefix):
         bucket, key = split_s3(prefix)
-        found = []
-        try:
+
+        def listing(attempt: int) -> list[ObjectInfo]:
+            found = []
             for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-                found += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []) if o["Key"].endswith(suffix)]
-        except Exception as exc:
-            raise _s3_error(exc, prefix, "list") from None
-        return sorted(found)
+                found += [ObjectInfo(f"s3://{bucket}/{o['Key']}", int(o.get("Size", 0)), _etag(o.get("ETag")))
+                          for o in page.get("Contents", []) if o["Key"].endswith(suffix)]
+            return found
+
+        return sorted(_s3_call(prefix, "list", budget, listing), key=lambda info: info.uri)
     root = local_path(prefix)
     if root.is_file():
-        return [str(root)] if str(root).endswith(suffix) else []
+        return [_file_info(str(root), root.stat())] if str(root).endswith(suffix) else []
     if not root.is_dir():
         return []
     scheme = "file://" if str(prefix).startswith("file://") else ""
-    return sorted(f"{scheme}{p}" for p in root.rglob(f"*{suffix}") if p.is_file())
+    found = []
+    for path in root.rglob(f"*{suffix}"):
+        try:
+            if path.is_file():
+                found.append(_file_info(f"{scheme}{path}", path.stat()))
+        except FileNotFoundError:  # deleted while we looked
+            continue
+    return sorted(found, key=lambda info: info.uri)
+
+
+def list_uris(prefix: str, suffix: str = "", *, budget: RetryBudget | None = None) -> list[str]:
+    """Objects (or files, recursively) under a prefix whose names end with ``suffix``, sorted."""
+    return [info.uri for info in list_objects(prefix, suffix, budget=budget)]

@@ -1,13 +1,28 @@
 """Residual optimization for one or many concepts: the reference recipe, packed into one UNet batch.
 
 Read top to bottom (the recipe, TrainConfig, is in recipe.py): a concept's cached data (latents of each image and
-its flip, encoded once), then the packed loop. Packing is exact: a concept's loss depends only on
-its own residual and its own random stream, so training it in a pack or alone gives the same result.
+its flip, encoded once) and its resumable state, the background preparation of concepts, then the packed
+loop. Packing is exact: a concept's loss depends only on its own residual and its own random stream, so
+training it in a pack or alone, joining the pack early or late, gives the same result.
+
+Resuming: ``_ConceptState.state_bytes()`` is everything a concept needs to continue exactly where it
+stopped (residual, AdamW moments, step, losses, its RNG and its shuffled image order), tied to its concept
+id and training fingerprint. ``train(state_every=k, on_state=...)`` hands it out every k of a concept's own
+steps; ``train(resume=...)`` (or ``prepare(concept, resume=bytes)``) continues from it. A state that does
+not belong to the concept (other fingerprint or id, other format, unreadable) is a ``StateMismatchError``.
+
+Prefetch: ``train(prefetch=n)`` reads, decodes and VAE-encodes up to n concepts ahead on a background
+thread (a CUDA side stream on GPUs), so the packed loop refills from ready concepts and never waits for
+input while it has work.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +46,13 @@ from .residual import Residual
 
 LOSS_WINDOW = 50  # final_loss is the mean of the last LOSS_WINDOW steps (single steps are noisy)
 SYNC_EVERY = 10  # steps between loss read-backs when no concept ends or checkpoints
+STATE_FORMAT = 1  # version of _ConceptState.state_bytes(); a state of another version is not resumed
+
+log = logging.getLogger(__name__)
+
+
+class StateMismatchError(ValueError):
+    """A saved training state that cannot continue this concept (the message says why): ignore and delete it."""
 
 
 @dataclass
@@ -49,7 +71,7 @@ class Progress:
     """Reported after every packed step."""
 
     steps_done: int  # concept-steps finished, summed over concepts
-    steps_total: int | None  # None while concepts are still arriving
+    steps_total: int | None  # None while concepts are still arriving (resumed concepts count only what is left)
     concepts_done: int
     concepts_failed: int
     active: int  # concepts in the current pack
@@ -87,8 +109,9 @@ class _ConceptState:
         self.step = 0
         self.losses: list[float] = []
         self.unread: list[torch.Tensor] = []  # this concept's losses not yet copied to the host
-        self.order = torch.empty(0, dtype=torch.long)
+        self.order = torch.empty(0, dtype=torch.long, device=self.generator.device)
         self.started = time.perf_counter()
+        self.ready: torch.cuda.Event | None = None  # set when prepared on a CUDA side stream (prefetch)
 
     def sample(self, scheduler: DDPMScheduler, scaling: float):
         """This step's rows: noisy latents, timesteps and target noise, all from this concept's RNG."""
@@ -125,6 +148,195 @@ class _ConceptState:
             meta["checkpoint_of_steps"] = self.cfg.steps
         return Residual(self.residual.detach(), layers, self.cfg.prefix_logit_bias, meta)
 
+    # ---- resumable state -----------------------------------------------------------------------
+    def state_bytes(self) -> bytes:
+        """Everything needed to continue this concept exactly (a host sync: call it at save steps only).
+
+        Tensors and plain Python values only, so ``torch.load(..., weights_only=True)`` reads it.
+        """
+        if self.unread:
+            self.losses += torch.stack(self.unread).cpu().tolist()
+            self.unread.clear()
+        moments = self.optimizer.state.get(self.residual, {})
+        payload = {
+            "format": STATE_FORMAT,
+            "concept_id": self.concept.concept_id,
+            "fingerprint": self.fingerprint,
+            "step": int(self.step),
+            "losses": torch.tensor(self.losses, dtype=torch.float64),  # float64 holds each host float exactly
+            "residual": _host(self.residual.detach()),
+            "optimizer": {key: _host(value) if isinstance(value, torch.Tensor) else value
+                          for key, value in moments.items()},
+            "generator": self.generator.get_state(),
+            "order": _host(self.order),
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        return buffer.getvalue()
+
+    def restore(self, data: bytes) -> None:
+        """Continue from ``state_bytes()`` output; StateMismatchError (and no change) when it does not fit."""
+        try:
+            payload = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, not a torch file, or not weights-only: all just unreadable
+            raise StateMismatchError(f"unreadable training state ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(payload, dict):
+            raise StateMismatchError(f"unreadable training state (a {type(payload).__name__}, not a dict)")
+        name = self.concept.concept_id
+        if payload.get("format") != STATE_FORMAT:
+            raise StateMismatchError(f"training state format {payload.get('format')!r} is not {STATE_FORMAT}")
+        if payload.get("concept_id") != name:
+            raise StateMismatchError(f"training state is for concept {payload.get('concept_id')!r}, not {name!r}")
+        if payload.get("fingerprint") != self.fingerprint:
+            raise StateMismatchError(f"training state has fingerprint {payload.get('fingerprint')!r}, but concept "
+                                     f"{name!r} now has {self.fingerprint!r} (its images or recipe changed)")
+        try:
+            step, losses, residual = payload["step"], payload["losses"], payload["residual"]
+            moments, rng, order = payload["optimizer"], payload["generator"], payload["order"]
+            problem = _state_problem(self, step, losses, residual, moments, order)
+            scratch = torch.Generator(device=self.generator.device)
+            scratch.set_state(rng)  # checks the RNG state before ours is touched
+        except StateMismatchError:
+            raise
+        except Exception as exc:
+            raise StateMismatchError(f"malformed training state ({type(exc).__name__}: {exc})") from exc
+        if problem:
+            raise StateMismatchError(f"malformed training state: {problem}")
+        # Checked: from here on nothing fails, so the state is either fully restored or untouched.
+        with torch.no_grad():
+            self.residual.copy_(residual)
+        self.optimizer.state.clear()
+        if moments:
+            groups = self.optimizer.state_dict()["param_groups"]
+            self.optimizer.load_state_dict({"state": {0: moments}, "param_groups": groups})
+        self.generator.set_state(rng)
+        self.order = order.to(self.generator.device)
+        self.step = step
+        self.losses = losses.tolist()
+        self.unread = []
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Tell the CUDA allocator that ``stream`` uses this state's tensors (they were made on a side stream)."""
+        tensors = [self.mean, self.std, self.prefix_hidden, self.residual.data, self.order]
+        tensors += [v for v in self.optimizer.state.get(self.residual, {}).values() if isinstance(v, torch.Tensor)]
+        for tensor in tensors:
+            if tensor.is_cuda:
+                tensor.record_stream(stream)
+
+
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    """A compact CPU copy (a view, such as the remaining image order, would otherwise save its whole storage)."""
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+def _state_problem(state: _ConceptState, step, losses, residual, moments, order) -> str | None:
+    """Why a loaded state's contents cannot be this concept's state, or None."""
+    steps, shape = state.cfg.steps, tuple(state.residual.shape)
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < steps:
+        return f"step {step!r} is not in 0..{steps - 1}"
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() != step:
+        return f"expected {step} losses"
+    if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != shape or not residual.is_floating_point():
+        return f"residual is not a float tensor of shape {shape}"
+    if not isinstance(moments, dict):
+        return "optimizer state is not a dict"
+    if step == 0 and moments:
+        return "optimizer moments at step 0"
+    if step > 0:
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = moments.get(key)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+                return f"optimizer {key} is not a tensor of shape {shape}"
+        if not isinstance(moments.get("step"), torch.Tensor) or int(moments["step"]) != step:
+            return f"optimizer step is not {step}"
+    n = state.mean.shape[0]
+    if not isinstance(order, torch.Tensor) or order.dim() != 1 or order.dtype != torch.long:
+        return "image order is not a 1-d long tensor"
+    if order.numel() > n or (order.numel() and not (0 <= int(order.min()) and int(order.max()) < n)):
+        return f"image order does not index {n} images"
+    return None
+
+
+class _Raised:
+    """An exception from the prefetch thread, carried to the training loop to be raised there."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _Prefetcher:
+    """Pulls concepts from ``source`` and prepares them on a background thread, at most ``depth`` ahead.
+
+    ``take`` hands over, in source order, prepared states and the failed results of concepts that could
+    not be prepared; an exception of the source itself (or an unexpected one while preparing) is raised
+    by ``take``. ``close`` stops the thread and joins it (after the item it is working on, if any).
+    """
+
+    _END = object()
+
+    def __init__(self, source: Iterator[Concept], prepare: Callable[[Concept], _ConceptState], depth: int):
+        self._source, self._prepare = source, prepare
+        self._slots = threading.Semaphore(depth)  # prepared (or being prepared) and not yet taken
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, name="catversion-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while self._take_slot():
+                try:
+                    concept = next(self._source)  # may be slow: images can come over the network
+                except StopIteration:
+                    break
+                try:
+                    item: object = self._prepare(concept)
+                except (ImageError, ValueError) as exc:
+                    item = TrainResult(concept.concept_id, "failed", error=str(exc))
+                self._ready.put(item)
+        except BaseException as exc:  # the source's own failure: the caller of train() gets it
+            self._ready.put(_Raised(exc))
+            return
+        self._ready.put(self._END)
+
+    def _take_slot(self) -> bool:
+        while not self._stop.is_set():
+            if self._slots.acquire(timeout=0.05):
+                return not self._stop.is_set()
+        return False
+
+    def take(self, block: bool) -> _ConceptState | TrainResult | None:
+        """The next prepared item; None when none is ready (``block=False``) or the source is exhausted."""
+        while not self._finished:
+            try:
+                item = self._ready.get(timeout=0.1) if block else self._ready.get_nowait()
+            except queue.Empty:
+                if not block:
+                    return None
+                if not self._thread.is_alive() and self._ready.empty():
+                    raise RuntimeError("the prefetch thread ended without finishing the source")
+                continue
+            if item is self._END:
+                self._finished = True
+            elif isinstance(item, _Raised):
+                self._finished = True
+                raise item.error
+            else:
+                self._slots.release()
+                return item
+        return None
+
+    def close(self) -> None:
+        """Stop and join the thread. It stops between concepts: a source blocked inside ``next()`` is waited for."""
+        self._stop.set()
+        waited = 0
+        self._thread.join(timeout=30)
+        while self._thread.is_alive():
+            waited += 30
+            log.warning("train() is ending, but the concept source has not returned for %d s; waiting for it", waited)
+            self._thread.join(timeout=30)
+
 
 class ResidualTrainer:
     """Trains residuals against one frozen base model, ``pack`` concepts per UNet batch.
@@ -150,6 +362,7 @@ class ResidualTrainer:
         self.device = base.device
         self.target = training_target(base, self.resolution, self.encoder.layers, self.encoder.tokens)
         self._prefix_cache: dict[str, torch.Tensor] = {}
+        self._side_stream: torch.cuda.Stream | None = None  # background preparation's stream on CUDA
 
     # ---- per-concept preparation (once per concept, not per step) -------------------------------
     def fingerprint(self, concept: Concept, image_bytes: Sequence[bytes]) -> str:
@@ -175,7 +388,7 @@ class ResidualTrainer:
         shape = (pixels.shape[0], 2) + means[0].shape[1:]
         return torch.cat(means).view(shape), torch.cat(stds).view(shape)
 
-    def prepare(self, concept: Concept) -> _ConceptState:
+    def _fresh_state(self, concept: Concept) -> _ConceptState:
         if not concept.images:
             raise ImageError(f"concept {concept.concept_id!r} has no images")
         names = list(concept.image_names or [None] * len(concept.images))
@@ -186,6 +399,50 @@ class ResidualTrainer:
         return _ConceptState(concept, mean, std, self._prefix_hidden(concept.prompt), fingerprint,
                              self.encoder.residual_shape, self.device)
 
+    def prepare(self, concept: Concept, resume: bytes | None = None) -> _ConceptState:
+        """Read, decode and encode a concept's images; ``resume`` (``state_bytes()`` output) continues it.
+
+        Raises ImageError for unreadable images and StateMismatchError when ``resume`` is not a state
+        of this concept as it is now (other fingerprint or id, other format, unreadable).
+        """
+        state = self._fresh_state(concept)
+        if resume is not None:
+            state.restore(resume)
+        return state
+
+    def _prepare_to_train(self, concept: Concept, resume: Callable[[Concept, str], bytes | None] | None) -> _ConceptState:
+        """``prepare`` with the state ``resume`` returns for it; a state that does not fit is ignored."""
+        state = self._fresh_state(concept)
+        data = resume(concept, state.fingerprint) if resume is not None else None
+        if data is not None:
+            try:
+                state.restore(data)
+            except StateMismatchError as exc:  # restore() left the fresh state untouched
+                log.warning("concept %r: not resuming its saved training state: %s", concept.concept_id, exc)
+        return state
+
+    def _prepare_in_background(self, concept: Concept,
+                               resume: Callable[[Concept, str], bytes | None] | None) -> _ConceptState:
+        """Runs on the prefetch thread: on CUDA, its own stream, and an event the loop waits for."""
+        if self.device.type != "cuda":
+            return self._prepare_to_train(concept, resume)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device=self.device)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._side_stream):
+            state = self._prepare_to_train(concept, resume)
+            state.ready = torch.cuda.Event()
+            state.ready.record(self._side_stream)
+        return state
+
+    def _adopt(self, state: _ConceptState) -> None:
+        """Make a background-prepared state safe to use on the training (current) stream."""
+        if state.ready is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(state.ready)
+            state.record_stream(stream)
+            state.ready = None
+        state.started = time.perf_counter()  # its seconds count from joining the pack
+
     # ---- the packed loop -----------------------------------------------------------------------
     def train(
         self,
@@ -193,78 +450,131 @@ class ResidualTrainer:
         on_result: Callable[[TrainResult], None] | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         on_checkpoint: Callable[[str, int, Residual], None] | None = None,
+        *,
+        state_every: int = 0,
+        on_state: Callable[[str, str, int, bytes], None] | None = None,
+        resume: Callable[[Concept, str], bytes | None] | None = None,
+        prefetch: int = 0,
     ) -> list[TrainResult]:
         """Train every concept; a concept that fails (bad image, diverged loss) never stops the others.
 
         ``concepts`` may be a lazy iterator: a slot is refilled from it as soon as a concept ends.
         ``on_result`` is called the moment each concept finishes (write its residual there).
+
+        ``state_every`` > 0: every that many of a concept's own steps (not at its last step, where it
+        finishes instead) ``on_state(concept_id, fingerprint, step, state_bytes)`` gets its resumable
+        state. ``resume(concept, fingerprint)`` is asked for a saved state while preparing a concept
+        (None: start at step 0); a state that does not match is logged and ignored, and the concept
+        starts at step 0 (its next state replaces it). A resumed concept ends exactly as an
+        uninterrupted one would.
+
+        ``prefetch`` > 0: a background thread pulls concepts from ``concepts`` and prepares them (images,
+        VAE latents, fingerprint, ``resume``), at most ``prefetch`` ahead; the loop takes ready ones
+        without waiting and waits only when its pack is empty. Results are the same as without it. An
+        exception raised by ``concepts`` itself is raised here; the thread ends before train() returns.
+        Callbacks other than ``resume`` (and ``concepts`` itself) run on the calling thread.
         """
+        if not isinstance(state_every, int) or isinstance(state_every, bool) or state_every < 0:
+            raise ValueError(f"state_every must be an integer >= 0, got {state_every!r}")
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+            raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
         pending: Iterator[Concept] = iter(concepts)
         total = sum(c.config.steps for c in concepts) if isinstance(concepts, Sequence) else None
         results: list[TrainResult] = []
         active: list[_ConceptState] = []
         steps_done, rows_done, started = 0, 0, time.perf_counter()
+        saving = state_every if on_state is not None else 0
+        feed = _Prefetcher(pending, lambda c: self._prepare_in_background(c, resume), prefetch) if prefetch else None
 
         def finish(result: TrainResult) -> None:
             results.append(result)
             if on_result is not None:
                 on_result(result)
 
+        def join(state: _ConceptState) -> None:
+            nonlocal total
+            active.append(state)
+            if total is not None:
+                total -= state.step  # a resumed concept's earlier steps are not done by this run
+
         def refill() -> None:
             while len(active) < self.pack:
+                if feed is not None:
+                    # Take what is ready; wait only when nothing is left to train meanwhile.
+                    item = feed.take(block=not active)
+                    if item is None:
+                        return
+                    if isinstance(item, TrainResult):
+                        finish(item)
+                    else:
+                        self._adopt(item)
+                        join(item)
+                    continue
                 concept = next(pending, None)
                 if concept is None:
                     return
                 try:
-                    active.append(self.prepare(concept))
+                    join(self._prepare_to_train(concept, resume))
                 except (ImageError, ValueError) as exc:
                     finish(TrainResult(concept.concept_id, "failed", error=str(exc)))
 
-        refill()
-        iteration = 0
-        while active:
-            losses = self._step(active)
-            iteration += 1
-            rows_done += sum(s.cfg.batch_size for s in active)
-            for state, loss in zip(active, losses):
-                state.step += 1
-                state.unread.append(loss)
-                steps_done += 1
-            # Losses stay on the device until something needs them (a concept's end or checkpoint, or
-            # every SYNC_EVERY steps for progress and divergence), so the GPU never waits for the host.
-            due = any(s.step >= s.cfg.steps or s.step in s.cfg.save_steps for s in active)
-            if not due and iteration % SYNC_EVERY:
-                continue
-            latest = self._read_losses(active)
-            for state in list(active):
-                bad = next((i for i, x in enumerate(state.losses) if not math.isfinite(x)), None)
-                if bad is not None:
-                    active.remove(state)
-                    finish(TrainResult(
-                        state.concept.concept_id, "failed", steps=state.step,
-                        error=f"loss became non-finite at step {bad + 1} (learning rate "
-                        f"{state.cfg.learning_rate} too high?)", seconds=time.perf_counter() - state.started,
-                    ))
-                    continue
-                if state.step in state.cfg.save_steps and state.step < state.cfg.steps and on_checkpoint:
-                    on_checkpoint(state.concept.concept_id, state.step, state.snapshot(self.base, self.encoder.layers, False))
-                if state.step >= state.cfg.steps:
-                    active.remove(state)
-                    residual = state.snapshot(self.base, self.encoder.layers, True)
-                    finish(TrainResult(state.concept.concept_id, "ok", residual=residual, steps=state.step,
-                                       final_loss=residual.meta["final_loss"],
-                                       seconds=time.perf_counter() - state.started))
+        try:
             refill()
-            if on_progress is not None:
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                finite = [x for x in latest if math.isfinite(x)]
-                on_progress(Progress(
-                    steps_done=steps_done, steps_total=total,
-                    concepts_done=sum(r.status == "ok" for r in results),
-                    concepts_failed=sum(r.status == "failed" for r in results),
-                    active=len(active), loss=sum(finite) / len(finite) if finite else math.nan,
-                    images_per_s=rows_done / elapsed,
-                ))
+            iteration = 0
+            while active:
+                losses = self._step(active)
+                iteration += 1
+                rows_done += sum(s.cfg.batch_size for s in active)
+                for state, loss in zip(active, losses):
+                    state.step += 1
+                    state.unread.append(loss)
+                    steps_done += 1
+                # Losses stay on the device until something needs them (a concept's end, checkpoint or
+                # state, or every SYNC_EVERY steps for progress and divergence), so the GPU never waits
+                # for the host.
+                due = any(s.step >= s.cfg.steps or s.step in s.cfg.save_steps or (saving and s.step % saving == 0)
+                          for s in active)
+                if not due and iteration % SYNC_EVERY:
+                    if feed is not None and len(active) < self.pack:
+                        refill()  # a concept prepared since the last refill joins now (no host sync)
+                    continue
+                latest = self._read_losses(active)
+                for state in list(active):
+                    bad = next((i for i, x in enumerate(state.losses) if not math.isfinite(x)), None)
+                    if bad is not None:
+                        active.remove(state)
+                        finish(TrainResult(
+                            state.concept.concept_id, "failed", steps=state.step,
+                            error=f"loss became non-finite at step {bad + 1} (learning rate "
+                            f"{state.cfg.learning_rate} too high?)", seconds=time.perf_counter() - state.started,
+                        ))
+                        continue
+                    if state.step >= state.cfg.steps:
+                        active.remove(state)
+                        residual = state.snapshot(self.base, self.encoder.layers, True)
+                        finish(TrainResult(state.concept.concept_id, "ok", residual=residual, steps=state.step,
+                                           final_loss=residual.meta["final_loss"],
+                                           seconds=time.perf_counter() - state.started))
+                        continue
+                    if state.step in state.cfg.save_steps and on_checkpoint:
+                        on_checkpoint(state.concept.concept_id, state.step,
+                                      state.snapshot(self.base, self.encoder.layers, False))
+                    if saving and state.step % saving == 0:
+                        on_state(state.concept.concept_id, state.fingerprint, state.step, state.state_bytes())
+                refill()
+                if on_progress is not None:
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    finite = [x for x in latest if math.isfinite(x)]
+                    on_progress(Progress(
+                        steps_done=steps_done, steps_total=total,
+                        concepts_done=sum(r.status == "ok" for r in results),
+                        concepts_failed=sum(r.status == "failed" for r in results),
+                        active=len(active), loss=sum(finite) / len(finite) if finite else math.nan,
+                        images_per_s=rows_done / elapsed,
+                    ))
+        finally:
+            if feed is not None:
+                feed.close()
         return results
 
     @staticmethod

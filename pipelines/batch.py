@@ -1,14 +1,21 @@
-"""The batch job: validate a manifest, skip up-to-date concepts, train the rest on Ray Train, write results.
+"""The batch job: plan a manifest cheaply, train what is out of date on Ray Train, write results.
 
-The driver validates and plans; one Ray Train `TorchTrainer` runs `_train_worker` on N workers.
-Concepts are a Ray Dataset split dynamically (`equal=False`), so a faster worker takes more. Each
-worker loads the frozen base model once and trains its concepts packed (catversion.training),
-writing every residual the moment it is done. A worker restarted after a failure skips residuals
-already written, so each concept is written exactly once.
+The driver reads the parquet manifest and checks it without fetching any image (pipelines.manifest),
+then decides what to train from listings and index files in O(N/1000) requests (pipelines.plan).
+A concept already up to date is skipped with no Ray at all. The rest go into a work queue (a
+`Dispatcher` actor on the driver's node) that Ray Train workers lease from (pipelines.worker): each
+worker fetches, hashes and decodes its concepts' images in the background while it trains packed
+concepts, saves each concept's training state every `state_every` steps, and writes each residual
+the moment it is done. A worker group that Ray Train restarts or resizes (`min_workers` makes it
+elastic) gets the unfinished concepts back and resumes them from their saved state. Claims keep two
+runs on the same output from training a concept twice. Result rows land as part files while the
+run goes, and results.parquet is written at the end, also after an interruption.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import os
 import threading
 import time
@@ -16,25 +23,34 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catversion import layout, storage, telemetry
-from catversion.telemetry import ray_metric
-from catversion.limits import DEFAULT_MODEL
-from catversion.recipe import REFERENCE_PREFIX_LOGIT_BIAS, Concept, TrainConfig, training_fingerprint
-from catversion.residual import Residual, ResidualFormatError, ResidualNotFoundError
+from catversion import layout, storage
+from catversion.limits import (DEFAULT_CLAIM_TTL_S, DEFAULT_CLAIM_WAIT_S, DEFAULT_MODEL, DEFAULT_RESIZE_INTERVAL_S,
+                               DEFAULT_RESOURCES_TIMEOUT_S, DEFAULT_STATE_EVERY, DEFAULT_STORAGE_RETRY_S)
+from catversion.recipe import REFERENCE_PREFIX_LOGIT_BIAS
 
-from .manifest import ConceptSpec, ManifestReport, validate_manifest
+from . import plan as planning
+from .manifest import ManifestReport, validate_manifest
+from .worker import (  # noqa: F401  (part of this module's API)
+    FAULT_KILL_ENV,
+    FAULT_MARKER_ENV,
+    FAULT_STATE_KILL_ENV,
+    RESULT_COLUMNS,
+    concept_config,
+    result_row,
+    results_parquet,
+    to_concept,
+)
 
-RESULT_COLUMNS = ("concept_id", "status", "error", "residual_uri", "sha256", "steps", "final_loss", "seconds")
 # Forwarded to the Train workers so they reach the same S3 endpoint and model cache as the driver.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
                  "HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
 # Credentials are forwarded only to a Ray the job starts itself; a cluster's workers use their own role.
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-FAULT_KILL_ENV = "CATVERSION_FAULT_KILL_AFTER_WRITES"  # test hook: a worker process dies after N writes
-FAULT_MARKER_ENV = "CATVERSION_FAULT_MARKER"  # ... once: the marker file records that it happened
+STATUSES = ("ok", "skipped", "failed", "interrupted")
+STOP_GRACE_S = 60.0
+START_ATTEMPT_S = 15.0  # each try to place the worker group waits this long for resources  # after Ctrl-C: how long workers get to stop and hand their results over
 
 
 @dataclass
@@ -42,7 +58,8 @@ class BatchConfig:
     manifest: str | list[str]
     output: str
     model: str = DEFAULT_MODEL
-    workers: int = 1
+    workers: int = 1  # the group size; with min_workers, its maximum
+    min_workers: int | None = None  # set: an elastic group of min_workers..workers that follows the cluster
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     pack: int = 4
@@ -53,6 +70,29 @@ class BatchConfig:
     resolution: int | None = None
     address: str | None = None  # None: a local Ray (or the one this process already joined)
     storage_path: str | None = None  # where Ray Train keeps its run state (default ~/ray_results)
+    state_every: int = DEFAULT_STATE_EVERY  # save each in-flight concept's training state every N of its steps
+    prefetch: int | None = None  # concepts prepared ahead of training per worker (default: the pack size)
+    resources_timeout_s: float = DEFAULT_RESOURCES_TIMEOUT_S  # give up when the group cannot start for this long
+    resize_interval_s: float = DEFAULT_RESIZE_INTERVAL_S  # elastic groups: how often to look for capacity to grow into
+    storage_retry_s: float = DEFAULT_STORAGE_RETRY_S  # how long storage calls retry transient errors
+    claim_ttl_s: float = DEFAULT_CLAIM_TTL_S  # a claim not refreshed for this long is taken over
+    claim_wait_s: float = DEFAULT_CLAIM_WAIT_S  # how long to wait for another run's claimed concept before reporting it
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("workers", "pack"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.min_workers is not None and not (isinstance(self.min_workers, int) and 1 <= self.min_workers <= self.workers):
+            problems.append(f"min_workers must be an integer in 1..workers ({self.workers}), got {self.min_workers!r}")
+        if self.state_every < 0:
+            problems.append(f"state_every must be >= 0 (0: never), got {self.state_every}")
+        for name in ("resources_timeout_s", "storage_retry_s", "claim_ttl_s", "claim_wait_s", "resize_interval_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                problems.append(f"{name} must be a positive number of seconds, got {value!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass
@@ -64,210 +104,32 @@ class BatchSummary:
     seconds: float
     error: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    planning_seconds: float = 0.0
+    interrupted: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.counts.get("failed", 0) == 0
+        return self.error is None and not self.interrupted and self.counts.get("failed", 0) == 0
 
     def format(self) -> str:
         lines = [
-            f"run {self.run_id}: {self.counts.get('ok', 0)} trained, {self.counts.get('skipped', 0)} skipped (up to date), "
-            f"{self.counts.get('failed', 0)} failed, in {self.seconds:.1f} s",
+            f"run {self.run_id}: {self.counts.get('ok', 0)} trained, {self.counts.get('skipped', 0)} skipped, "
+            f"{self.counts.get('failed', 0)} failed, {self.counts.get('interrupted', 0)} interrupted, "
+            f"in {self.seconds:.1f} s",
             f"results: {self.results_uri}",
         ]
         for row in self.results:
             if row["status"] == "failed":
                 lines.append(f"  failed {row['concept_id']}: {row['error']}")
+        if self.counts.get("interrupted"):
+            lines.append(f"  {self.counts['interrupted']} concept(s) not finished: run again to resume them "
+                         "from their saved state")
         if self.error:
             lines.append(f"job error: {self.error}")
         return "\n".join(lines)
 
 
-def concept_config(spec: ConceptSpec, job_steps: int | None, prefix_logit_bias: float) -> TrainConfig:
-    """The recipe for one concept: defaults, then the job's options, then the manifest's overrides."""
-    values: dict = {"prefix_logit_bias": prefix_logit_bias}
-    if job_steps:
-        values["steps"] = job_steps
-    values.update(spec.overrides)
-    return TrainConfig(save_steps=(), **values)
-
-
-def to_concept(spec: ConceptSpec, config: TrainConfig, images: list | None = None) -> Concept:
-    """The library's Concept for a manifest concept; ``images`` default to the manifest's references."""
-    sources = images if images is not None else [ref.data if ref.data is not None else ref.uri for ref in spec.images]
-    return Concept(spec.concept_id, sources, spec.class_word, spec.caption, config,
-                   image_names=[ref.name for ref in spec.images])
-
-
-def _existing_residual(uri: str) -> Residual | None:
-    try:
-        return Residual.load(uri)
-    except ResidualNotFoundError:
-        return None
-    except ResidualFormatError:
-        return None  # a corrupt or foreign object is retrained and overwritten
-
-
-def _result_row(concept_id: str, status: str, **values) -> dict:
-    row = dict.fromkeys(RESULT_COLUMNS)
-    row.update(concept_id=concept_id, status=status, **values)
-    return row
-
-
-def _ok_row(concept_id: str, uri: str, residual: Residual, status: str = "ok", seconds: float = 0.0) -> dict:
-    return _result_row(concept_id, status, residual_uri=uri, sha256=residual.sha256, steps=residual.meta.get("steps"),
-                       final_loss=residual.meta.get("final_loss"), seconds=seconds)
-
-
 # ---- the Ray side ----------------------------------------------------------------------------
-
-
-def _collector_class():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class ResultCollector:
-        """Per-concept outcomes and live progress, kept by the driver across worker restarts."""
-
-        def __init__(self):
-            self.rows: dict[str, dict] = {}
-            self.progress: dict[int, dict] = {}
-
-        def record(self, row: dict) -> None:
-            # A concept done before a restart stays done; a later attempt never overwrites "ok".
-            if self.rows.get(row["concept_id"], {}).get("status") != "ok":
-                self.rows[row["concept_id"]] = row
-
-        def report_progress(self, worker: int, info: dict) -> None:
-            self.progress[worker] = info
-
-        def snapshot(self) -> tuple[dict, dict]:
-            return self.rows, self.progress
-
-        def count_planned(self, run_id: str, failed: int, skipped: int) -> None:
-            """Concepts the driver settled before training (rejected, up to date) also count in the metrics."""
-            tags = {"run_id": run_id}
-            if failed:
-                ray_metric(telemetry.CONCEPTS_FAILED).inc(failed, tags)
-            if skipped:
-                ray_metric(telemetry.CONCEPTS_SKIPPED).inc(skipped, tags)
-
-    return ResultCollector
-
-
-def _dynamic_split_config():
-    from ray.train import DataConfig
-
-    class DynamicSplit(DataConfig):
-        """Split concepts dynamically: each worker pulls the next concept when it has room."""
-
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            output = [{} for _ in range(world_size)]
-            for name, dataset in datasets.items():
-                for rank, split in enumerate(dataset.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
-                    output[rank][name] = split
-            return output
-
-    return DynamicSplit()
-
-
-class _FaultInjector:
-    """Test hook: after N residual writes, this worker process dies once (os._exit, no cleanup)."""
-
-    def __init__(self):
-        self.kill_after = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
-        self.marker = os.environ.get(FAULT_MARKER_ENV)
-        self.writes = 0
-
-    def after_write(self) -> None:
-        self.writes += 1
-        if self.kill_after and self.marker and self.writes >= self.kill_after and not os.path.exists(self.marker):
-            with open(self.marker, "w") as handle:
-                handle.write(f"killed pid {os.getpid()} after {self.writes} writes\n")
-            os._exit(1)
-
-
-def _train_worker(cfg: dict) -> None:
-    """Runs on every Ray Train worker: load the model once, train this worker's share of concepts."""
-    import ray.train
-    import ray.train.torch
-
-    from catversion.models import load_base_model
-    from catversion.training import ResidualTrainer
-
-    rank = ray.train.get_context().get_world_rank()
-    device = ray.train.torch.get_device() if cfg["gpus_per_worker"] > 0 else "cpu"
-    if device == "cpu":
-        import torch
-
-        # Use exactly the CPUs Ray reserved for this worker: more threads would fight the other workers.
-        torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
-    base = load_base_model(cfg["model"], device=device)
-    trainer = ResidualTrainer(base, pack=cfg["pack"], resolution=cfg["resolution"])
-    collector, run_id, output = cfg["collector"], cfg["run_id"], cfg["output"]
-    tags = {"run_id": run_id}
-    done, failed, skipped, steps = (ray_metric(s) for s in (telemetry.CONCEPTS_DONE, telemetry.CONCEPTS_FAILED,
-                                                               telemetry.CONCEPTS_SKIPPED, telemetry.TRAIN_STEPS))
-    speed, duration = ray_metric(telemetry.TRAIN_IMAGES_PER_SECOND), ray_metric(telemetry.CONCEPT_SECONDS)
-    fault = _FaultInjector()
-    counts = {"ok": 0, "failed": 0, "skipped": 0}
-
-    def fail(concept_id: str, error: str, seconds: float = 0.0) -> None:
-        collector.record.remote(_result_row(concept_id, "failed", error=error, seconds=seconds))
-        failed.inc(1, tags)
-        counts["failed"] += 1
-
-    def concepts():
-        for row in ray.train.get_dataset_shard("concepts").iter_rows():
-            spec = ConceptSpec.from_row(row)
-            uri = layout.residual_uri(output, spec.concept_id)
-            existing = _existing_residual(uri)
-            if existing is not None and existing.meta.get("training_fingerprint") == row["fingerprint"]:
-                # Written by this run before a worker restart: never train or write it twice.
-                collector.record.remote(_ok_row(spec.concept_id, uri, existing))
-                skipped.inc(1, tags)
-                counts["skipped"] += 1
-                continue
-            try:
-                images = [ref.data if ref.data is not None else storage.read_bytes(ref.uri) for ref in spec.images]
-            except storage.StorageError as exc:
-                fail(spec.concept_id, str(exc))
-                continue
-            yield to_concept(spec, concept_config(spec, cfg["steps"], cfg["prefix_logit_bias"]), images)
-
-    def on_result(result) -> None:
-        if result.status != "ok":
-            fail(result.concept_id, result.error, result.seconds)
-            return
-        uri = layout.residual_uri(output, result.concept_id)
-        try:
-            storage.write_bytes(uri, result.residual.to_bytes())
-        except storage.StorageError as exc:
-            fail(result.concept_id, str(exc), result.seconds)
-            return
-        collector.record.remote(_ok_row(result.concept_id, uri, result.residual, seconds=result.seconds))
-        done.inc(1, tags)
-        duration.observe(result.seconds, tags)
-        counts["ok"] += 1
-        fault.after_write()
-
-    last = {"t": 0.0, "steps": 0, "ips": 0.0}
-
-    def on_progress(progress) -> None:
-        now = time.monotonic()
-        last["ips"] = progress.images_per_s
-        if now - last["t"] < 1.0:
-            return
-        steps.inc(progress.steps_done - last["steps"], tags)
-        speed.set(progress.images_per_s, {**tags, "worker": str(rank)})
-        collector.report_progress.remote(rank, {"steps": progress.steps_done, "images_per_s": progress.images_per_s,
-                                                "active": progress.active})
-        last.update(t=now, steps=progress.steps_done)
-
-    trainer.train(concepts(), on_result=on_result, on_progress=on_progress)
-    # report() is a barrier across workers, so each worker reports once, at its end.
-    ray.train.report({"worker": rank, "concepts_done": counts["ok"], "concepts_failed": counts["failed"],
-                      "concepts_skipped_after_restart": counts["skipped"], "images_per_s": last["ips"]})
 
 
 def _init_ray(config: BatchConfig) -> bool:
@@ -283,67 +145,162 @@ def _init_ray(config: BatchConfig) -> bool:
     return True
 
 
-def _run_training(config: BatchConfig, run_id: str, plan: list[tuple[ConceptSpec, str]], settled: dict[str, dict],
-                  log: Callable[[str], None]) -> tuple[dict, str | None]:
+class _TrainEnv:
+    """Ray Train settings that only environment variables carry (the driver's are propagated to its controller)."""
+
+    def __init__(self, values: dict[str, str]):
+        self.values, self.saved = values, {}
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc):
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _resources(config: BatchConfig) -> dict[str, float]:
+    resources = {"CPU": config.cpus_per_worker}
+    if config.gpus_per_worker > 0:
+        resources["GPU"] = config.gpus_per_worker
+    return resources
+
+
+def _missing_resources(config: BatchConfig, error: str) -> str:
+    """The job error for a worker group that never got its resources: what was asked, what there is."""
     import ray
-    import ray.data
+
+    wanted = config.min_workers or config.workers
+    each = ", ".join(f"{v:g} {k}" for k, v in _resources(config).items())
+    try:
+        total = ray.cluster_resources()
+        has = ", ".join(f"{total.get(k, 0):g} {k}" for k in _resources(config))
+    except Exception:  # noqa: BLE001
+        has = "unknown"
+    return (f"the worker group could not get its resources for {config.resources_timeout_s:g} s: it needs "
+            f"{wanted} worker(s) with {each} each; the cluster has {has} in all. Add nodes, or lower --workers, "
+            f"--cpus-per-worker or --gpus-per-worker (or let it shrink with --min-workers) [{error}]")
+
+
+def _run_training(config: BatchConfig, run_id: str, rows: list[dict], log: Callable[[str], None]) -> tuple[dict, str | None, bool]:
+    """Train the planned rows; returns (results by concept id, job error, interrupted)."""
+    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    collector = _collector_class().remote()
-    collector.count_planned.remote(run_id, sum(r["status"] == "failed" for r in settled.values()),
-                                   sum(r["status"] == "skipped" for r in settled.values()))
-    rows = [{**spec.to_row(), "fingerprint": fingerprint} for spec, fingerprint in plan]
-    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))  # one concept per block: fine-grained split
+    from .dispatch import Dispatcher
+    from .worker import train_worker
+
+    here = ray.get_runtime_context().get_node_id()
+    dispatcher = ray.remote(num_cpus=0, max_restarts=0)(Dispatcher).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(rows, config.claim_wait_s)
     env = {k: v for k, v in os.environ.items() if k.startswith("CATVERSION_")}
     use_gpu = config.gpus_per_worker > 0
-    resources = {"CPU": config.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = config.gpus_per_worker
+    most = min(config.workers, len(rows))
+    workers = (min(config.min_workers, most), most) if config.min_workers else most
     trainer = TorchTrainer(
-        _train_worker,
+        train_worker,
         train_loop_config={
             "model": config.model, "pack": config.pack, "resolution": config.resolution, "steps": config.steps,
-            "prefix_logit_bias": config.prefix_logit_bias,
-            "output": config.output, "run_id": run_id, "collector": collector, "gpus_per_worker": config.gpus_per_worker,
-            "cpus_per_worker": config.cpus_per_worker,
+            "prefix_logit_bias": config.prefix_logit_bias, "output": config.output, "run_id": run_id,
+            "dispatcher": dispatcher, "gpus_per_worker": config.gpus_per_worker,
+            "cpus_per_worker": config.cpus_per_worker, "state_every": config.state_every,
+            "prefetch": config.prefetch or config.pack, "lease": max(1, config.prefetch or config.pack),
+            "storage_retry_s": config.storage_retry_s, "claim_ttl_s": config.claim_ttl_s,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=min(config.workers, len(rows)), use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=_resources(config),
+                                     elastic_resize_monitor_interval_s=config.resize_interval_s),
         run_config=RunConfig(
             name=f"catversion-{run_id}", storage_path=config.storage_path,
-            failure_config=FailureConfig(max_failures=config.max_failures),
+            # A group that cannot get its resources is retried every START_ATTEMPT_S; the driver's
+            # watchdog ends the job after resources_timeout_s without any worker.
+            failure_config=FailureConfig(max_failures=config.max_failures, controller_failure_limit=-1),
             worker_runtime_env={"env_vars": env} if env else None,
         ),
-        datasets={"concepts": dataset},
-        dataset_config=_dynamic_split_config(),
     )
-    stop = threading.Event()
+    outcome: dict = {}
 
-    def watch() -> None:  # live progress on the driver while fit() blocks
-        while not stop.wait(5.0):
-            try:
-                rows_now, progress = ray.get(collector.snapshot.remote(), timeout=5)
-            except Exception:
-                continue
-            ok = sum(r["status"] == "ok" for r in rows_now.values())
-            bad = sum(r["status"] == "failed" for r in rows_now.values())
-            speed = sum(p.get("images_per_s", 0.0) for p in progress.values())
-            log(f"[batch {run_id}] {ok + bad}/{len(plan)} concepts finished ({bad} failed), {speed:.1f} images/s")
+    def fit() -> None:
+        try:
+            start_timeout = min(START_ATTEMPT_S, config.resources_timeout_s)
+            with _TrainEnv({"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(start_timeout)}):
+                trainer.fit()
+        except Exception as exc:  # noqa: BLE001  (TrainingFailedError after max_failures; results so far stand)
+            outcome["error"] = exc
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    error = None
+    thread = threading.Thread(target=fit, name="batch-fit", daemon=True)
+    thread.start()
+    interrupted, starved = False, None
     try:
-        trainer.fit()
-    except Exception as exc:  # TrainingFailedError after max_failures; results so far are still written
-        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    finally:
-        stop.set()
-        watcher.join()
-    rows_done, _ = ray.get(collector.snapshot.remote())
-    ray.kill(collector)
-    return rows_done, error
+        while thread.is_alive():
+            thread.join(5.0)
+            if thread.is_alive():
+                idle = _log_progress(dispatcher, run_id, len(rows), log)
+                if idle is not None and idle > config.resources_timeout_s:
+                    # No worker has been running for that long: the group cannot get its resources
+                    # (a fixed group that lost a node, an elastic one below its minimum, a GPU
+                    # request on a CPU cluster). Stop waiting; the results so far are written.
+                    starved = _missing_resources(config, f"no worker ran for {idle:.0f} s")
+                    dispatcher.stop.remote("the worker group lacks resources")
+                    thread.join(10.0)
+                    break
+    except KeyboardInterrupt:
+        interrupted = True
+        log(f"[batch {run_id}] interrupted: stopping the workers (in-flight concepts keep their saved state); "
+            "Ctrl-C again to stop at once")
+        dispatcher.stop.remote("interrupted")
+        try:
+            thread.join(STOP_GRACE_S)
+        except KeyboardInterrupt:
+            pass
+    try:
+        snapshot = ray.get(dispatcher.snapshot.remote(), timeout=30)
+    except Exception:  # noqa: BLE001
+        snapshot = {"results": {}}
+    ray.kill(dispatcher)
+    error = starved
+    if error is None and "error" in outcome:
+        error = _root_cause(outcome["error"])
+    return snapshot["results"], error, interrupted
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first line a user can act on: Ray wraps worker errors (WorkerGroupError) around the real one."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        cause = getattr(first, "cause", None) or first
+        text = str(cause).strip().splitlines()
+        return f"{type(exc).__name__}: worker failed: {text[-1] if text else type(cause).__name__}"
+    cause = getattr(exc, "controller_failure", None)
+    if cause is not None:
+        return f"{type(exc).__name__}: {type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _log_progress(dispatcher, run_id: str, total: int, log: Callable[[str], None]) -> float | None:
+    """Log the run's progress; returns how long no worker has been heard from (None: unknown)."""
+    import ray
+
+    try:
+        snap = ray.get(dispatcher.snapshot.remote(), timeout=5)
+    except Exception:  # noqa: BLE001
+        return None
+    results = snap["results"].values()
+    ok = sum(r["status"] == "ok" for r in results)
+    bad = sum(r["status"] == "failed" for r in results)
+    skipped = sum(r["status"] == "skipped" for r in results)
+    speed = sum(p.get("images_per_s", 0.0) for p in snap["progress"].values())
+    log(f"[batch {run_id}] {ok + bad + skipped}/{total} concepts finished ({ok} trained, {skipped} skipped, "
+        f"{bad} failed), {len(snap['progress'])} worker(s), {speed:.1f} images/s")
+    return snap["idle_s"]
 
 
 # ---- the driver ----------------------------------------------------------------------------
@@ -355,51 +312,76 @@ def run_batch(config: BatchConfig, log: Callable[[str], None] = print) -> BatchS
     config = replace(config, manifest=storage.absolute(config.manifest), output=storage.absolute(config.output),
                      storage_path=storage.absolute(config.storage_path) if config.storage_path else None)
     run_id = config.run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    report = validate_manifest(config.manifest)
-    log(f"[batch {run_id}] manifest: {len(report.concepts)} valid concepts, {len(report.rejected)} rejected, {report.rows} rows")
+    budget = storage.RetryBudget(config.storage_retry_s)
+    report = validate_manifest(config.manifest, check_images=False)
+    log(f"[batch {run_id}] manifest: {len(report.concepts)} valid concepts, {len(report.rejected)} rejected, "
+        f"{report.rows} rows")
 
-    results: dict[str, dict] = {cid: _result_row(cid, "failed", error="; ".join(reasons)) for cid, reasons in report.problems.items()}
-    plan: list[tuple[ConceptSpec, str]] = []
+    results: dict[str, dict] = {cid: result_row(cid, "failed", error="; ".join(reasons))
+                                for cid, reasons in report.problems.items()}
+    rows: list[dict] = []
+    listing = planning.Listing()
     if report.concepts:
         from catversion.models import load_base_model
         from catversion.training import training_target
 
         target = training_target(load_base_model(config.model, device="cpu", components=("text_encoder",)),
                                  config.resolution)
+        listing = planning.gather(config.output, report.concepts, budget, log)
         for spec in report.concepts:
+            cid = spec.concept_id
             try:
                 concept = to_concept(spec, concept_config(spec, config.steps, config.prefix_logit_bias))
             except ValueError as exc:
-                results[spec.concept_id] = _result_row(spec.concept_id, "failed", error=str(exc))
+                results[cid] = result_row(cid, "failed", error=str(exc))
                 continue
-            fingerprint = training_fingerprint(concept, [ref.digest for ref in spec.images], target)
-            uri = layout.residual_uri(config.output, spec.concept_id)
-            existing = _existing_residual(uri)
-            if existing is not None and existing.meta.get("training_fingerprint") == fingerprint:
-                results[spec.concept_id] = _ok_row(spec.concept_id, uri, existing, status="skipped")
-            else:
-                plan.append((spec, fingerprint))
-    log(f"[batch {run_id}] {len(plan)} to train, {sum(r['status'] == 'skipped' for r in results.values())} up to date")
+            missing = [ref.name for ref in spec.images if ref.uri is not None and listing.image_missing(ref.uri)]
+            if missing:
+                results[cid] = result_row(cid, "failed", error="; ".join(f"image {name} does not exist" for name in missing))
+                continue
+            known_bad = [problem for ref in spec.images if (problem := listing.image_problem(ref))]
+            if known_bad:
+                results[cid] = result_row(cid, "failed", error="; ".join(known_bad))
+                continue
+            fingerprint = planning.fingerprint_of(concept, spec, listing, target)
+            known = listing.residual_fingerprint(cid)
+            if fingerprint is not None and known == fingerprint:
+                entry = listing.residual_index[cid]
+                results[cid] = result_row(cid, "skipped", detail="up to date", residual_uri=layout.residual_uri(config.output, cid),
+                                          sha256=entry["sha256"], fingerprint=fingerprint, steps=entry["steps"],
+                                          final_loss=entry["final_loss"], residual_stamp=entry["stamp"])
+                continue
+            rows.append({**spec.to_row(), "residual_stamp": listing.residuals.get(cid), "residual_fingerprint": known,
+                         "states": listing.states.get(cid, [])})
+    planning_seconds = time.perf_counter() - started
+    skipped = sum(r["status"] == "skipped" for r in results.values())
+    log(f"[batch {run_id}] planned in {planning_seconds:.1f} s ({listing.requests} listing/index requests): "
+        f"{len(rows)} to train or check, {skipped} up to date")
 
-    error = None
-    if plan:
+    error, interrupted = None, False
+    if rows:
         started_ray = _init_ray(config)
         try:
-            trained, error = _run_training(config, run_id, plan, results, log)
+            trained, error, interrupted = _run_training(config, run_id, rows, log)
         finally:
             if started_ray:
                 import ray
 
                 ray.shutdown()
-        for spec, _ in plan:
-            results[spec.concept_id] = trained.get(spec.concept_id) or _result_row(
-                spec.concept_id, "failed", error=f"not trained: {error or 'the job ended before reaching it'}"
-            )
-    rows = [results[cid] for cid in _ordered_ids(report, results)]
+        stopped = "interrupted" if interrupted else (f"not finished: {error}" if error else "the job ended before reaching it")
+        for row in rows:
+            cid = row["concept_id"]
+            results[cid] = trained.get(cid) or result_row(cid, "interrupted", error=stopped)
+    ordered = [results[cid] for cid in _ordered_ids(report, results)]
     uri = layout.results_uri(config.output, run_id)
-    storage.write_bytes(uri, _results_parquet(rows))
-    counts = {status: sum(r["status"] == status for r in rows) for status in ("ok", "skipped", "failed")}
-    return BatchSummary(run_id, uri, rows, report, time.perf_counter() - started, error, counts)
+    storage.write_bytes(uri, results_parquet(ordered), budget=budget)
+    try:
+        planning.update_indexes(config.output, listing, ordered, budget)
+    except storage.StorageError as exc:
+        log(f"warning: could not update the index files under {config.output} ({exc}); the next run plans slower")
+    counts = {status: sum(r["status"] == status for r in ordered) for status in STATUSES}
+    return BatchSummary(run_id, uri, ordered, report, time.perf_counter() - started, error, counts,
+                        planning_seconds=planning_seconds, interrupted=interrupted)
 
 
 def _ordered_ids(report: ManifestReport, results: dict) -> list[str]:
@@ -407,16 +389,5 @@ def _ordered_ids(report: ManifestReport, results: dict) -> list[str]:
     return [cid for cid in dict.fromkeys(order) if cid in results]
 
 
-def _results_parquet(rows: list[dict]) -> bytes:
-    schema = pa.schema([("concept_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
-                        ("residual_uri", pa.string()), ("sha256", pa.string()), ("steps", pa.int64()),
-                        ("final_loss", pa.float64()), ("seconds", pa.float64())])
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
-    return sink.getvalue().to_pybytes()
-
-
 def read_results(uri: str) -> list[dict]:
-    import io
-
     return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()

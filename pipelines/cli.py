@@ -12,7 +12,9 @@ import sys
 
 from catversion import layout
 from catversion.errors import CLIError
-from catversion.limits import BUILTIN_MODELS, DEFAULT_MODEL
+from catversion.limits import (BUILTIN_MODELS, DEFAULT_CLAIM_TTL_S, DEFAULT_CLAIM_WAIT_S, DEFAULT_MODEL,
+                               DEFAULT_RESIZE_INTERVAL_S, DEFAULT_RESOURCES_TIMEOUT_S, DEFAULT_STATE_EVERY,
+                               DEFAULT_STORAGE_RETRY_S)
 from catversion.recipe import REFERENCE_PREFIX_LOGIT_BIAS, TrainConfig
 
 DESCRIPTION = f"""\
@@ -40,7 +42,11 @@ def register_batch(sub) -> None:
     p.add_argument("--output", metavar="PREFIX", help="where residuals and run results go: s3://bucket/prefix or a folder")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"base model: {' | '.join(BUILTIN_MODELS)} | a diffusers folder | a hub id (default: {DEFAULT_MODEL})")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="Ray Train workers: a fixed group of this size, or the most of an elastic one (default: 1)")
+    p.add_argument("--min-workers", type=int, metavar="M",
+                   help="make the group elastic, M..--workers workers: a lost node shrinks it and new capacity grows "
+                        "it, with the unfinished concepts resumed from their saved state (default: a fixed group)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; 0 trains on CPU (default: 0)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default: 1)")
     p.add_argument("--pack", type=int, default=4, help="concepts trained together in one UNet batch per worker (default: 4)")
@@ -50,22 +56,46 @@ def register_batch(sub) -> None:
                    help="logit added to the residual tokens in attention: 1 = the reference code's recipe (exports "
                         "to pytorch_adapter.bin), 0 = the paper's equation as written (default: %(default)s)")
     p.add_argument("--resolution", type=int, help="training image size in px (default: the model's native size)")
-    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default: 2)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="worker group failures to recover from; each restart resumes in-flight concepts (default: 2)")
+    p.add_argument("--state-every", type=int, default=DEFAULT_STATE_EVERY, metavar="STEPS",
+                   help=f"save each in-flight concept's training state every STEPS of its steps under "
+                        f"PREFIX/{layout.STATE_FOLDER}/, so a failure or Ctrl-C redoes at most that many; 0 = never "
+                        "(default: %(default)s)")
+    p.add_argument("--prefetch", type=int, metavar="N",
+                   help="concepts fetched, decoded and VAE-encoded ahead of training per worker (default: --pack)")
+    p.add_argument("--resources-timeout", type=float, default=DEFAULT_RESOURCES_TIMEOUT_S, metavar="SECONDS",
+                   help="end the job, naming what is missing, when the worker group cannot get its resources for "
+                        "this long (default: %(default)s)")
+    p.add_argument("--resize-interval", type=float, default=DEFAULT_RESIZE_INTERVAL_S, metavar="SECONDS",
+                   help="elastic groups: how often to check for capacity to grow into (default: %(default)s)")
+    p.add_argument("--storage-retry", type=float, default=DEFAULT_STORAGE_RETRY_S, metavar="SECONDS",
+                   help="how long storage reads and writes retry transient errors (an S3 outage) before the "
+                        "concept fails with the storage error (default: %(default)s)")
+    p.add_argument("--claim-ttl", type=float, default=DEFAULT_CLAIM_TTL_S, metavar="SECONDS",
+                   help=f"concepts are claimed under PREFIX/{layout.CLAIMS_FOLDER}/ so concurrent runs never train one "
+                        "twice; a claim not refreshed for this long (its run died) is taken over (default: %(default)s)")
+    p.add_argument("--claim-wait", type=float, default=DEFAULT_CLAIM_WAIT_S, metavar="SECONDS",
+                   help="how long to wait for a concept another run is training before reporting it as skipped "
+                        "(default: %(default)s)")
     p.add_argument("--address", help="Ray cluster address (default: start or join a local Ray)")
     p.add_argument("--run-id", help=f"name of this run under PREFIX/{layout.RUNS_FOLDER}/ (default: timestamp + random suffix)")
     p.add_argument("--storage-path", help="Ray Train run state location (default: ~/ray_results)")
-    p.add_argument("--validate-only", action="store_true", help="check the manifest and its images, print the report, train nothing")
+    p.add_argument("--validate-only", action="store_true",
+                   help="check the manifest and fetch, decode and hash every image (as Ray tasks across the cluster), "
+                        "print the report, train nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_batch_command)
 
 
 def run_batch_command(args: argparse.Namespace) -> None:
     from .batch import BatchConfig, run_batch
-    from .manifest import ManifestError, validate_manifest
+    from .manifest import ManifestError
 
     manifest = args.manifest if len(args.manifest) > 1 else args.manifest[0]
     try:
         if args.validate_only:
-            report = validate_manifest(manifest)
+            report = _validate_on_cluster(manifest, args)
             print(report.format())
             if report.rejected:
                 raise CLIError(f"{len(report.rejected)} concept(s) rejected; fix them and validate again")
@@ -75,18 +105,47 @@ def run_batch_command(args: argparse.Namespace) -> None:
         for name in ("workers", "pack"):
             if getattr(args, name) < 1:
                 raise CLIError(f"--{name} must be >= 1")
-        config = BatchConfig(
-            manifest=manifest, output=args.output, model=args.model, workers=args.workers,
-            gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, pack=args.pack, steps=args.steps,
-            max_failures=args.max_failures, run_id=args.run_id, resolution=args.resolution, address=args.address,
-            storage_path=args.storage_path, prefix_logit_bias=args.prefix_logit_bias,
-        )
+        if args.steps is not None:
+            try:
+                TrainConfig(steps=args.steps)
+            except ValueError as exc:
+                raise CLIError(f"--steps: {exc}") from None
+        try:
+            config = BatchConfig(
+                manifest=manifest, output=args.output, model=args.model, workers=args.workers,
+                min_workers=args.min_workers, gpus_per_worker=args.gpus_per_worker,
+                cpus_per_worker=args.cpus_per_worker, pack=args.pack, steps=args.steps,
+                max_failures=args.max_failures, run_id=args.run_id, resolution=args.resolution, address=args.address,
+                storage_path=args.storage_path, prefix_logit_bias=args.prefix_logit_bias, state_every=args.state_every,
+                prefetch=args.prefetch, resources_timeout_s=args.resources_timeout, resize_interval_s=args.resize_interval,
+                storage_retry_s=args.storage_retry, claim_ttl_s=args.claim_ttl, claim_wait_s=args.claim_wait,
+            )
+        except ValueError as exc:
+            raise CLIError(str(exc).replace("_s must", " must").replace("min_workers", "--min-workers")) from None
         summary = run_batch(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     except ManifestError as exc:
         raise CLIError(str(exc)) from None
     print(summary.format())
+    if summary.interrupted:
+        raise KeyboardInterrupt
     if not summary.ok:
         raise CLIError(f"run {summary.run_id} finished with failures; see {summary.results_uri}")
+
+
+def _validate_on_cluster(manifest, args: argparse.Namespace):
+    """The manifest report with every image checked by Ray tasks (a local Ray unless --address)."""
+    import ray
+
+    from .batch import _init_ray, BatchConfig
+    from .imagecheck import ray_checker
+    from .manifest import validate_manifest
+
+    started = _init_ray(BatchConfig(manifest=manifest, output="", address=args.address))
+    try:
+        return validate_manifest(manifest, checker=ray_checker(quiet=args.quiet))
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def register_evaluate(sub) -> None:

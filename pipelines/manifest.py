@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -148,10 +149,19 @@ def read_manifest(uri: str | list[str]) -> tuple[pa.Table, list[str]]:
                             "use one type per column in every file") from exc
 
 
-def validate_manifest(uri: str | list[str], check_images: bool = True, max_workers: int = 16) -> ManifestReport:
+ImageChecker = Callable[[list[ImageRef]], list[tuple[str | None, str | None]]]
+
+
+def validate_manifest(uri: str | list[str], check_images: bool = True, max_workers: int = 16,
+                      checker: ImageChecker | None = None) -> ManifestReport:
     """Group the manifest's rows into concepts, keep the valid ones and say why each other one was rejected.
 
-    With ``check_images`` every image is fetched (``max_workers`` at a time), fully decoded and hashed.
+    Without ``check_images`` this reads only the parquet files: schema, ids, class words and
+    hyper-parameters are checked and inline images hashed; nothing is fetched (the batch driver's
+    mode: its workers fetch, decode and hash each image once). With ``check_images`` every image is
+    also fetched, fully decoded and hashed: by ``checker`` (a function from image refs to
+    ``(sha256, problem)`` each, e.g. one that fans out over a Ray cluster), else by a local pool of
+    ``max_workers`` threads.
     """
     table, sources = read_manifest(uri)
     rows = _Rows(table, sources)
@@ -161,7 +171,7 @@ def validate_manifest(uri: str | list[str], check_images: bool = True, max_worke
 
     checked = {key: _check_concept(rows, members) for key, members in groups.items()}
     if check_images:
-        _check_images(list(checked.values()), max_workers)
+        _check_images(list(checked.values()), checker or (lambda refs: _check_locally(refs, max_workers)))
 
     concepts, problems = [], {}
     for key, (class_word, chosen, refs, reasons) in checked.items():
@@ -332,7 +342,8 @@ def _image_refs(rows: _Rows, members: list[int], reasons: list[str]) -> list[Ima
             resolved = storage.resolve(uri, rows.source(i))
             key, ref = resolved, ImageRef(resolved, resolved, None)
         else:
-            key, ref = bytes(data), ImageRef(f"{rows.source(i)}#row{rows.row(i)}", None, bytes(data))
+            # Inline bytes are hashed here (as cheap as reading them): no fetch is ever needed for them.
+            key, ref = bytes(data), ImageRef(f"{rows.source(i)}#row{rows.row(i)}", None, bytes(data), image_digest(data))
         if key in first_seen:
             pair = rows.where_all([first_seen[key], i])
             what = f"image {ref.name} is listed twice ({pair})" if ref.uri else f"{pair} give identical image_bytes"
@@ -355,6 +366,11 @@ def _overrides(rows: _Rows, members: list[int], reasons: list[str]) -> dict:
         arrow_type = rows.types[name]
         if not _fits(arrow_type, kind):
             reasons.append(f"column {name!r} has type {arrow_type}, expected {_EXPECTED[kind]}")
+            continue
+        nonfinite = [v for v in given if isinstance(v, float) and not math.isfinite(v)]
+        if nonfinite:
+            reasons.append(f"{name} is {nonfinite[0]!r} on {rows.where_all([i for i in members if _nonfinite(column[i])])}; "
+                           f"{name} must be a finite number")
             continue
         if kind is int:
             fractional = [v for v in given if isinstance(v, float) and not v.is_integer()]
@@ -382,13 +398,12 @@ def _overrides(rows: _Rows, members: list[int], reasons: list[str]) -> dict:
 # ---- checking images -------------------------------------------------------------------------
 
 
-def _check_images(concepts: list[tuple[str | None, dict, list[ImageRef], list[str]]], max_workers: int) -> None:
+def _check_images(concepts: list[tuple[str | None, dict, list[ImageRef], list[str]]], checker: ImageChecker) -> None:
     """Fetch, decode and hash every distinct image once; fill digests and add each failure to its concepts."""
     unique = list({ref.name: ref for _, _, refs, _ in concepts for ref in refs}.values())
     if not unique:
         return
-    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(unique)))) as pool:
-        outcomes = dict(zip((ref.name for ref in unique), pool.map(_check_image, unique)))
+    outcomes = dict(zip((ref.name for ref in unique), checker(unique), strict=True))
     for _, _, concept_refs, reasons in concepts:
         for ref in concept_refs:
             ref.digest, problem = outcomes[ref.name]
@@ -396,7 +411,12 @@ def _check_images(concepts: list[tuple[str | None, dict, list[ImageRef], list[st
                 reasons.append(problem)
 
 
-def _check_image(ref: ImageRef) -> tuple[str | None, str | None]:
+def _check_locally(refs: list[ImageRef], max_workers: int) -> list[tuple[str | None, str | None]]:
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(refs)))) as pool:
+        return list(pool.map(check_image, refs))
+
+
+def check_image(ref: ImageRef) -> tuple[str | None, str | None]:
     """(digest, None) for a usable image, else (None, why). A fetched image's bytes are dropped on return."""
     try:
         data, name = read_source(ref.data if ref.data is not None else ref.uri, ref.name)
@@ -404,6 +424,10 @@ def _check_image(ref: ImageRef) -> tuple[str | None, str | None]:
     except ImageError as exc:
         return None, str(exc)
     return image_digest(data), None
+
+
+def _nonfinite(value) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _optional(value, convert):

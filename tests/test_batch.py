@@ -1,17 +1,22 @@
 """Batch personalization on Ray Train: manifest in S3, residuals in S3, failures isolated, reruns, worker death.
 
 Real parts only: a local Ray (2 CPU workers) and moto's S3 server on 127.0.0.1 over HTTP.
-Each Ray Train fit costs ~20 s, so the session runs three: the first run (the `batch_run` fixture),
+Each Ray Train fit costs ~20 s, so the session runs few: the first run (the `batch_run` fixture),
 the changed-image rerun, and the fault-injection run. The unchanged rerun needs no fit at all.
 """
 
 import boto3
+import torch
 
 from batch_inputs import GOOD, config, put, versions
-from catversion import Residual
+from catversion import Residual, layout, storage
 from catversion.cli import main
 from catversion.samples import concept_jpegs
-from pipelines.batch import FAULT_KILL_ENV, FAULT_MARKER_ENV, BatchConfig, read_results, run_batch
+from pipelines.batch import FAULT_MARKER_ENV, FAULT_STATE_KILL_ENV, BatchConfig, read_results, run_batch
+
+
+def _residual(bucket, key):
+    return Residual.load(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
 def test_good_residuals_land_and_bad_concepts_are_reported(batch_run):
@@ -34,15 +39,24 @@ def test_good_residuals_land_and_bad_concepts_are_reported(batch_run):
     assert results["missing"]["status"] == "failed" and "photos/nowhere/0.jpg does not exist" in results["missing"]["error"]
     for bad in ("broken", "missing"):
         assert not versions(bucket, f"run1/residuals/{bad}.safetensors")
-    assert summary.counts == {"ok": 4, "skipped": 0, "failed": 2}
+    assert summary.counts == {"ok": 4, "skipped": 0, "failed": 2, "interrupted": 0}
+    # Nothing of the run's machinery is left behind: no claims, no training states.
+    assert not storage.list_uris(layout.claims_folder(f"s3://{bucket}/run1"))
+    assert not storage.list_uris(layout.state_folder(f"s3://{bucket}/run1"))
+    # The indexes that make the next run cheap: every fetched image's hash, every residual's fingerprint.
+    assert storage.exists(layout.image_index_uri(f"s3://{bucket}/run1"))
+    assert storage.exists(layout.residual_index_uri(f"s3://{bucket}/run1"))
+    assert storage.list_uris(layout.parts_folder(f"s3://{bucket}/run1", "first")), "results written as the run went"
 
 
 def test_rerun_skips_up_to_date_concepts_and_retrains_changed_ones(batch_run):
     first_run = batch_run
     bucket, manifest, tmp_path, _ = first_run
-    again = run_batch(config(bucket, manifest, "run1", tmp_path, run_id="again"), log=lambda _: None)
+    lines = []
+    again = run_batch(config(bucket, manifest, "run1", tmp_path, run_id="again"), log=lines.append)
     assert {r["concept_id"]: r["status"] for r in again.results} == {**dict.fromkeys(GOOD, "skipped"), "broken": "failed",
                                                                      "missing": "failed"}
+    assert any("0 to train or check, 4 up to date" in line for line in lines), lines  # decided from listings
     for concept_id in GOOD:
         assert len(versions(bucket, f"run1/residuals/{concept_id}.safetensors")) == 1
 
@@ -55,23 +69,30 @@ def test_rerun_skips_up_to_date_concepts_and_retrains_changed_ones(batch_run):
     assert len(versions(bucket, "run1/residuals/red-teapot.safetensors")) == 1
 
 
-def test_a_worker_killed_mid_run_is_restarted_and_every_concept_is_written_once(batch_run, tmp_path, monkeypatch, capsys):
-    first_run = batch_run
-    bucket, manifest, _, _ = first_run
+def test_a_worker_killed_mid_training_resumes_from_its_saved_state_exactly(batch_run, tmp_path, monkeypatch, capsys):
+    """A worker dies (os._exit, as on a lost node) right after saving a concept's state at step 2 of 3.
+
+    Ray Train restarts the group; the concepts in flight resume from their saved state and end equal
+    to the uninterrupted first run's residuals; every residual is written exactly once.
+    """
+    bucket, manifest, _, _ = batch_run
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_KILL_ENV, "1")
+    monkeypatch.setenv(FAULT_STATE_KILL_ENV, "1")
     monkeypatch.setenv(FAULT_MARKER_ENV, str(marker))
     argv = ["batch", "--manifest", manifest, "--output", f"s3://{bucket}/run2", "--model", "tiny", "--workers", "2",
-            "--pack", "2", "--steps", "3", "--max-failures", "3", "--run-id", "faulty",
+            "--pack", "2", "--steps", "3", "--state-every", "2", "--max-failures", "3", "--run-id", "faulty",
             "--storage-path", str(tmp_path / "ray-train")]
     assert main(argv) == 2  # two concepts in the manifest are bad: non-zero exit, but everything else is done
-    assert marker.exists(), "the fault hook must really have killed a worker"
+    assert "after 1 state writes" in marker.read_text(), "the fault hook must really have killed a worker"
     results = {r["concept_id"]: r for r in read_results(f"s3://{bucket}/run2/runs/faulty/results.parquet")}
     for concept_id in GOOD:
-        assert results[concept_id]["status"] == "ok"
+        assert results[concept_id]["status"] == "ok" and results[concept_id]["steps"] == 3
         key = f"run2/residuals/{concept_id}.safetensors"
         assert len(versions(bucket, key)) == 1, f"{concept_id} written more than once"
-        Residual.load(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
+        resumed, uninterrupted = _residual(bucket, key), _residual(bucket, f"run1/residuals/{concept_id}.safetensors")
+        assert torch.allclose(resumed.tensor, uninterrupted.tensor, atol=1e-5), concept_id
+        assert resumed.meta["training_fingerprint"] == uninterrupted.meta["training_fingerprint"]
+    assert not storage.list_uris(layout.state_folder(f"s3://{bucket}/run2")), "states are removed once done"
     out = capsys.readouterr()
     assert "4 trained" in out.out and "failed broken" in out.out
 

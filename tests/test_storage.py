@@ -1,6 +1,12 @@
 """Storage by URI: the same calls for S3 (a real S3 server over HTTP), file:// URIs and plain paths."""
 
+import hashlib
+import threading
+import time
+from urllib.parse import urlparse
+
 import pytest
+from tcp_proxy import TcpProxy
 
 from catversion import storage
 
@@ -42,3 +48,270 @@ def test_references_resolve_against_the_manifest_location():
     assert storage.resolve("s3://other/x.jpg", "/data/m.parquet") == "s3://other/x.jpg"
     with pytest.raises(storage.StorageError, match="unsupported URI scheme"):
         storage.read_bytes("https://example.invalid/x.jpg")
+
+
+# ---- stamps, listings with metadata, conditional writes, retry budgets ------------------------
+
+
+@pytest.fixture
+def proxy(s3_endpoint, monkeypatch):
+    """Storage talks to the S3 server through a TcpProxy the test can take down."""
+    target = urlparse(s3_endpoint)
+    with TcpProxy(target.hostname, target.port) as tcp_proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", tcp_proxy.endpoint)
+        storage.reset_clients()
+        yield tcp_proxy
+    monkeypatch.undo()
+    storage.reset_clients()
+
+
+def s3_calls(client) -> list[str]:
+    """The names of the S3 operations ``client`` sends from now on."""
+    calls = []
+    client.meta.events.register("before-call.s3", lambda model, **kwargs: calls.append(model.name))
+    return calls
+
+
+def test_one_client_per_thread_with_botocore_retries_turned_down(s3_endpoint):
+    client = storage.s3_client()
+    assert storage.s3_client() is client
+    assert client.meta.config.retries == {"mode": "standard", "total_max_attempts": 2}
+    assert client.meta.config.connect_timeout == 5 and client.meta.config.read_timeout == 30
+    other = []
+    thread = threading.Thread(target=lambda: other.append(storage.s3_client()))
+    thread.start()
+    thread.join()
+    assert other[0] is not client
+    storage.reset_clients()
+    fresh = storage.s3_client()
+    assert fresh is not client and storage.s3_client() is fresh
+
+
+def test_s3_stamps_and_listings_with_metadata(s3_bucket):
+    prefix = f"s3://{s3_bucket}/many"
+    written = {}
+    for i in range(30):
+        uri = f"{prefix}/obj{i:02d}.bin"
+        written[uri] = storage.write_bytes(uri, bytes([i]) * (i + 1))
+    storage.write_bytes(f"{prefix}/notes.txt", b"not listed")
+    calls = s3_calls(storage.s3_client())
+    listed = storage.list_objects(prefix, ".bin")
+    assert calls == ["ListObjectsV2"], "size and stamp come from the listing itself"
+    assert [info.uri for info in listed] == sorted(written)
+    assert storage.list_uris(prefix, ".bin") == sorted(written)
+    for info in listed:
+        data, read_info = storage.read_object(info.uri)
+        assert info == written[info.uri] == storage.stat(info.uri) == read_info
+        assert info.size == len(data) and info.stamp == hashlib.md5(data).hexdigest() and '"' not in info.stamp
+
+    uri = sorted(written)[3]
+    assert storage.write_bytes(uri, storage.read_bytes(uri)).stamp == written[uri].stamp, "same bytes, same ETag"
+    changed = storage.write_bytes(uri, b"other bytes")
+    assert changed.stamp != written[uri].stamp and storage.stat(uri) == changed == storage.ObjectInfo(uri, 11, changed.stamp)
+    assert storage.stat(f"{prefix}/absent") is None and not storage.exists(f"{prefix}/absent")
+
+
+def test_file_stamps_change_when_the_file_is_rewritten(tmp_path):
+    uri = str(tmp_path / "d" / "x.bin")
+    first = storage.write_bytes(uri, b"same size 1")
+    assert first == storage.stat(uri) == storage.read_object(uri)[1]
+    st = (tmp_path / "d" / "x.bin").stat()
+    assert first == storage.ObjectInfo(uri, 11, f"{st.st_size}-{st.st_mtime_ns}")
+    stamps = {first.stamp}
+    for i in range(2, 6):  # same size, written quicker than a coarse file clock ticks
+        info = storage.write_bytes(uri, f"same size {i}".encode())
+        assert info == storage.stat(uri) and info.stamp not in stamps
+        stamps.add(info.stamp)
+    file_uri = f"file://{tmp_path}/d/x.bin"
+    storage.write_bytes(f"file://{tmp_path}/d/sub/y.bin", b"y")
+    listed = storage.list_objects(f"file://{tmp_path}", ".bin")
+    assert [i.uri for i in listed] == [f"file://{tmp_path}/d/sub/y.bin", file_uri]
+    assert listed[1] == storage.stat(file_uri) and listed[1].size == 11
+    assert storage.stat(str(tmp_path / "d")) is None and storage.stat(str(tmp_path / "nothing")) is None
+    assert [p.name for p in (tmp_path / "d").iterdir() if p.name.startswith(".")] == [], "no temporary files left"
+
+
+def test_s3_conditional_create_and_replace(s3_bucket):
+    uri = f"s3://{s3_bucket}/claims/a"
+    won = storage.write_bytes(uri, b"first writer", if_absent=True)
+    # (moto does not serialize concurrent conditional PUTs, so the two writers take turns here.)
+    with pytest.raises(storage.AlreadyExistsError, match=f"{uri}.*already exists"):
+        storage.write_bytes(uri, b"second writer", if_absent=True)
+    assert storage.read_object(uri) == (b"first writer", won)
+
+    replaced = storage.write_bytes(uri, b"update", if_match=won.stamp)
+    assert storage.read_object(uri) == (b"update", replaced)
+    with pytest.raises(storage.ConditionFailedError, match=uri):
+        storage.write_bytes(uri, b"lost update", if_match=won.stamp)
+    with pytest.raises(storage.ConditionFailedError, match=uri):
+        storage.write_bytes(f"s3://{s3_bucket}/claims/absent", b"x", if_match=won.stamp)
+    assert storage.read_bytes(uri) == b"update" and not storage.exists(f"s3://{s3_bucket}/claims/absent")
+
+
+def test_file_conditional_create_and_replace(tmp_path):
+    uri = str(tmp_path / "claims" / "a")
+    barrier = threading.Barrier(8)
+    outcomes = []
+
+    def writer(n):
+        barrier.wait()
+        try:
+            outcomes.append((n, storage.write_bytes(uri, f"writer {n}".encode(), if_absent=True)))
+        except storage.AlreadyExistsError:
+            outcomes.append((n, None))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [(n, info) for n, info in outcomes if info is not None]
+    assert len(outcomes) == 8 and len(winners) == 1, outcomes
+    n, won = winners[0]
+    assert storage.read_object(uri) == (f"writer {n}".encode(), won)
+    assert sorted(p.name for p in (tmp_path / "claims").iterdir()) == ["a"], "temporary files removed"
+
+    replaced = storage.write_bytes(uri, b"update", if_match=won.stamp)
+    with pytest.raises(storage.ConditionFailedError, match="changed since"):
+        storage.write_bytes(uri, b"lost update", if_match=won.stamp)
+    with pytest.raises(storage.ConditionFailedError):
+        storage.write_bytes(str(tmp_path / "claims" / "absent"), b"x", if_match=won.stamp)
+    assert storage.read_object(uri) == (b"update", replaced)
+    assert sorted(p.name for p in (tmp_path / "claims").iterdir()) == ["a"]
+
+
+class LosesFirstAnswer:
+    """A client whose first PutObject reaches S3 but whose answer is lost (the connection drops)."""
+
+    def __init__(self, client):
+        self.client, self.lost = client, 0
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def put_object(self, **kwargs):
+        from botocore.exceptions import ConnectionClosedError
+
+        response = self.client.put_object(**kwargs)
+        if not self.lost:
+            self.lost += 1
+            raise ConnectionClosedError(endpoint_url="http://lost.invalid")
+        return response
+
+
+def test_a_retried_conditional_write_recognises_its_own_first_attempt(s3_bucket, monkeypatch):
+    client = LosesFirstAnswer(storage.s3_client())
+    monkeypatch.setattr(storage, "s3_client", lambda: client)
+    fast = storage.RetryBudget(10, first_delay=0.01)
+    uri = f"s3://{s3_bucket}/claims/retried"
+    info = storage.write_bytes(uri, b"mine", if_absent=True, budget=fast)
+    assert client.lost == 1 and storage.read_object(uri) == (b"mine", info)
+    versions = client.list_object_versions(Bucket=s3_bucket, Prefix="claims/retried")["Versions"]
+    assert len(versions) == 1, "written once"
+
+    client.lost = 0
+    replaced = storage.write_bytes(uri, b"mine, updated", if_match=info.stamp, budget=fast)
+    assert client.lost == 1 and storage.read_object(uri) == (b"mine, updated", replaced)
+
+    client.lost = 0
+    other = f"s3://{s3_bucket}/claims/other"
+    storage.write_bytes(other, b"theirs")
+    with pytest.raises(storage.AlreadyExistsError):  # a retry that meets someone else's object
+        storage.write_bytes(other, b"mine", if_absent=True, budget=fast)
+
+
+def test_transient_s3_errors_are_retried_and_permanent_ones_are_not(s3_bucket, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    uri = f"s3://{s3_bucket}/flaky"
+    storage.write_bytes(uri, b"data")
+    real = storage.s3_client()
+    failures, limit = [], [3]
+
+    class Throttled:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def get_object(self, **kwargs):
+            if len(failures) < limit[0]:
+                failures.append(kwargs)
+                raise ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."},
+                                   "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject")
+            return real.get_object(**kwargs)
+
+    monkeypatch.setattr(storage, "s3_client", Throttled)
+    assert storage.read_bytes(uri, budget=storage.RetryBudget(10, first_delay=0.01)) == b"data"
+    assert len(failures) == 3
+    limit[0] = 10**9  # throttled for good
+    with pytest.raises(storage.StorageUnavailableError, match=f"cannot read {uri}: .*SlowDown.*retrying for 0.1 s"):
+        storage.read_bytes(uri, budget=storage.RetryBudget(0.1, first_delay=0.05))
+
+    monkeypatch.undo()
+    started = time.monotonic()
+    with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket-x' does not exist"):
+        storage.read_bytes("s3://no-such-bucket-x/key", budget=storage.LONG_BUDGET)
+    with pytest.raises(storage.NotFoundError):
+        storage.read_bytes(f"s3://{s3_bucket}/absent", budget=storage.LONG_BUDGET)
+    assert time.monotonic() - started < 10, "permanent errors are not retried"
+
+
+def _during_outage(proxy, seconds, call):
+    """``call()`` started with the proxy down; the proxy comes back up after ``seconds``."""
+    refused = proxy.refused
+    proxy.down()
+    timer = threading.Timer(seconds, proxy.up)
+    timer.start()
+    try:
+        result = call()
+    finally:
+        timer.cancel()
+        timer.join()
+        proxy.up()
+    assert proxy.refused > refused, "the call met the outage"
+    return result
+
+
+def test_an_outage_shorter_than_the_budget_is_ridden_out(s3_bucket, proxy):
+    uri = f"s3://{s3_bucket}/outage/a.bin"
+    storage.write_bytes(uri, b"before")
+    budget = storage.RetryBudget(20)
+    assert _during_outage(proxy, 2.0, lambda: storage.read_bytes(uri, budget=budget)) == b"before"
+    info = _during_outage(proxy, 2.0, lambda: storage.write_bytes(uri, b"after", budget=budget))
+    assert storage.read_object(uri) == (b"after", info)
+    created = _during_outage(proxy, 2.0, lambda: storage.write_bytes(f"{uri}.new", b"n", if_absent=True, budget=budget))
+    assert storage.stat(f"{uri}.new") == created
+
+
+def test_an_outage_longer_than_the_budget_names_the_uri_and_the_cause(s3_bucket, proxy):
+    uri = f"s3://{s3_bucket}/outage/b.bin"
+    storage.write_bytes(uri, b"data")
+    proxy.down()
+    for action, call in (("read", lambda: storage.read_bytes(uri, budget=storage.RetryBudget(1))),
+                         ("write", lambda: storage.write_bytes(uri, b"x", budget=storage.RetryBudget(1))),
+                         ("list", lambda: storage.list_objects(f"s3://{s3_bucket}/outage", budget=storage.RetryBudget(1)))):
+        started = time.monotonic()
+        with pytest.raises(storage.StorageUnavailableError) as failure:
+            call()
+        assert time.monotonic() - started < 20
+        message = str(failure.value)
+        assert f"cannot {action} s3://{s3_bucket}/outage" in message and "unreachable" in message, message
+        assert "retrying for 1 s" in message and isinstance(failure.value, storage.StorageError)
+    proxy.up()
+    assert storage.read_bytes(uri) == b"data"
+
+
+def test_delete_is_idempotent_and_can_be_conditional(s3_bucket, tmp_path):
+    for prefix in (f"s3://{s3_bucket}/del", str(tmp_path / "del"), f"file://{tmp_path}/del2"):
+        uri = storage.join(prefix, "x")
+        first = storage.write_bytes(uri, b"one")
+        storage.delete(uri)
+        storage.delete(uri)  # absent: fine
+        assert not storage.exists(uri) and storage.stat(uri) is None
+        first = storage.write_bytes(uri, b"one")
+        second = storage.write_bytes(uri, b"two!")
+        with pytest.raises(storage.ConditionFailedError, match="changed since"):
+            storage.delete(uri, if_match=first.stamp)
+        assert storage.read_bytes(uri) == b"two!"
+        storage.delete(uri, if_match=second.stamp)
+        assert not storage.exists(uri)
+        storage.delete(uri, if_match=second.stamp)  # gone already: fine

@@ -1,0 +1,122 @@
+"""Per-concept claims, so two runs on the same output never train a concept twice.
+
+A claim is a small JSON object at PREFIX/claims/<concept_id>.json, created with a conditional
+write (S3 If-None-Match: "*"; atomic in S3): exactly one run gets it. It names the owner run and
+carries a heartbeat the owner refreshes (a conditional overwrite, If-Match its last ETag). Another
+run that finds the claim leaves the concept to its owner; a claim whose heartbeat is older than
+its TTL is taken over, again by a conditional overwrite, so only one taker wins. The owner deletes
+the claim once the residual is written. Heartbeats use wall-clock time: hosts need roughly synced
+clocks (seconds of skew are fine against a TTL of minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+from catversion import layout, storage
+from catversion.limits import DEFAULT_CLAIM_TTL_S
+
+
+@dataclass
+class Held:
+    """Another run holds the claim."""
+
+    owner: str
+    age_s: float  # seconds since its last heartbeat
+
+
+class Claims:
+    """The claims one worker of run ``run_id`` holds, with a heartbeat thread refreshing them."""
+
+    def __init__(self, output: str, run_id: str, ttl_s: float = DEFAULT_CLAIM_TTL_S,
+                 budget: storage.RetryBudget = storage.LONG_BUDGET):
+        self.output, self.run_id, self.ttl_s, self.budget = output, run_id, float(ttl_s), budget
+        self._held: dict[str, tuple[str, str]] = {}  # concept id -> (fingerprint, stamp of our claim object)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self, concept_id: str, fingerprint: str) -> bytes:
+        return json.dumps({"concept_id": concept_id, "run_id": self.run_id, "fingerprint": fingerprint,
+                           "heartbeat": time.time(), "ttl_s": self.ttl_s}).encode()
+
+    def acquire(self, concept_id: str, fingerprint: str) -> Held | None:
+        """None when this run now holds the claim, else who does. Raises StorageError."""
+        uri = layout.claim_uri(self.output, concept_id)
+        for _ in range(3):
+            try:
+                info = storage.write_bytes(uri, self._body(concept_id, fingerprint), budget=self.budget, if_absent=True)
+                self._keep(concept_id, fingerprint, info.stamp)
+                return None
+            except storage.AlreadyExistsError:
+                pass
+            try:
+                data, info = storage.read_object(uri, budget=self.budget)
+            except storage.NotFoundError:
+                continue  # released in between: try to create it again
+            try:
+                claim = json.loads(data)
+                owner, heartbeat = str(claim["run_id"]), float(claim["heartbeat"])
+                ttl = float(claim.get("ttl_s", self.ttl_s))
+            except (ValueError, KeyError, TypeError):
+                owner, heartbeat, ttl = "<unreadable claim>", 0.0, 0.0
+            age = time.time() - heartbeat
+            if owner != self.run_id and age <= max(ttl, self.ttl_s):
+                return Held(owner, age)
+            # Ours from before a worker restart, or stale: take it over (only one taker's If-Match wins).
+            try:
+                new = storage.write_bytes(uri, self._body(concept_id, fingerprint), budget=self.budget,
+                                          if_match=info.stamp)
+            except storage.ConditionFailedError:
+                continue
+            except storage.NotFoundError:
+                continue
+            self._keep(concept_id, fingerprint, new.stamp)
+            return None
+        data, _ = storage.read_object(uri, budget=self.budget)
+        return Held(str(json.loads(data).get("run_id", "?")), 0.0)
+
+    def _keep(self, concept_id: str, fingerprint: str, stamp: str) -> None:
+        with self._lock:
+            self._held[concept_id] = (fingerprint, stamp)
+
+    def release(self, concept_id: str) -> None:
+        """Delete our claim (once the residual is written, or the concept failed)."""
+        with self._lock:
+            held = self._held.pop(concept_id, None)
+        if held is None:
+            return
+        try:
+            storage.delete(layout.claim_uri(self.output, concept_id), budget=self.budget, if_match=held[1])
+        except storage.StorageError:
+            pass  # taken over meanwhile, or the store is down: the claim then expires by its TTL
+
+    def heartbeat(self) -> None:
+        """Refresh every held claim once."""
+        with self._lock:
+            held = dict(self._held)
+        for concept_id, (fingerprint, stamp) in held.items():
+            uri = layout.claim_uri(self.output, concept_id)
+            try:
+                info = storage.write_bytes(uri, self._body(concept_id, fingerprint), budget=self.budget, if_match=stamp)
+            except storage.StorageError:
+                continue  # lost to a taker (we were too slow) or the store is down; the next beat retries
+            with self._lock:
+                if concept_id in self._held:
+                    self._held[concept_id] = (fingerprint, info.stamp)
+
+    def start(self) -> None:
+        def beat() -> None:
+            while not self._stop.wait(self.ttl_s / 4):
+                self.heartbeat()
+
+        self._thread = threading.Thread(target=beat, name="claims-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,107 @@
+"""The batch run's work queue: which concepts are pending, leased to a worker, deferred or finished.
+
+One `Dispatcher` per run lives in a Ray actor on the driver's node, so it outlives every worker
+group Ray Train starts, restarts or resizes. Workers lease a few concepts at a time (a fast worker
+takes more). Each worker group shares a token (rank 0 draws it, the group broadcasts it); when a
+worker of a new group joins, the concepts leased to the previous group go back to the front of
+the queue: they resume from their saved training state, and one whose residual was written just
+before the failure is found up to date instead of being trained again.
+
+Plain Python (no Ray import): the driver wraps it with `ray.remote`, and tests can use it directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+
+class Dispatcher:
+    def __init__(self, rows: list[dict], claim_wait_s: float = 600.0):
+        self.rows = rows
+        self.claim_wait_s = float(claim_wait_s)
+        self.pending: deque[int] = deque(range(len(rows)))
+        self.leases: dict[int, str] = {}  # row index -> group token
+        self.attempts = [0] * len(rows)
+        self.deferred: dict[int, list] = {}  # row index -> [retry_at, owner run, first deferred at]
+        self.results: dict[str, dict] = {}
+        self.token: str | None = None
+        self.groups = 0
+        self.progress: dict[str, dict] = {}
+        self.stopping: str | None = None
+        self.seen = time.time()  # the last call from any worker (the driver's watchdog reads it)
+
+    # ---- worker groups -----------------------------------------------------------------------
+    def join(self, token: str) -> int:
+        """A worker of group ``token`` starts; a new token means the previous group is gone."""
+        self.seen = time.time()
+        if token != self.token:
+            requeued = sorted(i for i, t in self.leases.items() if t != token)
+            for i in reversed(requeued):
+                del self.leases[i]
+                self.attempts[i] += 1
+                self.pending.appendleft(i)
+            self.token = token
+            self.groups += 1
+            self.progress = {}
+        return self.groups
+
+    # ---- leasing ----------------------------------------------------------------------------
+    def lease(self, token: str, n: int) -> dict:
+        """Up to ``n`` concepts for a worker of group ``token``.
+
+        Returns {"rows": [...]} with each row's index, attempt and deferral facts; an empty list
+        means nothing is left for this worker. {"rows": [], "wait": s} asks it to come back later
+        (only concepts claimed by another run remain, and it is not their time yet).
+        """
+        now = self.seen = time.time()
+        if token != self.token or self.stopping:
+            return {"rows": []}
+        taken = []
+        while len(taken) < n and self.pending:
+            taken.append(self.pending.popleft())
+        for i, (retry_at, _, _) in list(self.deferred.items()):
+            if len(taken) >= n:
+                break
+            if retry_at <= now:
+                taken.append(i)
+        rows = []
+        for i in taken:
+            self.leases[i] = token
+            defer = self.deferred.pop(i, None)
+            rows.append({**self.rows[i], "index": i, "attempt": self.attempts[i],
+                         "deferred_owner": defer[1] if defer else None,
+                         "deferred_for_s": now - defer[2] if defer else 0.0,
+                         "claim_wait_s": self.claim_wait_s})
+        if not rows and self.deferred:
+            return {"rows": [], "wait": max(0.2, min(5.0, min(d[0] for d in self.deferred.values()) - now))}
+        return {"rows": rows}
+
+    def defer(self, index: int, owner: str, retry_in_s: float, first_deferred_at: float | None = None) -> None:
+        """Another run holds this concept's claim: offer it again in ``retry_in_s`` seconds."""
+        self.leases.pop(index, None)
+        now = self.seen = time.time()
+        self.deferred[index] = [now + retry_in_s, owner, first_deferred_at or now]
+
+    def finish(self, index: int, row: dict) -> None:
+        """The outcome of one concept (ok, skipped or failed). An "ok" is never overwritten."""
+        self.seen = time.time()
+        self.leases.pop(index, None)
+        self.deferred.pop(index, None)
+        if self.results.get(row["concept_id"], {}).get("status") != "ok":
+            self.results[row["concept_id"]] = row
+
+    # ---- progress and stopping ---------------------------------------------------------------
+    def report(self, worker: str, info: dict) -> str | None:
+        """Live progress from a worker; returns why to stop (None: go on)."""
+        self.seen = time.time()
+        self.progress[worker] = info
+        return self.stopping
+
+    def stop(self, reason: str) -> None:
+        self.stopping = reason
+
+    def snapshot(self) -> dict:
+        return {"results": self.results, "progress": self.progress, "pending": len(self.pending),
+                "leased": len(self.leases), "deferred": len(self.deferred), "groups": self.groups,
+                "idle_s": time.time() - self.seen}
