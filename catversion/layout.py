@@ -7,6 +7,7 @@
     PREFIX/index/residuals.parquet               concept id -> (training fingerprint, residual stamp, ...)
     PREFIX/state/<concept_id>/<fingerprint>.pt   an in-flight concept's training state (removed when done)
     PREFIX/claims/<concept_id>.json              which run is training the concept now (removed when done)
+    PREFIX/active/<run_id>.json                  a batch run in progress, with a heartbeat (removed at its end)
 
 The index files are caches: an entry is used only while the object it describes still has the
 recorded stamp (S3 ETag, or size and mtime for files), so a stale or lost index costs time, never
@@ -34,6 +35,7 @@ STATE_FOLDER = "state"
 STATE_SUFFIX = ".pt"
 CLAIMS_FOLDER = "claims"
 CLAIM_SUFFIX = ".json"
+ACTIVE_FOLDER = "active"
 # How help texts and messages show the layout.
 RESIDUAL_PATTERN = f"PREFIX/{RESIDUALS_FOLDER}/<concept_id>{RESIDUAL_SUFFIX}"
 RESULTS_PATTERN = f"PREFIX/{RUNS_FOLDER}/<run_id>/{RESULTS_FILE}"
@@ -120,6 +122,14 @@ def claims_folder(prefix: str) -> str:
 def claim_uri(prefix: str, concept_id: str) -> str:
     residual_uri(prefix, concept_id)  # validates the id
     return storage.join(prefix, CLAIMS_FOLDER, f"{concept_id}{CLAIM_SUFFIX}")
+
+
+def active_folder(prefix: str) -> str:
+    return storage.join(prefix, ACTIVE_FOLDER)
+
+
+def active_uri(prefix: str, run_id: str) -> str:
+    return storage.join(prefix, ACTIVE_FOLDER, f"{run_id}.json")
 
 
 def residual_concept(prefix: str, uri: str) -> str | None:

@@ -30,6 +30,7 @@ from catversion.limits import (DEFAULT_CLAIM_TTL_S, DEFAULT_CLAIM_WAIT_S, DEFAUL
                                DEFAULT_RESOURCES_TIMEOUT_S, DEFAULT_STATE_EVERY, DEFAULT_STORAGE_RETRY_S)
 from catversion.recipe import REFERENCE_PREFIX_LOGIT_BIAS
 
+from . import claims
 from . import plan as planning
 from .manifest import ManifestReport, validate_manifest
 from .worker import (  # noqa: F401  (part of this module's API)
@@ -77,6 +78,7 @@ class BatchConfig:
     storage_retry_s: float = DEFAULT_STORAGE_RETRY_S  # how long storage calls retry transient errors
     claim_ttl_s: float = DEFAULT_CLAIM_TTL_S  # a claim not refreshed for this long is taken over
     claim_wait_s: float = DEFAULT_CLAIM_WAIT_S  # how long to wait for another run's claimed concept before reporting it
+    worker_env: dict[str, str] | None = None  # extra environment variables for the Train workers
 
     def __post_init__(self) -> None:
         problems = []
@@ -186,7 +188,8 @@ def _missing_resources(config: BatchConfig, error: str) -> str:
             f"--cpus-per-worker or --gpus-per-worker (or let it shrink with --min-workers) [{error}]")
 
 
-def _run_training(config: BatchConfig, run_id: str, rows: list[dict], log: Callable[[str], None]) -> tuple[dict, str | None, bool]:
+def _run_training(config: BatchConfig, run_id: str, rows: list[dict], marker: claims.RunMarker, others: list[str],
+                  log: Callable[[str], None]) -> tuple[dict, str | None, bool]:
     """Train the planned rows; returns (results by concept id, job error, interrupted)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -198,8 +201,15 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], log: Calla
 
     here = ray.get_runtime_context().get_node_id()
     dispatcher = ray.remote(num_cpus=0, max_restarts=0)(Dispatcher).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(rows, config.claim_wait_s)
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
+            rows, config.claim_wait_s, claiming=bool(others), hold_s=claims.CLAIM_GRACE_S if others else 0.0)
+    if others:
+        log(f"[batch {run_id}] other run(s) active on this output ({', '.join(others)}): every concept is claimed, "
+            "and one they are training is left to them")
+    # Test hooks and any extra settings the caller asks the workers to see (the S3 endpoint, the
+    # model cache and credentials reach them through the job's runtime environment, see _init_ray).
     env = {k: v for k, v in os.environ.items() if k.startswith("CATVERSION_")}
+    env.update(config.worker_env or {})
     use_gpu = config.gpus_per_worker > 0
     most = min(config.workers, len(rows))
     workers = (min(config.min_workers, most), most) if config.min_workers else most
@@ -237,11 +247,22 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], log: Calla
     thread = threading.Thread(target=fit, name="batch-fit", daemon=True)
     thread.start()
     interrupted, starved = False, None
+    started, shown, ticks = time.perf_counter(), [], 0
     try:
+        claiming = bool(others)
         while thread.is_alive():
-            thread.join(5.0)
-            if thread.is_alive():
-                idle = _log_progress(dispatcher, run_id, len(rows), log)
+            thread.join(1.0)
+            ticks += 1
+            if not claiming and ticks % round(claims.MARKER_POLL_S) == 0:
+                try:
+                    others = marker.others()
+                except storage.StorageError:
+                    others = []
+                if others:
+                    claiming = True
+                    dispatcher.start_claiming.remote(others)
+            if thread.is_alive() and ticks % 5 == 0:
+                idle = _log_progress(dispatcher, run_id, len(rows), log, started, shown)
                 if idle is not None and idle > config.resources_timeout_s:
                     # No worker has been running for that long: the group cannot get its resources
                     # (a fixed group that lost a node, an elastic one below its minimum, a GPU
@@ -285,7 +306,8 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _log_progress(dispatcher, run_id: str, total: int, log: Callable[[str], None]) -> float | None:
+def _log_progress(dispatcher, run_id: str, total: int, log: Callable[[str], None], started: float,
+                  shown: list[str]) -> float | None:
     """Log the run's progress; returns how long no worker has been heard from (None: unknown)."""
     import ray
 
@@ -293,6 +315,9 @@ def _log_progress(dispatcher, run_id: str, total: int, log: Callable[[str], None
         snap = ray.get(dispatcher.snapshot.remote(), timeout=5)
     except Exception:  # noqa: BLE001
         return None
+    for event in snap["events"][len(shown):]:
+        log(f"[batch {run_id}] {time.perf_counter() - started:.1f} s: {event}")
+    shown[:] = snap["events"]
     results = snap["results"].values()
     ok = sum(r["status"] == "ok" for r in results)
     bad = sum(r["status"] == "failed" for r in results)
@@ -321,6 +346,20 @@ def run_batch(config: BatchConfig, log: Callable[[str], None] = print) -> BatchS
                                 for cid, reasons in report.problems.items()}
     rows: list[dict] = []
     listing = planning.Listing()
+    # This run's marker goes up before planning: a run that starts later sees it and claims; one
+    # already running is seen here (and notices this one within seconds).
+    marker = claims.RunMarker(config.output, run_id, config.claim_ttl_s, budget)
+    marker.start()
+    try:
+        return _run_batch(config, run_id, budget, report, results, rows, listing, marker, started, log)
+    finally:
+        marker.stop()
+
+
+def _run_batch(config: BatchConfig, run_id: str, budget: storage.RetryBudget, report: ManifestReport,
+               results: dict[str, dict], rows: list[dict], listing: planning.Listing, marker: claims.RunMarker,
+               started: float, log: Callable[[str], None]) -> BatchSummary:
+    others = marker.others()
     if report.concepts:
         from catversion.models import load_base_model
         from catversion.training import training_target
@@ -362,7 +401,7 @@ def run_batch(config: BatchConfig, log: Callable[[str], None] = print) -> BatchS
     if rows:
         started_ray = _init_ray(config)
         try:
-            trained, error, interrupted = _run_training(config, run_id, rows, log)
+            trained, error, interrupted = _run_training(config, run_id, rows, marker, others, log)
         finally:
             if started_ray:
                 import ray
@@ -372,11 +411,15 @@ def run_batch(config: BatchConfig, log: Callable[[str], None] = print) -> BatchS
         for row in rows:
             cid = row["concept_id"]
             results[cid] = trained.get(cid) or result_row(cid, "interrupted", error=stopped)
+        unfinished = [r["concept_id"] for r in results.values() if r["status"] in ("failed", "interrupted")]
+        claims.release_leftovers(config.output, run_id, unfinished, budget)
     ordered = [results[cid] for cid in _ordered_ids(report, results)]
     uri = layout.results_uri(config.output, run_id)
-    storage.write_bytes(uri, results_parquet(ordered), budget=budget)
+    # The run's record: worth waiting for through a long outage, whatever the per-call budget.
+    final = storage.RetryBudget(max(config.storage_retry_s, DEFAULT_STORAGE_RETRY_S))
+    storage.write_bytes(uri, results_parquet(ordered), budget=final)
     try:
-        planning.update_indexes(config.output, listing, ordered, budget)
+        planning.update_indexes(config.output, listing, ordered, final)
     except storage.StorageError as exc:
         log(f"warning: could not update the index files under {config.output} ({exc}); the next run plans slower")
     counts = {status: sum(r["status"] == status for r in ordered) for status in STATUSES}

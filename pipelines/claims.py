@@ -1,5 +1,13 @@
 """Per-concept claims, so two runs on the same output never train a concept twice.
 
+Claims cost two requests per concept, so a run claims only while another run is active on the
+same output. Each run keeps a marker with a heartbeat at PREFIX/active/<run_id>.json. A run that
+finds another live marker when it starts claims from the start, and hands out no concept for
+`CLAIM_GRACE_S`; a run that sees a new marker appear switches to claiming within seconds, and
+first claims every concept it has in flight or is still writing. So whenever two runs overlap,
+every concept either of them trains is claimed, and a concept one of them finished before is
+found by the other's check for an up-to-date residual, made after claiming.
+
 A claim is a small JSON object at PREFIX/claims/<concept_id>.json, created with a conditional
 write (S3 If-None-Match: "*"; atomic in S3): exactly one run gets it. It names the owner run and
 carries a heartbeat the owner refreshes (a conditional overwrite, If-Match its last ETag). Another
@@ -18,6 +26,9 @@ from dataclasses import dataclass
 
 from catversion import layout, storage
 from catversion.limits import DEFAULT_CLAIM_TTL_S
+
+CLAIM_GRACE_S = 10.0  # a run that starts next to another waits this long before training anything
+MARKER_POLL_S = 2.0  # how often a run looks for other runs on its output
 
 
 @dataclass
@@ -83,6 +94,10 @@ class Claims:
         with self._lock:
             self._held[concept_id] = (fingerprint, stamp)
 
+    def holds(self, concept_id: str) -> bool:
+        with self._lock:
+            return concept_id in self._held
+
     def release(self, concept_id: str) -> None:
         """Delete our claim (once the residual is written, or the concept failed)."""
         with self._lock:
@@ -120,3 +135,72 @@ class Claims:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def release_leftovers(output: str, run_id: str, concept_ids: list[str], budget: storage.RetryBudget) -> None:
+    """Delete the claims run ``run_id`` still holds on these concepts (its workers died, or the store
+    was down when they tried), so a rerun need not wait for them to expire. Best effort."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def release(concept_id: str) -> None:
+        uri = layout.claim_uri(output, concept_id)
+        try:
+            data, info = storage.read_object(uri, budget=budget)
+            if json.loads(data).get("run_id") == run_id:
+                storage.delete(uri, budget=budget, if_match=info.stamp)
+        except (storage.StorageError, ValueError):
+            pass
+
+    if concept_ids:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(release, concept_ids))
+
+
+class RunMarker:
+    """This run's marker under PREFIX/active/, kept fresh by a heartbeat thread (driver side)."""
+
+    def __init__(self, output: str, run_id: str, ttl_s: float, budget: storage.RetryBudget):
+        self.output, self.run_id, self.ttl_s, self.budget = output, run_id, float(ttl_s), budget
+        self.uri = layout.active_uri(output, run_id)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self) -> None:
+        body = {"run_id": self.run_id, "heartbeat": time.time(), "ttl_s": self.ttl_s}
+        storage.write_bytes(self.uri, json.dumps(body).encode(), budget=self.budget)
+
+    def start(self) -> None:
+        self._write()
+
+        def beat() -> None:
+            while not self._stop.wait(self.ttl_s / 4):
+                try:
+                    self._write()
+                except storage.StorageError:
+                    pass
+
+        self._thread = threading.Thread(target=beat, name="run-marker", daemon=True)
+        self._thread.start()
+
+    def others(self) -> list[str]:
+        """Other runs on this output whose heartbeat is fresh."""
+        live = []
+        for info in storage.list_objects(layout.active_folder(self.output), layout.CLAIM_SUFFIX, budget=self.budget):
+            if info.uri == self.uri:
+                continue
+            try:
+                marker = json.loads(storage.read_bytes(info.uri, budget=self.budget))
+                if time.time() - float(marker["heartbeat"]) <= max(float(marker.get("ttl_s", 0)), self.ttl_s):
+                    live.append(str(marker["run_id"]))
+            except (storage.NotFoundError, ValueError, KeyError, TypeError):
+                continue
+        return live
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            storage.delete(self.uri, budget=self.budget)
+        except storage.StorageError:
+            pass  # it expires by its heartbeat

@@ -17,7 +17,7 @@ from collections import deque
 
 
 class Dispatcher:
-    def __init__(self, rows: list[dict], claim_wait_s: float = 600.0):
+    def __init__(self, rows: list[dict], claim_wait_s: float = 600.0, claiming: bool = False, hold_s: float = 0.0):
         self.rows = rows
         self.claim_wait_s = float(claim_wait_s)
         self.pending: deque[int] = deque(range(len(rows)))
@@ -30,6 +30,10 @@ class Dispatcher:
         self.progress: dict[str, dict] = {}
         self.stopping: str | None = None
         self.seen = time.time()  # the last call from any worker (the driver's watchdog reads it)
+        self.claiming = claiming  # another run is active on the output: claim every concept
+        self.hold_until = time.time() + hold_s  # hand nothing out before (so the other run can start claiming)
+        self.events: list[str] = []  # for the driver's log: worker groups starting, first leases
+        self.leasing: set[str] = set()  # workers of the current group that have leased
 
     # ---- worker groups -----------------------------------------------------------------------
     def join(self, token: str) -> int:
@@ -44,10 +48,14 @@ class Dispatcher:
             self.token = token
             self.groups += 1
             self.progress = {}
+            self.leasing = set()
+            self.events.append(f"worker group {self.groups} started" + (
+                f"; {len(requeued)} unfinished concept(s) go back to the queue and resume from their saved state"
+                if requeued else ""))
         return self.groups
 
     # ---- leasing ----------------------------------------------------------------------------
-    def lease(self, token: str, n: int) -> dict:
+    def lease(self, token: str, n: int, worker: str = "") -> dict:
         """Up to ``n`` concepts for a worker of group ``token``.
 
         Returns {"rows": [...]} with each row's index, attempt and deferral facts; an empty list
@@ -56,7 +64,12 @@ class Dispatcher:
         """
         now = self.seen = time.time()
         if token != self.token or self.stopping:
-            return {"rows": []}
+            return {"rows": [], "claiming": self.claiming}
+        if now < self.hold_until:
+            return {"rows": [], "wait": self.hold_until - now, "claiming": self.claiming}
+        if worker and worker not in self.leasing:
+            self.leasing.add(worker)
+            self.events.append(f"worker {worker} of group {self.groups} is training (model loaded)")
         taken = []
         while len(taken) < n and self.pending:
             taken.append(self.pending.popleft())
@@ -74,8 +87,9 @@ class Dispatcher:
                          "deferred_for_s": now - defer[2] if defer else 0.0,
                          "claim_wait_s": self.claim_wait_s})
         if not rows and self.deferred:
-            return {"rows": [], "wait": max(0.2, min(5.0, min(d[0] for d in self.deferred.values()) - now))}
-        return {"rows": rows}
+            return {"rows": [], "wait": max(0.2, min(5.0, min(d[0] for d in self.deferred.values()) - now)),
+                    "claiming": self.claiming}
+        return {"rows": rows, "claiming": self.claiming}
 
     def defer(self, index: int, owner: str, retry_in_s: float, first_deferred_at: float | None = None) -> None:
         """Another run holds this concept's claim: offer it again in ``retry_in_s`` seconds."""
@@ -92,11 +106,17 @@ class Dispatcher:
             self.results[row["concept_id"]] = row
 
     # ---- progress and stopping ---------------------------------------------------------------
-    def report(self, worker: str, info: dict) -> str | None:
-        """Live progress from a worker; returns why to stop (None: go on)."""
+    def report(self, worker: str, info: dict) -> dict:
+        """Live progress from a worker; returns {"stop": why or None, "claiming": bool}."""
         self.seen = time.time()
         self.progress[worker] = info
-        return self.stopping
+        return {"stop": self.stopping, "claiming": self.claiming}
+
+    def start_claiming(self, others: list[str]) -> None:
+        if not self.claiming:
+            self.claiming = True
+            self.events.append(f"another run is active on this output ({', '.join(others)}): claiming every "
+                               "concept from now on")
 
     def stop(self, reason: str) -> None:
         self.stopping = reason
@@ -104,4 +124,4 @@ class Dispatcher:
     def snapshot(self) -> dict:
         return {"results": self.results, "progress": self.progress, "pending": len(self.pending),
                 "leased": len(self.leases), "deferred": len(self.deferred), "groups": self.groups,
-                "idle_s": time.time() - self.seen}
+                "idle_s": time.time() - self.seen, "events": list(self.events)}

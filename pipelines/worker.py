@@ -241,7 +241,24 @@ def train_worker(cfg: dict) -> None:
     claims.start()
     writer = Writer(output, run_id, worker, dispatcher, claims, budget, tags)
     inflight: dict[str, _Inflight] = {}
+    writing: dict[str, str] = {}  # concept id -> fingerprint, while its residual is being written
     resume_states: dict[str, bytes] = {}
+    # Claims are taken only while another run is active on the output (the dispatcher says so).
+    mode = {"claiming": False}
+    switch_lock = threading.Lock()
+
+    def start_claiming() -> None:
+        """Another run appeared: claim everything this worker holds in flight or is still writing."""
+        with switch_lock:
+            if mode["claiming"]:
+                return
+            mode["claiming"] = True
+            held = {**{c: job.fingerprint for c, job in list(inflight.items())}, **dict(writing)}
+            for concept_id, fingerprint in held.items():
+                try:
+                    claims.acquire(concept_id, fingerprint)
+                except storage.StorageError:
+                    pass  # the claim could not be written: the other run's claim check then finds ours missing
     fetch_pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch")
 
     def existing_residual(row: dict, fingerprint: str) -> tuple[Residual, str] | None:
@@ -298,17 +315,27 @@ def train_worker(cfg: dict) -> None:
         fingerprint = training_fingerprint(concept, digests, trainer.target)
         facts = {"fingerprint": fingerprint, "image_uris": [ref.uri for ref in spec.images], "image_stamps": stamps,
                  "image_sha256s": digests}
-        try:
+        def claim() -> bool:
+            """Claim the concept; False when another run holds it (then it is deferred or reported)."""
             held = claims.acquire(concept_id, fingerprint)
-            if held is not None:
-                waited = row["deferred_for_s"]
-                if waited >= row["claim_wait_s"]:
-                    record(index, result_row(concept_id, "skipped", error=None, detail=(
-                        f"claimed by run {held.owner}, which was still training it after {waited:.0f} s"), **facts))
-                else:
-                    dispatcher.defer.remote(index, held.owner, CLAIM_RETRY_S, time.time() - waited)
+            if held is None:
+                return True
+            waited = row["deferred_for_s"]
+            if waited >= row["claim_wait_s"]:
+                record(index, result_row(concept_id, "skipped", error=None, detail=(
+                    f"claimed by run {held.owner}, which was still training it after {waited:.0f} s"), **facts))
+            else:
+                dispatcher.defer.remote(index, held.owner, CLAIM_RETRY_S, time.time() - waited)
+            return False
+
+        try:
+            claiming = mode["claiming"]
+            if claiming and not claim():
                 return None
-            found = existing_residual(row, fingerprint)
+            # Solo, a residual can only exist where planning saw one (or this run wrote it before a
+            # restart); with another run active, one may have landed since: look after claiming.
+            may_exist = claiming or row["residual_stamp"] is not None or row["attempt"] > 0 or row["deferred_owner"]
+            found = existing_residual(row, fingerprint) if may_exist else None
             if found is not None:
                 claims.release(concept_id)
                 residual, stamp = found
@@ -332,12 +359,28 @@ def train_worker(cfg: dict) -> None:
             record(index, result_row(concept_id, "failed", error=str(exc), **facts))
             return None
         inflight[concept_id] = _Inflight(index, facts, fingerprint, stale, has_state=concept_id in resume_states)
+        if mode["claiming"] and not claims.holds(concept_id):
+            # Claiming began while this concept was being prepared: claim it now, or leave it.
+            try:
+                if not claim() or existing_residual(row, fingerprint) is not None:
+                    inflight.pop(concept_id, None)
+                    resume_states.pop(concept_id, None)
+                    if claims.holds(concept_id):
+                        claims.release(concept_id)
+                        dispatcher.defer.remote(index, run_id, 0.0, time.time())  # look again: now up to date
+                    return None
+            except storage.StorageError as exc:
+                inflight.pop(concept_id, None)
+                record(index, result_row(concept_id, "failed", error=str(exc), **facts))
+                return None
         return concept
 
     def source():
         """Leased concepts, ready to decode (runs on the trainer's prefetch thread)."""
         while True:
-            answer = ray.get(dispatcher.lease.remote(token[0], cfg["lease"]))
+            answer = ray.get(dispatcher.lease.remote(token[0], cfg["lease"], worker))
+            if answer.get("claiming") and not mode["claiming"]:
+                start_claiming()
             rows = answer["rows"]
             if not rows:
                 if "wait" in answer:
@@ -367,10 +410,17 @@ def train_worker(cfg: dict) -> None:
         writer.put(concept_id, save)
 
     def on_result(result) -> None:
-        job = inflight.pop(result.concept_id, None)
+        job = inflight.get(result.concept_id)
         if job is None:  # cannot happen: every concept handed to the trainer is recorded in flight first
             return
         concept_id, index = result.concept_id, job.index
+        writing[concept_id] = job.fingerprint  # first: a switch to claiming must see it in one of the two
+        inflight.pop(concept_id, None)
+
+        def done() -> None:
+            with switch_lock:  # after this, a switch to claiming no longer claims it
+                writing.pop(concept_id, None)
+            claims.release(concept_id)
 
         def write() -> None:
             if result.status != "ok":
@@ -388,7 +438,7 @@ def train_worker(cfg: dict) -> None:
                 info = storage.write_bytes(uri, residual.to_bytes(), budget=budget)
             except storage.StorageError as exc:
                 writer.finish(index, result_row(concept_id, "failed", error=str(exc), seconds=result.seconds, **job.row))
-                claims.release(concept_id)
+                done()
                 return
             writer.finish(index, result_row(concept_id, "ok", residual_uri=uri, sha256=residual.sha256,
                                             steps=residual.meta.get("steps"), final_loss=residual.meta.get("final_loss"),
@@ -405,7 +455,7 @@ def train_worker(cfg: dict) -> None:
                     storage.delete(uri, budget=budget)
                 except storage.StorageError:
                     pass
-            claims.release(concept_id)
+            done()
 
         writer.put(concept_id, write)
 
@@ -419,11 +469,13 @@ def train_worker(cfg: dict) -> None:
             return
         steps_metric.inc(progress.steps_done - last["steps"], tags)
         speed.set(progress.images_per_s, {**tags, "worker": str(rank)})
-        stop = ray.get(dispatcher.report.remote(worker, {"steps": progress.steps_done, "active": progress.active,
-                                                          "images_per_s": progress.images_per_s}))
+        answer = ray.get(dispatcher.report.remote(worker, {"steps": progress.steps_done, "active": progress.active,
+                                                            "images_per_s": progress.images_per_s}))
         last.update(t=now, steps=progress.steps_done)
-        if stop:
-            raise Stopped(stop)
+        if answer["claiming"] and not mode["claiming"]:
+            start_claiming()
+        if answer["stop"]:
+            raise Stopped(answer["stop"])
 
     stopped = None
     try:

@@ -68,3 +68,21 @@ def first_batch_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("batch")
     summary = run_batch(config(bucket, manifest, "run1", tmp_path, run_id="first"), log=lambda _: None)
     return bucket, manifest, tmp_path, summary
+
+
+SAMPLES = ("red-teapot", "blue-mug", "green-vase", "yellow-duck")
+
+
+def small_manifest(bucket, n, prefix="small"):
+    """``n`` good concepts of 2 small photos each; returns the manifest URI and the concept ids."""
+    rows = []
+    for k in range(n):
+        concept_id = f"{prefix}-{k}"
+        for i, data in enumerate(concept_jpegs(SAMPLES[k % 4], n=2, size=64, seed=100 + k)):
+            put(bucket, f"{prefix}/photos/{concept_id}/{i}.jpg", data)
+            rows.append({"concept_id": concept_id, "class_word": "object",
+                         "image_uri": f"s3://{bucket}/{prefix}/photos/{concept_id}/{i}.jpg"})
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    put(bucket, f"{prefix}/manifest.parquet", sink.getvalue())
+    return f"s3://{bucket}/{prefix}/manifest.parquet", [f"{prefix}-{k}" for k in range(n)]
