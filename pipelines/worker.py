@@ -34,11 +34,11 @@ from .manifest import ConceptSpec
 FAULT_KILL_ENV = "CATVERSION_FAULT_KILL_AFTER_WRITES"  # test hook: a worker process dies after N writes
 FAULT_STATE_KILL_ENV = "CATVERSION_FAULT_KILL_AFTER_STATES"  # ... or after N saved training states
 FAULT_MARKER_ENV = "CATVERSION_FAULT_MARKER"  # ... once: the marker file records that it happened
-FETCH_THREADS = 16
+FETCH_THREADS = 8
 PART_EVERY_S = 10.0  # result part files: at most this old ...
 PART_ROWS = 500  # ... or this many rows
 CLAIM_RETRY_S = 5.0
-WRITE_THREADS = 8  # a concept claimed by another run is looked at again after this long
+WRITE_THREADS = 4  # a concept claimed by another run is looked at again after this long
 
 RESULT_SCHEMA = pa.schema([
     ("concept_id", pa.string()), ("status", pa.string()), ("error", pa.string()), ("detail", pa.string()),
