@@ -188,7 +188,8 @@ def _missing_resources(config: BatchConfig, error: str) -> str:
             f"--cpus-per-worker or --gpus-per-worker (or let it shrink with --min-workers) [{error}]")
 
 
-def _run_training(config: BatchConfig, run_id: str, rows: list[dict], marker: claims.RunMarker, others: list[str],
+def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: dict[str, dict],
+                  marker: claims.RunMarker, others: list[str],
                   log: Callable[[str], None]) -> tuple[dict, str | None, bool]:
     """Train the planned rows; returns (results by concept id, job error, interrupted)."""
     import ray
@@ -203,6 +204,8 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], marker: cl
     dispatcher = ray.remote(num_cpus=0, max_restarts=0)(Dispatcher).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
             rows, config.claim_wait_s, claiming=bool(others), hold_s=claims.CLAIM_GRACE_S if others else 0.0)
+    dispatcher.count_settled.remote(run_id, sum(r["status"] == "failed" for r in settled.values()),
+                                    sum(r["status"] == "skipped" for r in settled.values()))
     if others:
         log(f"[batch {run_id}] other run(s) active on this output ({', '.join(others)}): every concept is claimed, "
             "and one they are training is left to them")
@@ -401,7 +404,7 @@ def _run_batch(config: BatchConfig, run_id: str, budget: storage.RetryBudget, re
     if rows:
         started_ray = _init_ray(config)
         try:
-            trained, error, interrupted = _run_training(config, run_id, rows, marker, others, log)
+            trained, error, interrupted = _run_training(config, run_id, rows, results, marker, others, log)
         finally:
             if started_ray:
                 import ray

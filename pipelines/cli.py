@@ -23,7 +23,10 @@ image_uri or image_bytes, class_word, optional caption/steps/learning_rate/batch
 Ray cluster. Writes {layout.RESIDUAL_PATTERN} as each concept finishes and
 {layout.RESULTS_PATTERN} at the end. Concepts that break the manifest schema are
 reported by name and never stop the others. A rerun skips concepts whose residual is up to date
-and retrains those whose inputs changed.
+(decided from listings and PREFIX/index/, without fetching images) and retrains those whose inputs
+changed. In-flight concepts save their training state every --state-every steps: a worker failure, a
+lost node, Ctrl-C or a crash costs at most that many steps per concept, and the next attempt or rerun
+resumes them. Concurrent runs on one output never train a concept twice.
 
 Every concept is trained with the reference recipe unless the manifest overrides it: AdamW
 (lr 1e-2, weight decay 0.01), batch 2, {TrainConfig().steps} steps, N(0, 1) init, random flips,

@@ -105,6 +105,16 @@ class Dispatcher:
         if self.results.get(row["concept_id"], {}).get("status") != "ok":
             self.results[row["concept_id"]] = row
 
+    def count_settled(self, run_id: str, failed: int, skipped: int) -> None:
+        """Concepts the driver settled before training (rejected, up to date) count in the metrics too."""
+        from catversion import telemetry
+
+        tags = {"run_id": run_id}
+        if failed:
+            telemetry.ray_metric(telemetry.CONCEPTS_FAILED).inc(failed, tags)
+        if skipped:
+            telemetry.ray_metric(telemetry.CONCEPTS_SKIPPED).inc(skipped, tags)
+
     # ---- progress and stopping ---------------------------------------------------------------
     def report(self, worker: str, info: dict) -> dict:
         """Live progress from a worker; returns {"stop": why or None, "claiming": bool}."""
