@@ -46,7 +46,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         problems = []
         if not _is_int(self.steps) or not 1 <= self.steps <= MAX_TRAIN_STEPS:
-            problems.append(f"steps must be an integer in 1..{MAX_TRAIN_STEPS}, got {self.steps!r}")
+            problems.append(f"steps must be an integer in 1..{MAX_TRAIN_STEPS:,} (more would hold a GPU for days; "
+                            f"the reference recipe uses 1,000), got {self.steps!r}")
         if not (_is_number(self.learning_rate) and math.isfinite(self.learning_rate) and self.learning_rate > 0):
             problems.append(f"learning_rate must be a positive finite number, got {self.learning_rate!r}")
         if not _is_int(self.batch_size) or not 1 <= self.batch_size <= MAX_BATCH_SIZE:

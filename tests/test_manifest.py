@@ -261,6 +261,27 @@ def test_override_columns_of_the_wrong_type_reject_only_the_concepts_that_set_th
     }
 
 
+def test_non_finite_and_out_of_range_hyper_parameters_are_rejected_with_the_right_reason(tmp_path):
+    def rows(concept_id, n=2, **extra):
+        return [{"concept_id": concept_id, "class_word": "thing", "image_uri": f"{i}.png", **extra} for i in range(n)]
+
+    manifest = write_manifest(tmp_path / "m.parquet", [
+        *rows("nan-lr", learning_rate=float("nan")), *rows("inf-lr", n=1, learning_rate=float("inf")),
+        *rows("nan-steps", n=1, steps=float("nan")), *rows("huge-steps", n=1, steps=10.0**9),
+        *rows("fine", n=1, steps=100_000.0),
+    ], schema=pa.schema([("concept_id", pa.string()), ("class_word", pa.string()), ("image_uri", pa.string()),
+                         ("learning_rate", pa.float64()), ("steps", pa.float64())]))
+
+    problems = validate_manifest(manifest, check_images=False).problems
+
+    assert set(problems) == {"nan-lr", "inf-lr", "nan-steps", "huge-steps"}
+    assert problems["nan-lr"] == [f"learning_rate is nan on rows 0, 1 of {manifest}; learning_rate must be a finite number"]
+    assert problems["inf-lr"] == [f"learning_rate is inf on row 2 of {manifest}; learning_rate must be a finite number"]
+    assert problems["nan-steps"] == [f"steps is nan on row 3 of {manifest}; steps must be a finite number"]
+    assert "steps must be an integer in 1..100,000 (more would hold a GPU for days" in problems["huge-steps"][0]
+    assert "1000000000" in problems["huge-steps"][0]
+
+
 def test_check_images_false_skips_fetching(tmp_path):
     write_image(tmp_path / "a.png", 1)
     manifest = write_manifest(tmp_path / "m.parquet", [

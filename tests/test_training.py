@@ -136,7 +136,7 @@ def test_config_rejects_bad_values_by_name():
         TrainConfig(learning_rate=float("nan"))
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
-    with pytest.raises(ValueError, match="steps must be an integer in 1..100000"):
+    with pytest.raises(ValueError, match="steps must be an integer in 1..100,000"):
         TrainConfig(steps=10**9)
     with pytest.raises(ValueError, match="learning_rate must be a positive finite number, got nan"):
         TrainConfig(learning_rate=float("nan"))
