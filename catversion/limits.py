@@ -42,7 +42,7 @@ SAVED_REFERENCE_SIDE = 512  # px: the evaluation report keeps reference photos s
 
 # ---- batch jobs (catversion batch) -------------------------------------------------------------
 DEFAULT_STATE_EVERY = 100  # steps between saved training states of an in-flight concept
-DEFAULT_RESOURCES_TIMEOUT_S = 300.0  # a worker group without its resources this long ends the job
+DEFAULT_RESOURCES_TIMEOUT_S = 600.0  # no worker running this long ends the job (covers autoscaler provisioning)
 DEFAULT_RESIZE_INTERVAL_S = 60.0  # elastic groups look for capacity to grow into this often
 DEFAULT_STORAGE_RETRY_S = 300.0  # batch storage calls retry transient errors (an outage) this long
 DEFAULT_CLAIM_TTL_S = 120.0  # a concept claim not refreshed this long belongs to a dead run

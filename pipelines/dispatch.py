@@ -122,6 +122,10 @@ class Dispatcher:
         self.progress[worker] = info
         return {"stop": self.stopping, "claiming": self.claiming}
 
+    def alive(self) -> None:
+        """A worker's keep-alive (sent while it loads the model, and throughout)."""
+        self.seen = time.time()
+
     def start_claiming(self, others: list[str]) -> None:
         if not self.claiming:
             self.claiming = True

@@ -228,6 +228,14 @@ def train_worker(cfg: dict) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(token, src=0)
     ray.get(dispatcher.join.remote(token[0]))
+    # Keep-alive for the driver's watchdog: a worker loading a large model is alive, not starved.
+    finished = threading.Event()
+
+    def keep_alive() -> None:
+        while not finished.wait(10.0):
+            dispatcher.alive.remote()
+
+    threading.Thread(target=keep_alive, name="keep-alive", daemon=True).start()
 
     use_gpu = cfg["gpus_per_worker"] > 0
     device = ray.train.torch.get_device() if use_gpu else "cpu"
@@ -484,6 +492,7 @@ def train_worker(cfg: dict) -> None:
     except Stopped as exc:
         stopped = str(exc)
     finally:
+        finished.set()
         fetch_pool.shutdown(wait=False, cancel_futures=True)
         writer.close()
         claims.stop()
