@@ -165,6 +165,36 @@ class _TrainEnv:
                 os.environ[key] = value
 
 
+def _controller_registrar(dispatcher):
+    """A Ray Train controller callback that hands the controller's own handle to the dispatcher: the
+    driver aborts the run through it when no worker can start or on a second Ctrl-C."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class RegisterController(ControllerCallback):
+        def __init__(self, dispatcher):
+            self.dispatcher = dispatcher
+
+        def after_controller_start(self, train_run_context) -> None:
+            import ray
+
+            self.dispatcher.set_controller.remote(ray.get_runtime_context().current_actor)
+
+    return RegisterController(dispatcher)
+
+
+def _abort(dispatcher, thread: threading.Thread, wait_s: float) -> None:
+    """Abort the Train run through its controller, then wait for fit() to return."""
+    import ray
+
+    try:
+        controller = ray.get(dispatcher.controller.remote(), timeout=10)
+        if controller is not None:
+            ray.get(controller.abort.remote(), timeout=30)
+    except Exception:  # noqa: BLE001  (already gone)
+        pass
+    thread.join(wait_s)
+
+
 def _resources(config: BatchConfig) -> dict[str, float]:
     resources = {"CPU": config.cpus_per_worker}
     if config.gpus_per_worker > 0:
@@ -235,6 +265,7 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
             # watchdog ends the job after resources_timeout_s without any worker.
             failure_config=FailureConfig(max_failures=config.max_failures, controller_failure_limit=-1),
             worker_runtime_env={"env_vars": env} if env else None,
+            callbacks=[_controller_registrar(dispatcher)],
         ),
     )
     outcome: dict = {}
@@ -272,7 +303,7 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
                     # request on a CPU cluster). Stop waiting; the results so far are written.
                     starved = _missing_resources(config, f"no worker ran for {idle:.0f} s")
                     dispatcher.stop.remote("the worker group lacks resources")
-                    thread.join(10.0)
+                    _abort(dispatcher, thread, 30.0)
                     break
     except KeyboardInterrupt:
         interrupted = True
@@ -283,6 +314,8 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
             thread.join(STOP_GRACE_S)
         except KeyboardInterrupt:
             pass
+        if thread.is_alive():  # workers that never started, or a second Ctrl-C: abort the Train run
+            _abort(dispatcher, thread, 30.0)
     try:
         snapshot = ray.get(dispatcher.snapshot.remote(), timeout=30)
     except Exception:  # noqa: BLE001

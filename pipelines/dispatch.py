@@ -122,6 +122,13 @@ class Dispatcher:
         self.progress[worker] = info
         return {"stop": self.stopping, "claiming": self.claiming}
 
+    def set_controller(self, controller) -> None:
+        """The Ray Train controller's handle (registered from inside it), so the driver can abort it."""
+        self._controller = controller
+
+    def controller(self):
+        return getattr(self, "_controller", None)
+
     def alive(self) -> None:
         """A worker's keep-alive (sent while it loads the model, and throughout)."""
         self.seen = time.time()

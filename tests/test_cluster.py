@@ -73,6 +73,7 @@ def test_a_group_that_never_gets_its_resources_ends_the_job_and_says_what_is_mis
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )
     assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "already been shutdown" not in done.stderr, "the Train run must be aborted, not left behind"
     assert "needs 1 worker(s) with 1 CPU, 1 GPU each" in done.stdout and "0 GPU in all" in done.stdout, done.stdout
     from pipelines.batch import read_results
 
