@@ -183,15 +183,25 @@ def _controller_registrar(dispatcher):
 
 
 def _abort(dispatcher, thread: threading.Thread, wait_s: float) -> None:
-    """Abort the Train run through its controller, then wait for fit() to return."""
+    """End the Train run through its controller, then wait for fit() to return.
+
+    The controller's graceful abort can wait behind a placement-group wait of START_ATTEMPT_S, so
+    after a short grace it is killed (Ray Train's placement group cleaner then frees its resources).
+    """
     import ray
 
     try:
         controller = ray.get(dispatcher.controller.remote(), timeout=10)
-        if controller is not None:
-            ray.get(controller.abort.remote(), timeout=30)
-    except Exception:  # noqa: BLE001  (already gone)
-        pass
+    except Exception:  # noqa: BLE001
+        controller = None
+    if controller is not None:
+        try:
+            ray.get(controller.abort.remote(), timeout=5)
+        except Exception:  # noqa: BLE001  (busy, or already gone)
+            pass
+        thread.join(5)
+        if thread.is_alive():
+            ray.kill(controller, no_restart=True)
     thread.join(wait_s)
 
 
@@ -302,8 +312,11 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
                     # (a fixed group that lost a node, an elastic one below its minimum, a GPU
                     # request on a CPU cluster). Stop waiting; the results so far are written.
                     starved = _missing_resources(config, f"no worker ran for {idle:.0f} s")
+                    log(f"[batch {run_id}] no worker has run for {idle:.0f} s (--resources-timeout "
+                        f"{config.resources_timeout_s:g}): ending the run")
                     dispatcher.stop.remote("the worker group lacks resources")
                     _abort(dispatcher, thread, 30.0)
+                    log(f"[batch {run_id}] the Train run has {'not ' if thread.is_alive() else ''}ended")
                     break
     except KeyboardInterrupt:
         interrupted = True
