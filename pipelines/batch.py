@@ -324,8 +324,15 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
             "Ctrl-C again to stop at once")
         dispatcher.stop.remote("interrupted")
         try:
-            thread.join(STOP_GRACE_S)
+            deadline = time.monotonic() + STOP_GRACE_S
+            while thread.is_alive() and time.monotonic() < deadline:
+                thread.join(1.0)
+                snap = ray.get(dispatcher.snapshot.remote(), timeout=10)
+                if not snap["progress"] and not snap["leased"]:
+                    break  # no worker is running (e.g. still waiting for resources): nothing to wait for
         except KeyboardInterrupt:
+            pass
+        except Exception:  # noqa: BLE001  (the dispatcher is unreachable: stop waiting for it)
             pass
         if thread.is_alive():  # workers that never started, or a second Ctrl-C: abort the Train run
             _abort(dispatcher, thread, 30.0)
