@@ -2,8 +2,8 @@
 
 Both sides train the same concepts for the same steps. The baseline is `ResidualTrainer.train` in
 this process (model already loaded, images already in memory), i.e. the sum of pure training time.
-The job is `pipelines.batch.run_batch` end to end: manifest validation and image checks, planning,
-Ray Train start-up, a model load per worker, images fetched from S3, residuals and results written
+The job is `pipelines.batch.run_batch` end to end: manifest validation, planning from listings,
+Ray Train start-up, a model load per worker, images fetched and hashed from S3, residuals and results written
 to S3. Prints the overhead ratio (job wall time / pure training time). A local S3 server (moto) on
 127.0.0.1 stands in for S3.
 
