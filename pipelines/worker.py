@@ -267,6 +267,7 @@ def train_worker(cfg: dict) -> None:
                     claims.acquire(concept_id, fingerprint)
                 except storage.StorageError:
                     pass  # the claim could not be written: the other run's claim check then finds ours missing
+
     fetch_pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch")
 
     def existing_residual(row: dict, fingerprint: str) -> tuple[Residual, str] | None:
@@ -323,6 +324,7 @@ def train_worker(cfg: dict) -> None:
         fingerprint = training_fingerprint(concept, digests, trainer.target)
         facts = {"fingerprint": fingerprint, "image_uris": [ref.uri for ref in spec.images], "image_stamps": stamps,
                  "image_sha256s": digests}
+
         def claim() -> bool:
             """Claim the concept; False when another run holds it (then it is deferred or reported)."""
             held = claims.acquire(concept_id, fingerprint)
