@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Callable, TypeVar
 from urllib.parse import unquote, urlparse
 
+from .limits import DEFAULT_STORAGE_RETRY_S
+
 # botocore's own attempts per call (the first and 1 retry): the RetryBudget, not botocore, decides how long to keep trying.
 S3_RETRY_ATTEMPTS = 2
 S3_CONNECT_TIMEOUT = 5
@@ -67,7 +69,7 @@ class RetryBudget:
 
 
 SHORT_BUDGET = RetryBudget(10.0)  # the default when a caller passes none (serving uses this)
-LONG_BUDGET = RetryBudget(300.0)  # batch jobs
+LONG_BUDGET = RetryBudget(DEFAULT_STORAGE_RETRY_S)  # batch jobs (catversion batch --storage-retry)
 
 
 @dataclass(frozen=True)
