@@ -13,6 +13,7 @@ import math
 import os
 import re
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -227,15 +228,22 @@ class Residual:
             raise refuse(str(exc)) from None
 
     # ---- compatibility -----------------------------------------------------------------------
-    def check_compatible(self, text_encoder: Any = None, *, fingerprint: str | None = None, strict: bool = True) -> None:
+    def check_compatible(self, text_encoder: Any = None, *, fingerprint: str | None = None, strict: bool = True,
+                         layers: Sequence[int] | None = None, tokens: int | None = None,
+                         base_model: str | None = None) -> None:
         """Raise IncompatibleResidualError explaining why this residual does not fit the encoder.
 
         ``text_encoder`` is a transformers CLIPTextModel (or anything with a CLIP-like ``config``);
         ``fingerprint`` is the base model's text-encoder fingerprint (``models.text_encoder_fingerprint``),
-        compared with the one recorded at training time when both are known. ``strict=False``
-        skips only the fingerprint comparison.
+        compared with the one recorded at training time when both are known. ``layers`` and
+        ``tokens`` are what the patched encoder that will apply the residual takes (exactly those).
+        ``base_model`` is the loaded base model's id: when either fingerprint is unknown, a residual
+        whose header names another base model is refused. ``strict=False`` skips only the base-model
+        comparisons (fingerprint and name).
         """
         trained_on = self.meta.get("base_model") or "an unknown base model"
+        if self.tensor.dtype != torch.float32:
+            raise IncompatibleResidualError(f"residual tensor is {self.tensor.dtype}; residuals are float32")
         if text_encoder is not None:
             config = text_encoder.config
             if config.hidden_size != self.hidden_size:
@@ -254,12 +262,32 @@ class Residual:
                 raise IncompatibleResidualError(
                     f"residual hidden size {self.hidden_size} is not divisible by the encoder's {heads} heads"
                 )
-        recorded = self.meta.get("base_fingerprint")
-        if strict and recorded and fingerprint and recorded != fingerprint:
+        if layers is not None and tuple(layers) != tuple(self.layers):
             raise IncompatibleResidualError(
-                f"residual was trained on {trained_on} whose text encoder fingerprint is {recorded[:19]}…, "
-                f"but the loaded text encoder's is {fingerprint[:19]}…: load the same base model "
-                "(or pass strict=False to apply it anyway)"
+                f"residual patches encoder layers {list(self.layers)} but this server patches {list(layers)}: "
+                "retrain it with the same layers"
+            )
+        if tokens is not None and int(tokens) != self.tokens:
+            raise IncompatibleResidualError(
+                f"residual has {self.tokens} token(s) per layer but this server applies {int(tokens)}: "
+                "retrain it with the same token count"
+            )
+        if not strict:
+            return
+        recorded = self.meta.get("base_fingerprint")
+        if recorded and fingerprint:
+            if recorded != fingerprint:
+                raise IncompatibleResidualError(
+                    f"residual was trained on {trained_on} whose text encoder fingerprint is {recorded[:19]}…, "
+                    f"but the loaded text encoder's is {fingerprint[:19]}…: load the same base model "
+                    "(or pass strict=False to apply it anyway)"
+                )
+            return
+        named = self.meta.get("base_model")
+        if named and base_model and str(named) != str(base_model):
+            raise IncompatibleResidualError(
+                f"residual names base model {named!r} (and no text-encoder fingerprint to compare), but the loaded "
+                f"base model is {base_model!r}: load that base model, or retrain the residual on this one"
             )
 
     # ---- reference-code checkpoint -------------------------------------------------------------

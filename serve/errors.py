@@ -45,6 +45,15 @@ class UnusableResidualError(RequestError):
     param = "model"
 
 
+class ServiceUnavailableError(RequestError):
+    """The residual store cannot be reached and no verified copy is cached (503); retrying later may work."""
+
+    status = 503
+    code = "storage_unavailable"
+    type = "server_error"
+    param = "model"
+
+
 def request_error(exc: BaseException) -> RequestError | None:
     """The RequestError behind ``exc``: itself, or the cause Ray wrapped when a replica raised it."""
     for candidate in (getattr(exc, "cause", None), exc):

@@ -211,3 +211,21 @@ def test_check_compatible_explains_mismatches():
     r.check_compatible(clip_config(), fingerprint="sha256:" + "b" * 64, strict=False)
     # an imported reference checkpoint records no fingerprint: shape checks only
     Residual(r.tensor, r.layers, 1.0).check_compatible(clip_config(), fingerprint="sha256:" + "b" * 64)
+
+
+def test_check_compatible_covers_layers_tokens_and_a_named_base_model():
+    r = Residual(torch.zeros(3, 2, 1, 768), (9, 10, 11), meta={"base_model": "tiny"})
+    r.check_compatible(clip_config(), layers=(9, 10, 11), tokens=1, base_model="tiny")
+    with pytest.raises(IncompatibleResidualError, match=r"patches encoder layers \[9, 10, 11\] but this server patches \[8, 9, 10\]"):
+        r.check_compatible(clip_config(), layers=(8, 9, 10))
+    two = Residual(torch.zeros(3, 2, 2, 768), (9, 10, 11))
+    with pytest.raises(IncompatibleResidualError, match="2 token.*applies 1"):
+        two.check_compatible(clip_config(), tokens=1)
+    # No fingerprint on either side: the recorded name decides; strict=False applies it anyway.
+    with pytest.raises(IncompatibleResidualError, match="names base model 'tiny'.*'sd15-random'"):
+        r.check_compatible(clip_config(), base_model="sd15-random")
+    r.check_compatible(clip_config(), base_model="sd15-random", strict=False)
+    # Matching fingerprints settle it, whatever the name.
+    fp = "sha256:" + "a" * 64
+    Residual(r.tensor, r.layers, meta={"base_model": "/data/sd15", "base_fingerprint": fp}).check_compatible(
+        clip_config(), fingerprint=fp, base_model="runwayml/stable-diffusion-v1-5")
