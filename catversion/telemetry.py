@@ -58,18 +58,36 @@ CONCEPT_SECONDS = MetricSpec(
 # ---- serving (serve/) ----------------------------------------------------------------------------
 REQUESTS = MetricSpec("catversion_requests", "counter", "HTTP generation requests by route and status", ("route", "status"))
 REQUEST_SECONDS = MetricSpec(
-    "catversion_request_seconds", "histogram", "Generation request latency", ("route",), SECONDS_BUCKETS
+    "catversion_request_seconds", "histogram", "Request latency by route and status (a stream: until its last event)",
+    ("route", "status"), SECONDS_BUCKETS
+)
+IMAGES = MetricSpec("catversion_images_generated", "counter", "Images generated (finished samples)")
+QUEUE_WAIT_SECONDS = MetricSpec(
+    "catversion_queue_wait_seconds", "histogram", "Wait of a sample from its arrival at the generator to its first UNet step",
+    (), (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+)
+UNET_STEP_SECONDS = MetricSpec(
+    "catversion_unet_step_seconds", "histogram", "Time of one denoising step of the running batch (one UNet call)",
+    (), (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 )
 BATCH_SIZE = MetricSpec(
-    "catversion_batch_size", "histogram", "Images per UNet batch in the generator", (), (1, 2, 4, 8, 16, 32, 64)
+    "catversion_batch_size", "histogram", "Running-batch occupancy: samples in each UNet call of the generator", (),
+    (1, 2, 4, 8, 16, 32, 64)
 )
 CACHE_HITS = MetricSpec("catversion_residual_cache_hits", "counter", "Residual cache hits")
 CACHE_MISSES = MetricSpec("catversion_residual_cache_misses", "counter", "Residual cache misses (loads from storage)")
 RESIDUAL_LOAD_SECONDS = MetricSpec(
     "catversion_residual_load_seconds", "histogram", "Time to fetch and verify a residual", (), SECONDS_BUCKETS
 )
+CACHE_SIZE = MetricSpec("catversion_residual_cache_size", "gauge", "Residuals held in a generator replica's cache", ("replica",))
+CACHE_EVICTIONS = MetricSpec("catversion_residual_cache_evictions", "counter", "Residuals evicted from the cache (LRU)")
+CACHE_REVALIDATIONS = MetricSpec(
+    "catversion_residual_revalidations", "counter",
+    "Checks of a cached residual against storage, by result: unchanged, changed, deleted, invalid, unreachable", ("result",)
+)
 
 ALL_METRICS = (
     CONCEPTS_DONE, CONCEPTS_FAILED, CONCEPTS_SKIPPED, TRAIN_STEPS, TRAIN_IMAGES_PER_SECOND, CONCEPT_SECONDS,
-    REQUESTS, REQUEST_SECONDS, BATCH_SIZE, CACHE_HITS, CACHE_MISSES, RESIDUAL_LOAD_SECONDS,
+    REQUESTS, REQUEST_SECONDS, IMAGES, QUEUE_WAIT_SECONDS, UNET_STEP_SECONDS, BATCH_SIZE, CACHE_HITS, CACHE_MISSES,
+    RESIDUAL_LOAD_SECONDS, CACHE_SIZE, CACHE_EVICTIONS, CACHE_REVALIDATIONS,
 )

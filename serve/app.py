@@ -1,40 +1,54 @@
-"""The Ray Serve application: an OpenAI-Images-compatible HTTP ingress and a batching generator.
+"""The Ray Serve application: an OpenAI-Images-compatible HTTP ingress and a step-batching generator.
 
-`Generator` loads the frozen base model once per replica and answers one image per call; calls are
-gathered by `@serve.batch` into one UNet batch across requests *and* concepts (only different
-step counts, guidance scales or sizes are run apart). `Ingress` (FastAPI) validates requests,
-enforces auth and limits, fans a request's n images out to the generator and speaks OpenAI's
-request, response and error formats. `build_app(args)` is the Serve config YAML entry point.
+`Generator` loads the frozen base model once per replica and runs a `StepBatcher`
+(catversion/stepbatch.py) on a thread of its own: every sample of any concept, step count or guidance
+joins the running UNet batch at the next denoising step and leaves when it is done (only image sizes
+run apart). Residuals come from a `ResidualCache` that revalidates them against storage. `Ingress`
+(FastAPI) checks the API key and the body size before anything else, validates requests, fans a
+request's n images out to the generator and speaks OpenAI's request, response, streaming (SSE) and
+error formats. `build_app(args)` is the Serve config YAML entry point.
 """
 
 
 import asyncio
 import base64
 import hmac
-import io
+import json
+import logging
 import secrets
+import tempfile
+import threading
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from catversion import __version__, layout, limits, telemetry
+from catversion import __version__, layout, limits, storage, telemetry
 from catversion.telemetry import ray_metric
 
-from .cache import ResidualCache
+from .cache import CacheEvents, ResidualCache
 from .config import ServeSettings
-from .errors import InvalidParameterError, RequestError, request_error
+from .errors import InvalidParameterError, RequestError, UnusableResidualError, request_error
+from .images import MEDIA_TYPES, ImageNotFoundError, ImageStore, encode_image
+
+logger = logging.getLogger("catversion.serve")
 
 BASE_MODEL_ID = "base"
 MAX_SEED = 2**32 - 1  # OpenAI-style clients send 32-bit seeds; image i of a request uses seed + i
+GENERATIONS = "/v1/images/generations"
+# OpenAI fields that do not change a Stable Diffusion image: accepted and ignored.
+IGNORED_FIELDS = ("quality", "style", "user", "moderation", "safety_identifier", "complexity")
+# OpenAI fields that would change the result and that this server cannot honour: 400 when set.
+UNSUPPORTED_FIELDS = {"svg": "SVG output is not supported", "frame_count": "GIF output is not supported",
+                      "frame_duration_ms": "GIF output is not supported"}
 
 
 # ---- the OpenAI wire format -------------------------------------------------------------------
@@ -43,20 +57,88 @@ MAX_SEED = 2**32 - 1  # OpenAI-style clients send 32-bit seeds; image i of a req
 class ImageGenerationRequest(BaseModel):
     """`POST /v1/images/generations`: OpenAI's fields plus catversion's extensions."""
 
-    model_config = ConfigDict(extra="ignore")  # OpenAI fields we do not use (quality, style, user) are accepted
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, never silently ignored
 
-    model: str = Field(BASE_MODEL_ID, description='a concept id from GET /v1/models, or "base" for the plain model')
+    model: str = Field(BASE_MODEL_ID, max_length=256,
+                       description='a concept id from GET /v1/models, "<concept id>@<sha256 prefix>" to pin a version, '
+                                   'or "base" for the plain model')
     prompt: str = Field(..., min_length=1, max_length=4000, description="use the concept's class word, e.g. 'a teapot on a beach'")
-    n: int = Field(1, ge=1, description="number of images")
-    size: str | None = Field(None, description="'WxH' with W == H, e.g. '512x512' (default: the model's native size)")
-    response_format: str = Field("b64_json", description="only 'b64_json' is supported")
-    negative_prompt: str = Field("", max_length=4000, description="encoded without the residual")
+    n: int | None = Field(1, ge=1, description="number of images (up to the server's max_n)")
+    size: str | None = Field("auto", max_length=32,
+                             description="'WIDTHxHEIGHT' (each a multiple of the model's size step) or 'auto' (native size)")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        "b64_json", description="'url' links to the stored image for image_url_ttl_s")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field("png", description="gif and svg are not supported")
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp compression in percent (png: ignored)")
+    background: Literal["auto", "opaque"] | None = Field(
+        "auto", description="images are always opaque: 'transparent' is not supported")
+    stream: bool | None = Field(False, description="server-sent events: partial images, then image_generation.completed (n = 1)")
+    partial_images: int | None = Field(0, ge=0, le=3, description="previews sent while streaming")
+    quality: str | None = Field(None, max_length=64, description="accepted and ignored")
+    style: str | None = Field(None, max_length=64, description="accepted and ignored")
+    user: str | None = Field(None, max_length=256, description="accepted and ignored")
+    moderation: str | None = Field(None, max_length=64, description="accepted and ignored")
+    safety_identifier: str | None = Field(None, max_length=256, description="accepted and ignored")
+    complexity: str | None = Field(None, max_length=64, description="accepted and ignored")
+    svg: dict | None = Field(None, description="not supported: 400 when set")
+    frame_count: int | None = Field(None, description="not supported (GIF): 400 when set")
+    frame_duration_ms: int | None = Field(None, description="not supported (GIF): 400 when set")
+    negative_prompt: str | None = Field("", max_length=4000, description="encoded without the residual")
     num_inference_steps: int | None = Field(None, ge=1, description=f"DDIM steps (default {limits.DEFAULT_STEPS})")
     guidance_scale: float | None = Field(None, ge=0.0, le=limits.MAX_GUIDANCE,
                                          description=f"classifier-free guidance (default {limits.DEFAULT_GUIDANCE:g})")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image; image i uses seed + i")
-    residual_scale: float = Field(1.0, ge=0.0, le=limits.MAX_RESIDUAL_SCALE,
-                                  description="strength of the concept's residual; 0 = off")
+    residual_scale: float | None = Field(1.0, ge=0.0, le=limits.MAX_RESIDUAL_SCALE,
+                                         description="strength of the concept's residual; 0 = off")
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    background: Literal["opaque"]
+    output_format: Literal["png", "jpeg", "webp"]
+    size: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class ModelObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+def _errors(*statuses: int) -> dict:
+    return {status: {"model": ErrorBody, "description": ERROR_MEANINGS[status]} for status in statuses}
+
+
+ERROR_MEANINGS = {400: "invalid request", 401: "missing or invalid API key", 404: "unknown model, route or image",
+                  413: "request body too large", 422: "the concept's residual cannot be used", 429: "at capacity",
+                  503: "residual store unreachable"}
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
@@ -69,83 +151,155 @@ def request_error_response(error: RequestError) -> JSONResponse:
     return error_response(error.status, error.message, type_=error.type, code=error.code, param=error.param)
 
 
-def _png_b64(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # fast: encoding must not hold up the next UNet batch
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+def read_keys(path: str | None) -> list[bytes]:
+    """API keys from a key file: one per line; blank lines and `#` comments (after any indent) are skipped."""
+    if not path:
+        return []
+    keys = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        if not key.isascii() or any(c.isspace() for c in key):
+            raise ValueError(f"api key file {path}, line {number}: a key is one word of ASCII characters "
+                             "(put comments on lines of their own, starting with #)")
+        keys.append(key.encode("ascii"))
+    if not keys:
+        raise ValueError(f"api key file {path} has no keys (one per line)")
+    return keys
 
 
 # ---- the generator -----------------------------------------------------------------------------
 
 
+class _CacheMetrics(CacheEvents):
+    def __init__(self, replica: str):
+        self.replica = replica
+        self._hits, self._misses, self._load, self._size, self._evictions, self._revalidations = (
+            ray_metric(spec) for spec in (telemetry.CACHE_HITS, telemetry.CACHE_MISSES, telemetry.RESIDUAL_LOAD_SECONDS,
+                                          telemetry.CACHE_SIZE, telemetry.CACHE_EVICTIONS, telemetry.CACHE_REVALIDATIONS))
+
+    def hit(self) -> None:
+        self._hits.inc()
+
+    def miss(self, seconds: float) -> None:
+        self._misses.inc()
+        self._load.observe(seconds)
+
+    def eviction(self) -> None:
+        self._evictions.inc()
+
+    def revalidation(self, result: str) -> None:
+        self._revalidations.inc(1, {"result": result})
+
+    def size(self, entries: int) -> None:
+        self._size.set(entries, {"replica": self.replica})
+
+
 @serve.deployment(max_ongoing_requests=64, autoscaling_config={"min_replicas": 1, "max_replicas": 1,
                                                                "target_ongoing_requests": 16})
 class Generator:
-    """One frozen base model per replica; residuals from the cache; one UNet batch for many concepts."""
+    """One frozen base model per replica, one step-level running batch, residuals from a fresh cache."""
 
     def __init__(self, settings: dict):
         from catversion.generation import ImageGenerator
         from catversion.models import load_base_model, resolve_device
+        from catversion.stepbatch import StepBatcher
 
         self.settings = ServeSettings.from_dict(settings)
         self.base = load_base_model(self.settings.model, device=resolve_device(self.settings.device))
         self.images = ImageGenerator(self.base)
-        hits, misses, load = (ray_metric(s) for s in (telemetry.CACHE_HITS, telemetry.CACHE_MISSES,
-                                                       telemetry.RESIDUAL_LOAD_SECONDS))
+        step_seconds, occupancy, wait = (ray_metric(s) for s in (telemetry.UNET_STEP_SECONDS, telemetry.BATCH_SIZE,
+                                                                 telemetry.QUEUE_WAIT_SECONDS))
+        self.generated = ray_metric(telemetry.IMAGES)
+
+        def on_unet_step(seconds: float, samples: int, size: tuple[int, int]) -> None:
+            step_seconds.observe(seconds)
+            occupancy.observe(samples)
+
+        self.batcher = StepBatcher(self.images, self.settings.max_batch_size, mode=self.settings.scheduler,
+                                   on_unet_step=on_unet_step, on_start=wait.observe)
+        self._stop = threading.Event()
+        threading.Thread(target=self.batcher.run, args=(self._stop,), name="catversion-steps", daemon=True).start()
+        encoder = self.images.encoder
+        try:
+            replica = serve.get_replica_context().replica_tag
+        except Exception:  # outside a Serve replica (direct construction)
+            replica = "local"
         self.cache = ResidualCache(
-            self.settings.residuals, self.settings.cache_capacity,
-            check=lambda r: r.check_compatible(self.base.text_encoder, fingerprint=self.base.fingerprint),
-            on_hit=lambda: hits.inc(), on_miss=lambda seconds: (misses.inc(), load.observe(seconds)),
+            self.settings.residuals, self.settings.cache_capacity, ttl_s=self.settings.residual_ttl_s,
+            check=lambda r: r.check_compatible(self.base.text_encoder, fingerprint=self.base.fingerprint,
+                                               layers=encoder.layers, tokens=encoder.tokens, base_model=self.base.model_id),
+            events=_CacheMetrics(replica),
         )
-        self.batch_size = ray_metric(telemetry.BATCH_SIZE)
-        self._batched.set_max_batch_size(self.settings.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    def __del__(self):
+        self._stop.set()
 
     def info(self) -> dict:
         return {"model": self.base.model_id, "resolution": self.base.resolution, "size_multiple": self.images.size_multiple,
                 "device": str(self.base.device)}
 
-    def describe(self, concept_id: str) -> dict:
-        """Metadata of a concept's residual; raises a RequestError (unknown or unusable concept)."""
-        residual = self.cache.get(concept_id)
-        keys = ("class_word", "caption", "base_model", "steps", "final_loss", "sha256")
-        return {k: residual.meta.get(k) for k in keys}
+    def describe(self, model: str) -> dict:
+        """Metadata of a concept's residual, checked against storage now; raises a RequestError."""
+        residual = self.cache.revalidate(model)
+        keys = ("class_word", "caption", "base_model", "steps", "final_loss")
+        return {**{k: residual.meta.get(k) for k in keys}, "sha256": residual.sha256}
 
     async def generate(self, item: dict) -> dict:
-        """One image as {"b64_json", "seed"}; raises a RequestError for this request's own problem."""
+        """One finished image as {"image": bytes, "seed"}; raises a RequestError for this request's own problem."""
+        async for event in self._events(item):
+            if event["kind"] == "done":
+                return event
+        raise RuntimeError("the generator stopped before the image was done")
+
+    async def generate_stream(self, item: dict):
+        """{"kind": "accepted"}, then {"kind": "partial", "index", "image"} previews, then {"kind": "done", …}."""
+        async for event in self._events(item):
+            yield event
+
+    async def _events(self, item: dict):
+        from catversion.images import to_pil
+        from catversion.residual import IncompatibleResidualError
+        from catversion.stepbatch import Job
+
         residual = None
         if item["model"] != BASE_MODEL_ID:
             residual = await asyncio.to_thread(self.cache.get, item["model"])
-        result = await self._batched({**item, "residual": residual})
-        if isinstance(result, RequestError):
-            raise result
-        return result
+        job = Job(prompt=item["prompt"], residual=residual, seed=item["seed"], residual_scale=item["residual_scale"],
+                  negative_prompt=item["negative_prompt"], steps=item["steps"], guidance=item["guidance"],
+                  height=item["height"], width=item["width"], partial_images=item["partial_images"])
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
-    async def _batched(self, items: list[dict]) -> list[dict | RequestError]:
-        from catversion.generation import GenerationRequest
+        def put(*event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for index, item in enumerate(items):
-            groups[(item["steps"], item["guidance"], item["size"])].append(index)
-        results: list[dict | RequestError] = [{}] * len(items)
-        for (steps, guidance, size), indexes in groups.items():
-            requests = [GenerationRequest(items[i]["prompt"], items[i]["residual"], items[i]["seed"],
-                                          items[i]["residual_scale"], items[i]["negative_prompt"]) for i in indexes]
-            self.batch_size.observe(len(requests))
-            try:
-                encoded = await asyncio.to_thread(self._render, requests, steps, guidance, size)
-            except ValueError as exc:  # validated at the ingress; kept as a per-item error, never a crash
-                for i in indexes:
-                    results[i] = InvalidParameterError(str(exc))
-                continue
-            for i, b64 in zip(indexes, encoded):
-                results[i] = {"b64_json": b64, "seed": items[i]["seed"]}
-        return results
-
-    def _render(self, requests, steps: int, guidance: float, size: int) -> list[str]:
-        """Generate and PNG-encode off the event loop, so requests keep queueing meanwhile."""
-        return [_png_b64(image) for image in self.images.generate(requests, steps, guidance, size)]
+        try:
+            ticket = self.batcher.submit(job, on_done=lambda image: put("done", image),
+                                         on_partial=lambda index, image: put("partial", index, image),
+                                         on_error=lambda exc: put("error", exc))
+        except IncompatibleResidualError as exc:
+            raise UnusableResidualError(f"model {item['model']!r} cannot be used: {exc}") from None
+        except ValueError as exc:  # validated at the ingress; kept as this request's error, never a crash
+            raise InvalidParameterError(str(exc)) from None
+        yield {"kind": "accepted"}
+        try:
+            while True:
+                kind, *rest = await events.get()
+                if kind == "error":
+                    raise rest[0]
+                image = await asyncio.to_thread(encode_image, to_pil(rest[-1].unsqueeze(0))[0], item["output_format"],
+                                                item["output_compression"])
+                if kind == "partial":
+                    yield {"kind": "partial", "index": rest[0], "image": image}
+                else:
+                    self.generated.inc()
+                    yield {"kind": "done", "image": image, "seed": item["seed"]}
+                    return
+        finally:
+            if not ticket.done:
+                ticket.cancel()  # the client went away: the sample leaves the running batch at the next step
 
 
 # ---- the HTTP ingress --------------------------------------------------------------------------
@@ -153,34 +307,77 @@ class Generator:
 api = FastAPI(
     title="catversion",
     version=__version__,
-    description="OpenAI-Images-compatible generation with CatVersion residuals: `model` is a concept id or \"base\".",
+    description="OpenAI-Images-compatible generation with CatVersion residuals: `model` is a concept id or \"base\". "
+                "Send `Authorization: Bearer KEY` when the server has API keys.",
 )
+bearer = HTTPBearer(auto_error=False, description="an API key from the server's api_key_file (when it has one)")
 
 
-class _BodyLimit:
-    """ASGI middleware: refuse bodies over the limit with 413 before reading them.
+class _Guard:
+    """ASGI middleware: the API key, then the body size, both before the app sees the request.
 
-    Serve freezes a copy of the FastAPI app at import, so the middleware is registered here and the
-    limit is a class attribute that each Ingress replica sets from its settings.
+    The body is read here as it arrives, counted chunk by chunk (Content-Length or chunked), and
+    refused with 413 as soon as it passes the limit; the app then reads the buffered copy. Serve
+    freezes a copy of the FastAPI app at import, so the middleware is registered here and its
+    settings are class attributes that each Ingress replica sets.
     """
 
     max_bytes = ServeSettings.__dataclass_fields__["max_body_bytes"].default
+    keys: list[bytes] = []
+    OPEN = ("/healthz", "/docs", "/redoc", "/openapi.json", "/v1/images/files/")
 
     def __init__(self, app):
         self.app = app
 
+    def _authorized(self, scope) -> bool:
+        if not self.keys or scope["path"].startswith(self.OPEN) or not scope["path"].startswith("/v1/"):
+            return True
+        header = next((value for name, value in scope.get("headers", []) if name == b"authorization"), b"")
+        if header[:7].lower() != b"bearer ":
+            return False
+        token = header[7:].strip()
+        return any(hmac.compare_digest(token, key) for key in self.keys)
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope.get("headers", [])).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                response = error_response(413, f"request body is {int(length)} bytes; the limit is {self.max_bytes}",
-                                          code="request_too_large")
-                await response(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if not self._authorized(scope):
+            response = error_response(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                                      code="invalid_api_key")
+            return await response(scope, receive, send)
+        too_large = error_response(413, f"request body is larger than the limit of {self.max_bytes} bytes",
+                                   code="request_too_large")
+        length = next((value for name, value in scope.get("headers", []) if name == b"content-length"), None)
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await (too_large if length.isdigit() else error_response(
+                400, "Content-Length is not a number", code="invalid_value"))(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
                 return
-        await self.app(scope, receive, send)
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                return await too_large(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for the disconnect, as the app expects
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
-api.add_middleware(_BodyLimit)
+api.add_middleware(_Guard)
 
 
 @api.exception_handler(RequestValidationError)
@@ -188,7 +385,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", []) if p != "body"]
     param = ".".join(loc) or None
-    message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request body")
+    if first.get("type") == "extra_forbidden":
+        message = f"unknown field {param!r}; the supported fields are listed in the OpenAPI schema (/docs)"
+    else:
+        message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request body")
     return error_response(400, message, param=param, code="invalid_value")
 
 
@@ -203,30 +403,17 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 class Ingress:
     def __init__(self, generator, settings: dict):
         self.generator = generator
-        self.settings = ServeSettings.from_dict(settings)
-        self.keys = self._read_keys(self.settings.api_key_file)
-        _BodyLimit.max_bytes = self.settings.max_body_bytes
+        self.settings = s = ServeSettings.from_dict(settings)
+        _Guard.keys = read_keys(s.api_key_file)
+        _Guard.max_bytes = s.max_body_bytes
+        prefix = s.images_prefix or str(Path(tempfile.gettempdir()) / "catversion-images")
+        secret = (s.url_secret or secrets.token_hex(32)).encode()
+        self.stored = ImageStore(prefix, ttl_s=s.image_url_ttl_s, secret=secret, links=s.image_links)
         self._info: dict | None = None
         self._info_lock = asyncio.Lock()
         self._models: tuple[float, list[str]] = (0.0, [])
         self.requests = ray_metric(telemetry.REQUESTS)
         self.latency = ray_metric(telemetry.REQUEST_SECONDS)
-
-    @staticmethod
-    def _read_keys(path: str | None) -> list[str]:
-        if not path:
-            return []
-        keys = [line.strip() for line in Path(path).read_text().splitlines() if line.strip() and not line.startswith("#")]
-        if not keys:
-            raise ValueError(f"api key file {path} has no keys (one per line)")
-        return keys
-
-    def _authorized(self, request: Request) -> bool:
-        if not self.keys:
-            return True
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        return any(hmac.compare_digest(token, key) for key in self.keys)
 
     async def _model_info(self) -> dict:
         async with self._info_lock:  # one call in flight, not one per request of the first burst
@@ -241,29 +428,26 @@ class Ingress:
             self._models = (time.monotonic(), names)
         return names
 
-    def _done(self, route: str, started: float, response: JSONResponse) -> JSONResponse:
-        self.requests.inc(1, {"route": route, "status": str(response.status_code)})
-        self.latency.observe(time.perf_counter() - started, {"route": route})
-        return response
+    def _record(self, started: float, status: int) -> None:
+        labels = {"route": GENERATIONS, "status": str(status)}
+        self.requests.inc(1, labels)
+        self.latency.observe(time.perf_counter() - started, labels)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
         info = await self._model_info()
         return {"status": "ok", "model": info["model"], "device": info["device"], "version": __version__}
 
-    @api.get("/v1/models")
-    async def list_models(self, request: Request) -> JSONResponse:
-        if not self._authorized(request):
-            return error_response(401, "missing or invalid API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+    @api.get("/v1/models", dependencies=[Depends(bearer)], response_model=ModelList, responses=_errors(401, 503))
+    async def list_models(self) -> JSONResponse:
         created = int(time.time())
         ids = [BASE_MODEL_ID] + await self._concepts()
         return JSONResponse({"object": "list", "data": [{"id": i, "object": "model", "created": created,
                                                          "owned_by": "catversion"} for i in ids]})
 
-    @api.get("/v1/models/{model_id}")
-    async def get_model(self, model_id: str, request: Request) -> JSONResponse:
-        if not self._authorized(request):
-            return error_response(401, "missing or invalid API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+    @api.get("/v1/models/{model_id}", dependencies=[Depends(bearer)], response_model=ModelObject,
+             responses=_errors(400, 401, 404, 422, 503))
+    async def get_model(self, model_id: str) -> JSONResponse:
         body = {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "catversion"}
         if model_id == BASE_MODEL_ID:
             return JSONResponse({**body, "base_model": (await self._model_info())["model"]})
@@ -276,61 +460,145 @@ class Ingress:
             return request_error_response(error)
         return JSONResponse({**body, **described})
 
-    @api.post("/v1/images/generations", responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 429: {}, 503: {}})
-    async def generations(self, body: ImageGenerationRequest, request: Request) -> JSONResponse:
+    @api.post(GENERATIONS, dependencies=[Depends(bearer)], response_model=ImagesResponse,
+              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                               "description": "the images, or with stream=true OpenAI's image_generation.* events"},
+                         **_errors(400, 401, 404, 413, 422, 429, 503)})
+    async def generations(self, body: ImageGenerationRequest, request: Request) -> Response:
         started = time.perf_counter()
-        route = "/v1/images/generations"
-        if not self._authorized(request):
-            return self._done(route, started, error_response(
-                401, "missing or invalid API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"))
         try:
-            response = await self._generate(body)
-        except BackPressureError:
-            response = error_response(429, "the server is at capacity; retry shortly", type_="rate_limit_error",
-                                      code="overloaded")
-        except Exception as exc:  # the generator's errors arrive wrapped by Ray
-            error = request_error(exc)
-            if error is None:
-                raise
-            response = request_error_response(error)
-        return self._done(route, started, response)
+            items, shape = await self._items(body)
+            if body.stream:
+                return await self._stream(items[0], body, shape, started)
+            results = await asyncio.gather(*[self.generator.generate.remote(item) for item in items])
+            data = await asyncio.gather(*[self._image_data(r, body, request) for r in results])
+            response = JSONResponse({"created": int(time.time()), "data": data, "background": "opaque",
+                                     "output_format": body.output_format or "png", "size": shape})
+        except Exception as exc:
+            response = self._error_response(exc)
+        self._record(started, response.status_code)
+        return response
 
-    async def _generate(self, body: ImageGenerationRequest) -> JSONResponse:
-        size = await self._check(body)
-        first_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - body.n)
-        items = [{"model": body.model, "prompt": body.prompt, "negative_prompt": body.negative_prompt,
-                  "seed": first_seed + i, "residual_scale": body.residual_scale, "size": size,
-                  "steps": body.num_inference_steps or self.settings.default_steps,
-                  "guidance": self.settings.default_guidance if body.guidance_scale is None else body.guidance_scale}
-                 for i in range(body.n)]
-        results = await asyncio.gather(*[self.generator.generate.remote(item) for item in items])
-        data = [{"b64_json": r["b64_json"], "revised_prompt": None, "seed": r["seed"]} for r in results]
-        return JSONResponse({"created": int(time.time()), "data": data})
+    @staticmethod
+    def _error_response(exc: Exception) -> JSONResponse:
+        if isinstance(exc, BackPressureError):
+            return error_response(429, "the server is at capacity; retry shortly", type_="rate_limit_error", code="overloaded")
+        error = request_error(exc)  # the generator's errors arrive wrapped by Ray
+        if error is None:
+            raise exc
+        return request_error_response(error)
 
-    async def _check(self, body: ImageGenerationRequest) -> int:
-        """Limits that depend on settings or on the loaded model (pydantic checks the rest); returns the size."""
+    async def _image_data(self, result: dict, body: ImageGenerationRequest, request: Request) -> dict:
+        entry: dict[str, Any] = {"revised_prompt": None, "seed": result["seed"]}
+        if body.response_format == "url":
+            name = await asyncio.to_thread(self.stored.put, result["image"], body.output_format or "png")
+            entry["url"] = self.stored.url(name, self.settings.public_url or str(request.base_url))
+        else:
+            entry["b64_json"] = base64.b64encode(result["image"]).decode("ascii")
+        return entry
+
+    async def _stream(self, item: dict, body: ImageGenerationRequest, shape: str, started: float) -> StreamingResponse:
+        events = self.generator.options(stream=True).generate_stream.remote(item)
+        await events.__anext__()  # "accepted": errors before the first byte (unknown model, …) keep their status
+        common = {"background": "opaque", "output_format": body.output_format or "png", "quality": "auto", "size": shape}
+
+        async def sse():
+            status = 200
+            try:
+                async for event in events:
+                    payload = {**common, "created_at": int(time.time()),
+                               "b64_json": base64.b64encode(event["image"]).decode("ascii")}
+                    if event["kind"] == "partial":
+                        payload.update(type="image_generation.partial_image", partial_image_index=event["index"])
+                    else:
+                        payload.update(type="image_generation.completed", usage={
+                            "input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                            "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}})
+                    yield f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n"
+            except Exception as exc:
+                error = request_error(exc)
+                status = error.status if error else 500
+                if error is None:
+                    logger.exception("stream failed")
+                message = error.message if error else "the server failed while generating; retry"
+                body_ = {"type": "error", "error": {"message": message, "type": error.type if error else "server_error",
+                                                    "param": error.param if error else None,
+                                                    "code": error.code if error else "server_error"}}
+                yield f"event: error\ndata: {json.dumps(body_)}\n\n"
+            finally:
+                self._record(started, status)
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _items(self, body: ImageGenerationRequest) -> tuple[list[dict], str]:
+        """The generator's work items for a request, after every check that needs settings or the model."""
         s = self.settings
-        if body.response_format != "b64_json":
-            raise InvalidParameterError(f"response_format {body.response_format!r} is not supported; use 'b64_json'",
+        for field, why in UNSUPPORTED_FIELDS.items():
+            if getattr(body, field) is not None:
+                raise InvalidParameterError(f"{field}: {why} by this server; remove the field", param=field)
+        n = 1 if body.n is None else body.n
+        if n > s.max_n:
+            raise InvalidParameterError(f"n must be between 1 and {s.max_n}, got {n}", param="n")
+        if body.stream and n != 1:
+            raise InvalidParameterError("stream=true sends one image: use n=1 (or several requests)", param="n")
+        if body.stream and body.response_format == "url":
+            raise InvalidParameterError("stream=true sends images inline as b64_json; drop response_format=url",
                                         param="response_format")
-        if body.n > s.max_n:
-            raise InvalidParameterError(f"n must be between 1 and {s.max_n}, got {body.n}", param="n")
-        if body.num_inference_steps is not None and body.num_inference_steps > s.max_steps:
-            raise InvalidParameterError(
-                f"num_inference_steps must be between 1 and {s.max_steps}, got {body.num_inference_steps}",
-                param="num_inference_steps")
+        steps = body.num_inference_steps or s.default_steps
+        if steps > s.max_steps:
+            raise InvalidParameterError(f"num_inference_steps must be between 1 and {s.max_steps}, got {steps}",
+                                        param="num_inference_steps")
+        width, height = await self._size(body.size)
+        first_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - n)
+        if first_seed + n - 1 > MAX_SEED:
+            raise InvalidParameterError(f"seed + n - 1 must be at most {MAX_SEED}", param="seed")
+        item = {"model": body.model, "prompt": body.prompt, "negative_prompt": body.negative_prompt or "",
+                "residual_scale": 1.0 if body.residual_scale is None else body.residual_scale,
+                "steps": steps, "height": height, "width": width,
+                "guidance": s.default_guidance if body.guidance_scale is None else body.guidance_scale,
+                "partial_images": (body.partial_images or 0) if body.stream else 0,
+                "output_format": body.output_format or "png", "output_compression": body.output_compression}
+        return [{**item, "seed": first_seed + i} for i in range(n)], f"{width}x{height}"
+
+    async def _size(self, size: str | None) -> tuple[int, int]:
         info = await self._model_info()
-        if body.size is None:
-            return info["resolution"]
-        largest = s.max_size or 2 * info["resolution"]
+        native = info["resolution"]
+        if size is None or size == "auto":
+            return native, native
+        largest = self.settings.max_size or 2 * native
         multiple = info["size_multiple"]
-        parts = body.size.lower().split("x")
-        valid = len(parts) == 2 and all(p.isascii() and p.isdigit() for p in parts) and parts[0] == parts[1]
-        if not valid or int(parts[0]) % multiple or not multiple <= int(parts[0]) <= largest:
-            raise InvalidParameterError(
-                f"size {body.size!r} is not supported: use 'NxN' with N a multiple of {multiple} up to {largest} "
-                f"(native {info['resolution']}x{info['resolution']})", param="size")
-        return int(parts[0])
+        parts = size.lower().split("x")
+        if len(parts) == 2 and all(p.isascii() and p.isdigit() and len(p) <= 5 for p in parts):
+            width, height = int(parts[0]), int(parts[1])
+            if all(multiple <= v <= largest and v % multiple == 0 for v in (width, height)):
+                return width, height
+        raise InvalidParameterError(
+            f"size {size!r} is not supported: use 'auto' or 'WIDTHxHEIGHT' with each side a multiple of {multiple} "
+            f"from {multiple} to {largest} (native {native}x{native})", param="size")
+
+    @api.get("/v1/images/files/{name}", responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()},
+                                                         "description": "the image"}, **_errors(404, 503)})
+    async def image_file(self, name: str, expires: str = Query(""), signature: str = Query("")) -> Response:
+        """An image stored for response_format=url; the link is signed and works until it expires."""
+        try:
+            data, media_type = await asyncio.to_thread(self.stored.open, name, expires, signature)
+        except ImageNotFoundError as exc:
+            return error_response(404, str(exc), code="not_found")
+        except storage.StorageError as exc:
+            logger.warning("cannot read stored image %s: %s", name, exc)
+            return error_response(503, "the image store is unreachable; retry shortly", type_="server_error",
+                                  code="storage_unavailable")
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    @api.post("/v1/images/edits", dependencies=[Depends(bearer)], responses=_errors(401, 404))
+    async def edits(self) -> JSONResponse:
+        return error_response(404, "POST /v1/images/edits is not supported: catversion makes images from text "
+                                   "(POST /v1/images/generations)", code="not_supported")
+
+    @api.post("/v1/images/variations", dependencies=[Depends(bearer)], responses=_errors(401, 404))
+    async def variations(self) -> JSONResponse:
+        return error_response(404, "POST /v1/images/variations is not supported: catversion makes images from text "
+                                   "(POST /v1/images/generations)", code="not_supported")
 
 
 def build_app(args: dict[str, Any]):
@@ -342,6 +610,8 @@ def build_app(args: dict[str, Any]):
     args = dict(args)
     options = args.pop("deployment_options", None) or {}
     settings = ServeSettings.from_dict(args)
+    if settings.url_secret is None:  # drawn once here, so every ingress replica signs and checks the same links
+        settings.url_secret = secrets.token_hex(32)
     # Backpressure sits on the generator: the ingress's handle raises BackPressureError → 429.
     generator_options: dict[str, Any] = {"max_queued_requests": settings.max_queued_requests}
     if settings.gpus_per_replica:

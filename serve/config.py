@@ -7,6 +7,11 @@ from dataclasses import asdict, dataclass, fields
 from catversion.limits import DEFAULT_GUIDANCE, DEFAULT_MODEL, DEFAULT_STEPS
 
 
+SCHEDULERS = ("step", "static")
+IMAGE_LINKS = ("auto", "endpoint", "presigned")
+REMOVED = {"batch_wait_timeout_s": "step-level batching needs no wait (a request joins the running batch at the next step)"}
+
+
 @dataclass
 class ServeSettings:
     """Application arguments (the `args:` of an application in a Serve config YAML)."""
@@ -16,8 +21,8 @@ class ServeSettings:
     device: str = "auto"  # auto: the GPU Ray gave the replica, else CPU
     gpus_per_replica: float = 0.0  # GPUs Ray reserves for each generator replica
     cache_capacity: int = 1024  # residuals kept per replica (~18 KB each for SD1.x)
-    max_batch_size: int = 16  # images per UNet batch
-    batch_wait_timeout_s: float = 0.05  # how long a batch waits to fill up
+    max_batch_size: int = 16  # samples per UNet call (the running batch of one image size)
+    scheduler: str = "step"  # step: samples join and leave the running batch at every denoising step; static: whole batches
     max_queued_requests: int = 256  # images waiting for the generator, per ingress replica; beyond this: 429
     api_key_file: str | None = None  # one key per line; unset = no auth
     max_body_bytes: int = 64 * 1024
@@ -27,6 +32,12 @@ class ServeSettings:
     default_guidance: float = DEFAULT_GUIDANCE
     max_size: int | None = None  # largest image side in px (default: twice the model's native size)
     models_ttl_s: float = 10.0  # how long GET /v1/models caches the residual listing
+    residual_ttl_s: float = 5.0  # a cached residual is checked against storage (ETag / size+mtime) at most this often
+    images_prefix: str | None = None  # where response_format=url images go: s3://… on a cluster (default: a local temp folder)
+    image_links: str = "auto"  # endpoint: this server's signed URLs; presigned: S3 presigned URLs; auto: presigned for s3://
+    image_url_ttl_s: float = 3600.0  # how long an image URL works
+    url_secret: str | None = None  # signs endpoint image URLs; every ingress replica must share it (build_app draws one)
+    public_url: str | None = None  # base of image URLs, e.g. https://images.example.com (default: the request's own host)
 
     def __post_init__(self) -> None:
         problems = []
@@ -37,13 +48,21 @@ class ServeSettings:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.default_steps <= self.max_steps:
             problems.append(f"default_steps must be in 1..max_steps ({self.max_steps}), got {self.default_steps}")
-        if self.batch_wait_timeout_s < 0:
-            problems.append(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
+        if self.scheduler not in SCHEDULERS:
+            problems.append(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.image_links not in IMAGE_LINKS:
+            problems.append(f"image_links must be one of {', '.join(IMAGE_LINKS)}, got {self.image_links!r}")
+        for name in ("residual_ttl_s", "image_url_ttl_s"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if problems:
             raise ValueError("invalid serve settings: " + "; ".join(problems))
 
     @classmethod
     def from_dict(cls, values: dict) -> "ServeSettings":
+        for name, why in REMOVED.items():
+            if name in values:
+                raise ValueError(f"serve setting {name} was removed: {why}; delete it from the config")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

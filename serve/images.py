@@ -45,7 +45,7 @@ MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 LINK_MODES = ("auto", "endpoint", "presigned")
 FILES_ROUTE = "/v1/images/files"
 
-DEFAULT_QUALITY = 90  # jpeg/webp quality when the request gives no output_compression
+DEFAULT_QUALITY = 100  # jpeg/webp quality when the request gives no output_compression (OpenAI's default)
 MAX_PRESIGNED_TTL_S = 7 * 24 * 3600  # S3 (SigV4) refuses presigned URLs valid for longer
 
 NOT_FOUND_MESSAGE = "image not found or link expired"
@@ -63,8 +63,8 @@ def _check_format(output_format: str) -> str:
 def encode_image(image: Image.Image, output_format: str = "png", compression: int | None = None) -> bytes:
     """``image`` encoded as ``output_format`` (png, jpeg or webp).
 
-    ``compression`` is OpenAI's ``output_compression`` (0..100 %, jpeg and webp only): the encoder's
-    quality is ``100 - compression``; None gives quality 90. PNG ignores it and is always written with
+    ``compression`` is OpenAI's ``output_compression`` (0..100 %, jpeg and webp only; default 100, the
+    best): it is the encoder's quality, so lower values give smaller files. PNG ignores it and is always written with
     the fast compress_level=1 (encoding must not hold up the next UNet batch).
     Raises ValueError naming ``output_format`` or ``output_compression`` for bad values.
     """
@@ -76,7 +76,7 @@ def encode_image(image: Image.Image, output_format: str = "png", compression: in
     if output_format == "png":
         image.save(buffer, format="PNG", compress_level=1)
         return buffer.getvalue()
-    quality = DEFAULT_QUALITY if compression is None else 100 - compression
+    quality = DEFAULT_QUALITY if compression is None else compression
     if output_format == "jpeg":
         if image.mode not in ("RGB", "L", "CMYK"):
             image = image.convert("RGB")  # JPEG has no alpha channel

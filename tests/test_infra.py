@@ -423,3 +423,16 @@ def test_prometheus_scrapes_catversion_series_from_ray(prometheus_tools, batch_r
                 break
             time.sleep(1)
         assert value == summary.counts[status], f"{legend}: {value} != {summary.counts[status]}"
+
+
+def test_the_front_proxy_refuses_bodies_over_the_servers_limit_before_ray_buffers_them():
+    ingress = only_document(INFRA / "kuberay" / "ingress.yaml")
+    assert ingress["apiVersion"] == "networking.k8s.io/v1" and ingress["kind"] == "Ingress"
+    annotations = ingress["metadata"]["annotations"]
+    limit = annotations["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert limit.endswith("k") and int(limit[:-1]) * 1024 == ServeSettings.__dataclass_fields__["max_body_bytes"].default
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off", "stream=true events must not be held back"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    service = only_document(RAYSERVICE)
+    assert backend["name"] == f"{service['metadata']['name']}-serve-svc"
+    assert backend["port"]["number"] == yaml.safe_load(service["spec"]["serveConfigV2"])["http_options"]["port"]

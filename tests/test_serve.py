@@ -1,4 +1,5 @@
-"""Serving over real HTTP: the official openai client, cross-concept batching, and every error case.
+"""Serving over real HTTP: the official openai client, step-level batching, isolation, fresh residuals,
+the OpenAI Images surface (stream, formats, url, sizes) and every error case.
 
 A local Ray Serve (from the shipped serve/config.yaml) with the built-in tiny model, residuals in
 moto's S3 server on 127.0.0.1.
@@ -7,6 +8,7 @@ moto's S3 server on 127.0.0.1.
 import base64
 import io
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +22,8 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from catversion import Residual
+from catversion import Residual, telemetry
+from catversion.encoder import patched_layers
 from catversion.models import load_base_model
 from catversion.telemetry import BATCH_SIZE
 from catversion.training import TrainConfig, train_residual
@@ -30,10 +33,18 @@ from serve.cli import load_config
 KEY = "sk-test-catversion"
 BUCKET = "serve-module"
 STEPS = 4  # denoising steps per request: enough to exercise the loop, cheap on CPU
+TTL_S = 1.0  # residual_ttl_s of the test server
 
 
 def put(key, data):
     boto3.client("s3").put_object(Bucket=BUCKET, Key=key, Body=data)
+
+
+def random_residual(base, tokens=1, scale=1.0, **meta):
+    hidden = base.text_encoder.config.hidden_size
+    layers = patched_layers(base.text_encoder.config.num_hidden_layers)
+    meta = {"base_model": base.model_id, "base_fingerprint": base.fingerprint, **meta}
+    return Residual(torch.randn(len(layers), 2, tokens, hidden) * scale, layers, meta={k: v for k, v in meta.items() if v})
 
 
 @pytest.fixture(scope="module")
@@ -52,25 +63,33 @@ def server(ray_session, s3_endpoint, tmp_path_factory):
     corrupt[-1] ^= 0xFF
     put("run/residuals/corrupt.safetensors", bytes(corrupt))
     put("run/residuals/wide.safetensors", Residual(torch.randn(3, 2, 1, 768), (9, 10, 11)).to_bytes())
+    put("run/residuals/two-tokens.safetensors", random_residual(base, tokens=2).to_bytes())
+    put("run/residuals/other-base.safetensors",
+        random_residual(base, base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", base_fingerprint=None).to_bytes())
 
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
-    keys.write_text(f"# one key per line\n{KEY}\n")
+    # Comments may be indented: "   # not a key" must not become a valid key.
+    keys.write_text(f"# one key per line\n   # not a key\n\n  {KEY}  \n")
     args, _, _ = load_config(str(Path(__file__).parents[1] / "serve" / "config.yaml"))
     args.update(residuals=f"s3://{BUCKET}/run", model="tiny", device="cpu", gpus_per_replica=0, api_key_file=str(keys),
-                batch_wait_timeout_s=0.3, max_n=4)
+                max_n=4, residual_ttl_s=TTL_S, images_prefix=str(tmp_path_factory.mktemp("images")))
     small = {"ray_actor_options": {"num_cpus": 0.5}}
-    args["deployment_options"]["Generator"].update(small, autoscaling_config={"min_replicas": 1, "max_replicas": 1})
-    args["deployment_options"]["Ingress"].update(small, autoscaling_config={"min_replicas": 1, "max_replicas": 1})
+    one = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
+    args["deployment_options"]["Generator"].update(small, **one)
+    args["deployment_options"]["Ingress"].update(small, **one)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="catversion", route_prefix="/")
     # A second app with room for one image at a time and a queue of one: the overload case.
     tight = dict(args, max_queued_requests=1, deployment_options={
-        "Generator": {**small, "max_ongoing_requests": 1, "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
-        "Ingress": small,
+        "Generator": {**small, "max_ongoing_requests": 1, **one}, "Ingress": small,
     })
     serve.run(build_app(tight), name="tight", route_prefix="/tight")
-    yield {"url": f"http://127.0.0.1:{port}", "metrics": ray_session}
+    # A third with small limits, for the schema-driven fuzzing (every generated request stays cheap).
+    fuzz = dict(args, max_n=2, max_steps=2, default_steps=2, max_size=64, api_key_file=None,
+                deployment_options={"Generator": {**small, **one}, "Ingress": {**small, **one}})
+    serve.run(build_app(fuzz), name="fuzz", route_prefix="/fuzz")
+    yield {"url": f"http://127.0.0.1:{port}", "metrics": ray_session, "base": base}
     serve.shutdown()
 
 
@@ -149,13 +168,13 @@ def test_errors_use_openai_bodies_and_statuses(server):
     assert status == 404 and error["code"] == "model_not_found" and "no-such-concept" in error["message"]
     status, error = error_of(post(url, {**ok, "size": "50x50"}))
     assert status == 400 and error["param"] == "size" and "multiple of 16" in error["message"]
-    assert error_of(post(url, {**ok, "size": "64x128"}))[0] == 400
+    assert error_of(post(url, {**ok, "size": "64x144"}))[0] == 400  # past the largest side (twice the native 64)
     assert error_of(post(url, {**ok, "size": "\u00b2x\u00b2"}))[1]["param"] == "size"  # superscript digits: 400, not 500
     assert post(url, {**ok, "size": "64X64"}).status_code == 200
     assert error_of(post(url, {**ok, "n": 5}))[1]["param"] == "n"
     assert error_of(post(url, {**ok, "n": 0}))[0] == 400
     assert error_of(post(url, {**ok, "num_inference_steps": 1000}))[1]["param"] == "num_inference_steps"
-    assert "b64_json" in error_of(post(url, {**ok, "response_format": "url"}))[1]["message"]
+    assert error_of(post(url, {**ok, "response_format": "gif"}))[1]["param"] == "response_format"
     assert error_of(post(url, {"model": "teapot-1"}))[1]["param"] == "prompt"
     status, error = error_of(post(url, {**ok, "prompt": "x" * 100_000}))
     assert status == 413 and error["code"] == "request_too_large"
@@ -202,3 +221,202 @@ def test_health_and_openapi(server):
     schema = requests.get(f"{server['url']}/openapi.json", timeout=30).json()
     assert "/v1/images/generations" in schema["paths"] and "/v1/models" in schema["paths"]
     assert json.dumps(schema).count("residual_scale") >= 1
+
+
+def test_a_bad_residual_in_a_concurrent_mixed_batch_fails_only_itself(server):
+    """Wrong token count, another base model, wrong hidden size, corrupt: each is its own 422; the rest 200."""
+    bad = ["two-tokens", "other-base", "wide", "corrupt"]
+    good = ["teapot-1", "mug-2", "base"] * 3
+    bodies = [{"model": m, "prompt": "a photo", "num_inference_steps": 8, "seed": i} for i, m in enumerate(good + bad)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: post(server["url"], b), bodies))
+    assert [r.status_code for r in responses] == [200] * len(good) + [422] * len(bad)
+    messages = {m: r.json()["error"]["message"] for m, r in zip(bad, responses[len(good):])}
+    assert "2 token(s)" in messages["two-tokens"]
+    assert "names base model 'stable-diffusion-v1-5/stable-diffusion-v1-5'" in messages["other-base"]
+    for message in messages.values():  # storage locations stay in the server's log
+        assert BUCKET not in message and "s3://" not in message and "residuals/" not in message
+
+
+def test_a_short_request_joining_a_long_one_finishes_first_and_leaves_it_unchanged(server):
+    url = server["url"]
+    long_body = {"model": "teapot-1", "prompt": "a teapot", "num_inference_steps": 150, "seed": 7}
+    alone = pixels(post(url, long_body).json()["data"][0]["b64_json"])
+    finished = {}
+
+    def run(name, body):
+        response = post(url, body)
+        finished[name] = time.monotonic()
+        return response
+
+    with ThreadPoolExecutor(2) as pool:
+        long_future = pool.submit(run, "long", long_body)
+        time.sleep(0.5)  # the long request is in its denoising loop by now
+        short = pool.submit(run, "short", {"model": "mug-2", "prompt": "a mug", "num_inference_steps": 3, "seed": 1})
+        assert short.result().status_code == 200 and long_future.result().status_code == 200
+    assert finished["short"] < finished["long"]
+    joined = pixels(long_future.result().json()["data"][0]["b64_json"])
+    assert np.abs(joined - alone).mean() <= 1.0  # <= 1/255 on average: the join did not change the long image
+
+
+def test_a_residual_replaced_or_deleted_in_place_is_noticed_within_the_ttl(server):
+    url, base = server["url"], server["base"]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    first, second = random_residual(base, scale=2.0), random_residual(base, scale=2.0)
+    put("run/residuals/fresh-1.safetensors", first.to_bytes())
+    body = {"model": "fresh-1", "prompt": "a photo", "num_inference_steps": 2, "seed": 3}
+    before = pixels(post(url, body).json()["data"][0]["b64_json"])
+    put("run/residuals/fresh-1.safetensors", second.to_bytes())
+    changed_at = time.monotonic()
+    while True:  # the generation path itself revalidates once the TTL has passed
+        now = pixels(post(url, body).json()["data"][0]["b64_json"])
+        if np.abs(now - before).mean() > 1.0:
+            break
+        assert time.monotonic() - changed_at < 30, "the replaced residual was not served within 30 s"
+        time.sleep(0.2)
+    model = requests.get(f"{url}/v1/models/fresh-1", headers=headers, timeout=30).json()
+    assert model["sha256"] == second.sha256
+    # A version pin: the current residual by a prefix of its sha256; another prefix is 404.
+    assert post(url, {**body, "model": f"fresh-1@{second.sha256[:10]}"}).status_code == 200
+    status, error = error_of(post(url, {**body, "model": f"fresh-1@{first.sha256[:10]}"}))
+    assert status == 404 and first.sha256[:10] in error["message"]
+    assert error_of(post(url, {**body, "model": "fresh-1@not-hex"}))[0] == 400
+
+    corrupt = bytearray(first.to_bytes())
+    corrupt[-1] ^= 0xFF
+    put("run/residuals/fresh-1.safetensors", bytes(corrupt))  # GET /v1/models/{id} checks at once
+    status, error = error_of(requests.get(f"{url}/v1/models/fresh-1", headers=headers, timeout=30))
+    assert status == 422 and "sha256 mismatch" in error["message"]
+    assert error_of(post(url, body))[0] == 422  # never the old version, silently
+    boto3.client("s3").delete_object(Bucket=BUCKET, Key="run/residuals/fresh-1.safetensors")
+    deleted_at = time.monotonic()
+    while post(url, body).status_code != 404:
+        assert time.monotonic() - deleted_at < 30, "a deleted residual was still served after 30 s"
+        time.sleep(0.2)
+
+
+def test_streaming_with_partial_images_through_the_openai_client(server):
+    client = openai.OpenAI(base_url=f"{server['url']}/v1", api_key=KEY, max_retries=0)
+    stream = client.images.generate(model="teapot-1", prompt="a teapot", stream=True, partial_images=2, size="64x32",
+                                    output_format="jpeg", extra_body={"num_inference_steps": 6, "seed": 9})
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    for event in events:
+        image = Image.open(io.BytesIO(base64.b64decode(event.b64_json)))
+        assert image.format == "JPEG" and image.size == (64, 32) and event.size == "64x32"
+    assert events[-1].output_format == "jpeg"
+    # The same request without streaming gives the same final image.
+    plain = client.images.generate(model="teapot-1", prompt="a teapot", size="64x32", output_format="jpeg",
+                                   extra_body={"num_inference_steps": 6, "seed": 9})
+    assert plain.data[0].b64_json == events[-1].b64_json
+    # A stream sends one image; unknown models fail before the first event, with their status.
+    with pytest.raises(openai.BadRequestError):
+        client.images.generate(model="teapot-1", prompt="x", stream=True, n=2)
+    with pytest.raises(openai.NotFoundError):
+        list(client.images.generate(model="no-such-concept", prompt="x", stream=True))
+
+
+def test_output_formats_sizes_and_url_responses(server):
+    client = openai.OpenAI(base_url=f"{server['url']}/v1", api_key=KEY, max_retries=0)
+    extra = {"num_inference_steps": 2, "seed": 4}
+    for fmt, pil_format in (("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")):
+        result = client.images.generate(model="mug-2", prompt="a mug", size="32x48", output_format=fmt,
+                                        output_compression=50, extra_body=extra)
+        image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+        assert image.format == pil_format and image.size == (32, 48) and result.output_format == fmt
+    auto = client.images.generate(model="mug-2", prompt="a mug", size="auto", quality="high", user="u1", extra_body=extra)
+    assert Image.open(io.BytesIO(base64.b64decode(auto.data[0].b64_json))).size == (64, 64)  # native size
+    linked = client.images.generate(model="mug-2", prompt="a mug", response_format="url", n=2, extra_body=extra)
+    fetched = [requests.get(d.url, timeout=30) for d in linked.data]  # no API key: the link itself is the credential
+    assert [f.status_code for f in fetched] == [200, 200] and fetched[0].headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(fetched[0].content)).size == (64, 64)
+    tampered = linked.data[0].url.replace("signature=", "signature=0")
+    assert error_of(requests.get(tampered, timeout=30))[0] == 404
+
+
+def test_unsupported_openai_fields_are_refused_by_name_and_ignorable_ones_accepted(server):
+    url = server["url"]
+    ok = {"model": "base", "prompt": "a photo", "num_inference_steps": 1}
+    for field, value in (("background", "transparent"), ("output_format", "gif"), ("output_format", "svg"),
+                         ("frame_count", 4), ("svg", {"model": "x"}), ("partial_images", 4), ("num_inference_step", 3)):
+        status, error = error_of(post(url, {**ok, field: value}))
+        assert status == 400 and error["param"] == field, (field, error)
+    ignored = {"quality": "high", "style": "vivid", "user": "u", "moderation": "low", "safety_identifier": "s",
+               "complexity": "low", "background": "opaque"}
+    assert post(url, {**ok, **ignored}).status_code == 200
+    for route in ("edits", "variations"):
+        status, error = error_of(requests.post(f"{url}/v1/images/{route}", headers={"Authorization": f"Bearer {KEY}"},
+                                               timeout=30))
+        assert status == 404 and "not supported" in error["message"]
+
+
+def test_hostile_input_gets_4xx_never_5xx(server):
+    url = server["url"]
+    ok = {"model": "base", "prompt": "a photo", "num_inference_steps": 1}
+
+    def chunks():  # no Content-Length: the limit must count the bytes as they arrive
+        for _ in range(64):
+            yield b"x" * 65536
+
+    response = requests.post(f"{url}/v1/images/generations", data=chunks(), timeout=60,
+                             headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert error_of(response)[0] == 413
+    # The key is checked before the body: no key and a huge body is 401.
+    assert requests.post(f"{url}/v1/images/generations", data=b"x" * 200_000, timeout=60).status_code == 401
+    headers = {"Authorization": "Bearer sk-\u00e9t\u00e9".encode("utf-8")}  # non-ASCII header bytes
+    assert error_of(requests.post(f"{url}/v1/images/generations", json=ok, headers=headers, timeout=30))[0] == 401
+    assert error_of(post(url, ok, key="# not a key"))[0] == 401  # an indented comment in the key file is no key
+    for body in ([1, 2], "text", {**ok, "n": "many"}, {**ok, "seed": -1}, {**ok, "size": "0x0"},
+                 {**ok, "size": "99999999999x1"}, {**ok, "model": "../../etc/passwd"}, {**ok, "model": "a" * 300},
+                 {**ok, "guidance_scale": "nan"}):
+        response = requests.post(f"{url}/v1/images/generations", data=json.dumps(body), timeout=30,
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        assert 400 <= response.status_code < 500, (body, response.status_code, response.text)
+    not_json = requests.post(f"{url}/v1/images/generations", data=b"{not json", timeout=30,
+                             headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert error_of(not_json)[0] == 400
+
+
+def test_openapi_declares_bearer_auth_error_bodies_and_enums(server):
+    schema = requests.get(f"{server['url']}/openapi.json", timeout=30).json()
+    assert any(s.get("scheme") == "bearer" for s in schema["components"]["securitySchemes"].values())
+    operation = schema["paths"]["/v1/images/generations"]["post"]
+    assert operation["security"]
+    for status in ("400", "401", "404", "413", "422", "429", "503"):
+        assert operation["responses"][status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    fields = schema["components"]["schemas"]["ImageGenerationRequest"]["properties"]
+    enums = {name: [v for option in fields[name].get("anyOf", [fields[name]]) for v in option.get("enum", [])]
+             for name in ("response_format", "output_format", "background")}
+    assert enums == {"response_format": ["b64_json", "url"], "output_format": ["png", "jpeg", "webp"],
+                     "background": ["auto", "opaque"]}
+
+
+def test_schemathesis_finds_no_server_errors_or_schema_violations(server):
+    """Property-based requests generated from /openapi.json (the small-limits app: every case is cheap)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
+                                                   response_schema_conformance, status_code_conformance)
+
+    base_url = f"{server['url']}/fuzz"
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+              negative_data_rejection]
+    failures, cases = [], 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @settings(max_examples=50, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def run(case):
+            nonlocal cases
+            cases += 1
+            try:
+                case.call_and_validate(base_url=base_url, checks=checks, timeout=60)
+            except Exception as exc:  # collect every failure, not only the first
+                failures.append(f"{operation.label}: {exc}")
+
+        run()
+    assert cases >= 200 and not failures, "\n".join(failures[:5])
