@@ -7,6 +7,7 @@ without it, as the reference code does (METHOD.md).
 
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,17 @@ from .images import to_pil
 from .limits import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_GUIDANCE, MAX_IMAGE_SIDE, MAX_RESIDUAL_SCALE, MAX_SEED, MAX_STEPS
 from .models import BaseModel
 from .residual import Residual
+
+Size = int | tuple[int, int]  # a square side, or (height, width), in pixels
+
+
+def image_size(size: Size) -> tuple[int, int]:
+    """(height, width) of a square side or of a (height, width) pair."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _in_range(value: object, low: float, high: float) -> bool:
+    return isinstance(value, numbers.Real) and low <= value <= high
 
 
 @dataclass
@@ -51,27 +63,46 @@ class ImageGenerator:
         unet_levels = len(base.unet.config.block_out_channels) - 1
         self.size_multiple = base.vae_scale_factor * 2**unet_levels
 
-    def check(self, requests: Sequence[GenerationRequest], steps: int, guidance: float, size: int) -> None:
+    def check(self, requests: Sequence[GenerationRequest], steps: int, guidance: float, size: Size) -> None:
         """Raise ValueError naming the first bad argument (before any compute is spent)."""
         if not requests:
             raise ValueError("no generation requests given")
+        self.check_settings(steps, guidance, size)
+        for i, request in enumerate(requests):
+            self.check_request(request, f"request {i}: ")
+
+    def check_settings(self, steps: int, guidance: float, size: Size) -> None:
+        """Raise ValueError naming a bad step count, guidance scale or image size."""
         if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
-        if not 0.0 <= guidance <= MAX_GUIDANCE:
-            raise ValueError(f"guidance scale must be in [0, {MAX_GUIDANCE:g}], got {guidance}")
-        if size % self.size_multiple or not self.size_multiple <= size <= MAX_IMAGE_SIDE:
-            raise ValueError(
-                f"size {size} must be a multiple of {self.size_multiple} between {self.size_multiple} and {MAX_IMAGE_SIDE} "
-                f"for this model (native size {self.base.resolution})"
+        if not _in_range(guidance, 0.0, MAX_GUIDANCE):
+            raise ValueError(f"guidance scale must be in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
+        if isinstance(size, int):
+            sides = {"size": size}
+        elif isinstance(size, (tuple, list)) and len(size) == 2:
+            sides = {"height": size[0], "width": size[1]}
+        else:
+            raise ValueError(f"size must be an integer or a (height, width) pair, got {size!r}")
+        multiple = self.size_multiple
+        for name, side in sides.items():
+            if not isinstance(side, int) or side % multiple or not multiple <= side <= MAX_IMAGE_SIDE:
+                raise ValueError(
+                    f"{name} {side!r} must be a multiple of {multiple} between {multiple} and {MAX_IMAGE_SIDE} "
+                    f"for this model (native size {self.base.resolution})"
+                )
+
+    def check_request(self, request: GenerationRequest, label: str = "") -> None:
+        """Raise IncompatibleResidualError for a residual that does not fit, ValueError for a bad
+        residual_scale or seed; ``label`` prefixes the message."""
+        if request.residual is not None:
+            request.residual.check_compatible(
+                self.base.text_encoder, fingerprint=self.base.fingerprint, layers=self.encoder.layers,
+                tokens=self.encoder.tokens, base_model=self.base.model_id,
             )
-        for i, request in enumerate(requests):
-            if request.residual is not None:
-                request.residual.check_compatible(self.base.text_encoder, fingerprint=self.base.fingerprint)
-            if not 0.0 <= request.residual_scale <= MAX_RESIDUAL_SCALE:
-                raise ValueError(f"request {i}: residual_scale must be in [0, {MAX_RESIDUAL_SCALE:g}], "
-                                 f"got {request.residual_scale}")
-            if not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED:
-                raise ValueError(f"request {i}: seed must be a non-negative integer, got {request.seed!r}")
+        if not _in_range(request.residual_scale, 0.0, MAX_RESIDUAL_SCALE):
+            raise ValueError(f"{label}residual_scale must be in [0, {MAX_RESIDUAL_SCALE:g}], got {request.residual_scale!r}")
+        if not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED:
+            raise ValueError(f"{label}seed must be an integer in 0..{MAX_SEED}, got {request.seed!r}")
 
     @torch.no_grad()
     def encode(self, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,19 +122,21 @@ class ImageGenerator:
                 self._uncond.popitem(last=False)
         return self._uncond[negative_prompt]
 
-    def initial_latents(self, seeds: Sequence[int], size: int) -> torch.Tensor:
+    def initial_latents(self, seeds: Sequence[int], size: Size) -> torch.Tensor:
         """Per-sample noise from each sample's own seed (on CPU, so it is the same on every device)."""
-        latent = size // self.base.vae_scale_factor
-        channels = self.base.unet.config.in_channels
-        noise = [torch.randn((1, channels, latent, latent), generator=torch.Generator().manual_seed(s)) for s in seeds]
+        height, width = image_size(size)
+        factor = self.base.vae_scale_factor
+        shape = (1, self.base.unet.config.in_channels, height // factor, width // factor)
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
         return torch.cat(noise).to(self.base.device)
 
     @torch.no_grad()
     def generate_tensors(self, requests: Sequence[GenerationRequest], steps: int = DEFAULT_STEPS,
-                         guidance: float = DEFAULT_GUIDANCE, size: int | None = None, eta: float = 0.0,
+                         guidance: float = DEFAULT_GUIDANCE, size: Size | None = None, eta: float = 0.0,
                          on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] (float32, CPU) for a batch of requests sharing one UNet batch.
 
+        ``size`` is a square side or (height, width) in pixels; None is the model's native resolution.
         ``on_step(done, total)`` is called after each denoising step (for progress bars).
         """
         size = size or self.base.resolution
@@ -134,6 +167,6 @@ class ImageGenerator:
         return torch.cat(images).clamp(-1, 1)
 
     def generate(self, requests: Sequence[GenerationRequest], steps: int = DEFAULT_STEPS,
-                 guidance: float = DEFAULT_GUIDANCE, size: int | None = None, eta: float = 0.0,
+                 guidance: float = DEFAULT_GUIDANCE, size: Size | None = None, eta: float = 0.0,
                  on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
         return to_pil(self.generate_tensors(requests, steps, guidance, size, eta, on_step))

@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, TypeVar
 from urllib.parse import unquote, urlparse
@@ -360,21 +361,35 @@ def _local_write(uri: str, data: bytes, if_absent: bool, if_match: str | None) -
 # ---- the operations --------------------------------------------------------------------------
 
 
-def read_bytes(uri: str, *, budget: RetryBudget | None = None) -> bytes:
-    return read_object(uri, budget=budget)[0]
+def read_bytes(uri: str, *, budget: RetryBudget | None = None, version_id: str | None = None) -> bytes:
+    return read_object(uri, budget=budget, version_id=version_id)[0]
 
 
-def read_object(uri: str, *, budget: RetryBudget | None = None) -> tuple[bytes, ObjectInfo]:
-    """The object's bytes and the stamp of exactly those bytes (S3: the GET's ETag)."""
+def read_object(uri: str, *, budget: RetryBudget | None = None,
+                version_id: str | None = None) -> tuple[bytes, ObjectInfo]:
+    """The object's bytes and the stamp of exactly those bytes (S3: the GET's ETag).
+
+    ``version_id`` (S3 only, from :func:`list_versions`) reads that version instead of the current one.
+    """
     if is_s3(uri):
         bucket, key = split_s3(uri)
+        extra = {"VersionId": version_id} if version_id is not None else {}
 
         def get(attempt: int) -> tuple[bytes, ObjectInfo]:
-            response = s3_client().get_object(Bucket=bucket, Key=key)
+            from botocore.exceptions import ClientError
+
+            try:
+                response = s3_client().get_object(Bucket=bucket, Key=key, **extra)
+            except ClientError as exc:
+                if extra and _code(exc) == "NoSuchVersion":
+                    raise NotFoundError(f"{uri} has no version {version_id!r}") from None
+                raise
             data = response["Body"].read()
             return data, ObjectInfo(uri, len(data), _etag(response.get("ETag")))
 
         return _s3_call(uri, "read", budget, get)
+    if version_id is not None:
+        raise ValueError(f"cannot read version {version_id!r} of {uri}: only S3 objects have versions")
     path = local_path(uri)
     try:
         with open(path, "rb") as handle:
@@ -532,3 +547,34 @@ def list_objects(prefix: str, suffix: str = "", *, budget: RetryBudget | None = 
 def list_uris(prefix: str, suffix: str = "", *, budget: RetryBudget | None = None) -> list[str]:
     """Objects (or files, recursively) under a prefix whose names end with ``suffix``, sorted."""
     return [info.uri for info in list_objects(prefix, suffix, budget=budget)]
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """One stored version of an S3 object (see :func:`list_versions`); ``last_modified`` as S3 reports it."""
+
+    version_id: str
+    stamp: str
+    size: int
+    is_latest: bool
+    last_modified: datetime
+
+
+def list_versions(uri: str, *, budget: RetryBudget | None = None) -> list[ObjectVersion]:
+    """The stored versions of one object, newest first; delete markers are left out.
+
+    A versioned S3 bucket keeps every version written; an unversioned one lists only the current
+    object (version id ``"null"``). Local files have no versions: ``[]``. Needs s3:ListBucketVersions.
+    """
+    if not is_s3(uri):
+        return []
+    bucket, key = split_s3(uri)
+
+    def listing(attempt: int) -> list[ObjectVersion]:
+        found = []
+        for page in s3_client().get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=key):
+            found += [ObjectVersion(v["VersionId"], _etag(v.get("ETag")), int(v.get("Size", 0)), bool(v.get("IsLatest")),
+                                    v.get("LastModified")) for v in page.get("Versions", []) if v["Key"] == key]
+        return found  # S3 lists the versions of a key newest first
+
+    return _s3_call(uri, "list", budget, listing)
