@@ -573,8 +573,9 @@ def list_versions(uri: str, *, budget: RetryBudget | None = None) -> list[Object
     def listing(attempt: int) -> list[ObjectVersion]:
         found = []
         for page in s3_client().get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=key):
-            found += [ObjectVersion(v["VersionId"], _etag(v.get("ETag")), int(v.get("Size", 0)), bool(v.get("IsLatest")),
-                                    v.get("LastModified")) for v in page.get("Versions", []) if v["Key"] == key]
+            found += [ObjectVersion(v["VersionId"], _etag(v.get("ETag")), int(v.get("Size", 0)),
+                                    bool(v.get("IsLatest")), v.get("LastModified"))
+                      for v in page.get("Versions", []) if v["Key"] == key]
         return found  # S3 lists the versions of a key newest first
 
     return _s3_call(uri, "list", budget, listing)

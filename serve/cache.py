@@ -31,7 +31,8 @@ MAX_VERSIONS_SCANNED = 50
 
 
 class CacheEvents:
-    """What the cache reports (for metrics); every method does nothing here. Called under the cache's lock: be quick."""
+    """What the cache reports (for metrics); each method does nothing here. Some are called under the cache's lock:
+    be quick, and do not call the cache."""
 
     def hit(self) -> None:
         """An entry served from memory (also after waiting for another request's load)."""
@@ -70,7 +71,7 @@ def _hex(residual: Residual) -> str:
 
 
 class ResidualCache:
-    """Thread-safe LRU of verified residuals. ``check`` raises IncompatibleResidualError if one does not fit the base model.
+    """Thread-safe LRU of verified residuals; ``check`` raises IncompatibleResidualError for one that does not fit.
 
     Entries are keyed ``(concept, None)`` for a current residual and ``(concept, sha256 hex)`` for a
     pinned version; ``capacity`` counts both. Storage is never touched while the lock is held.
@@ -227,7 +228,7 @@ class ResidualCache:
         started = time.perf_counter()
         try:
             for version in storage.list_versions(uri, budget=self.budget)[:MAX_VERSIONS_SCANNED]:
-                if False:
+                if version.stamp == known:
                     continue
                 try:
                     data, _ = storage.read_object(uri, budget=self.budget, version_id=version.version_id)
@@ -243,7 +244,7 @@ class ResidualCache:
                     return residual
         except storage.StorageError as exc:
             log.warning("residual store unreachable: cannot look through the versions of %s: %s", uri, exc)
-            raise ServiceUnavailableError(f"the residual store is unreachable, so model {concept}@{pin} cannot be "
+            raise ServiceUnavailableError(f"the residual store is unreachable, so model '{concept}@{pin}' cannot be "
                                           "looked up now; retry in a few seconds") from None
         finally:
             self._events.miss(time.perf_counter() - started)

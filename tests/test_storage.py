@@ -315,3 +315,53 @@ def test_delete_is_idempotent_and_can_be_conditional(s3_bucket, tmp_path):
         storage.delete(uri, if_match=second.stamp)
         assert not storage.exists(uri)
         storage.delete(uri, if_match=second.stamp)  # gone already: fine
+
+
+def test_s3_versions_are_listed_newest_first_and_read_by_id(s3_bucket, tmp_path):
+    import boto3
+
+    uri = f"s3://{s3_bucket}/versions/x.bin"
+    written = [storage.write_bytes(uri, f"version {i}".encode()) for i in range(3)]
+    storage.write_bytes(f"{uri}.other", b"another key under the same prefix")
+    versions = storage.list_versions(uri)
+    assert [v.stamp for v in versions] == [w.stamp for w in reversed(written)], "newest first, this key only"
+    assert [v.is_latest for v in versions] == [True, False, False] and {v.size for v in versions} == {9}
+    assert len({v.version_id for v in versions}) == 3 and all(v.last_modified for v in versions)
+    for i, version in zip((2, 1, 0), versions):
+        assert storage.read_object(uri, version_id=version.version_id) == (f"version {i}".encode(), written[i])
+        assert storage.read_bytes(uri, version_id=version.version_id) == f"version {i}".encode()
+    storage.delete(uri)
+    after = storage.list_versions(uri)
+    assert [v.version_id for v in after] == [v.version_id for v in versions], "delete markers are left out"
+    assert not any(v.is_latest for v in after) and storage.read_bytes(uri, version_id=after[0].version_id) == b"version 2"
+    with pytest.raises(storage.NotFoundError, match="has no version"):
+        storage.read_object(uri, version_id=versions[0].version_id[::-1])
+    assert storage.list_versions(f"s3://{s3_bucket}/versions/absent") == []
+
+    plain = f"plain-{s3_bucket}"
+    boto3.client("s3").create_bucket(Bucket=plain)  # never versioned: only the current object is kept
+    storage.write_bytes(f"s3://{plain}/x", b"one")
+    current = storage.write_bytes(f"s3://{plain}/x", b"two")
+    assert [(v.version_id, v.stamp, v.is_latest) for v in storage.list_versions(f"s3://{plain}/x")] == [
+        ("null", current.stamp, True)]
+
+    path = str(tmp_path / "x.bin")
+    storage.write_bytes(path, b"file")
+    assert storage.list_versions(path) == [] and storage.list_versions(f"file://{path}") == []
+    with pytest.raises(ValueError, match="only S3 objects have versions"):
+        storage.read_object(path, version_id="v1")
+
+
+def test_listing_versions_rides_out_a_short_outage_and_names_the_uri_after_a_long_one(s3_bucket, proxy):
+    uri = f"s3://{s3_bucket}/outage/versions.bin"
+    storage.write_bytes(uri, b"one")
+    storage.write_bytes(uri, b"two")
+    versions = _during_outage(proxy, 1.0, lambda: storage.list_versions(uri, budget=storage.RetryBudget(20)))
+    assert len(versions) == 2
+    proxy.down()
+    with pytest.raises(storage.StorageUnavailableError, match=f"cannot list {uri}: .*unreachable"):
+        storage.list_versions(uri, budget=storage.RetryBudget(0.5))
+    with pytest.raises(storage.StorageUnavailableError, match=f"cannot read {uri}: .*unreachable"):
+        storage.read_object(uri, version_id=versions[1].version_id, budget=storage.RetryBudget(0.5))
+    proxy.up()
+    assert storage.read_bytes(uri, version_id=versions[1].version_id) == b"one"
