@@ -105,6 +105,7 @@ class ResidualCache:
 
     def _resolve(self, model: str, force: bool) -> Residual:
         concept, at, pin = model.partition("@") if isinstance(model, str) else (model, "", "")
+        pin = pin.removeprefix("sha256:")  # the form GET /v1/models/{id} shows is accepted too
         if not layout.is_concept_id(concept):
             raise UnknownConceptError(f"model {model!r} is not a valid concept id ({layout.CONCEPT_ID_RULE})")
         if at and not PIN_RE.match(pin):

@@ -181,7 +181,8 @@ def test_errors_use_openai_bodies_and_statuses(server):
     assert error_of(post(url, ok, key=None))[0] == 401
     assert error_of(post(url, ok, key="sk-wrong"))[0] == 401
     assert error_of(requests.get(f"{url}/v1/models", timeout=30))[0] == 401
-    assert error_of(requests.get(f"{url}/v1/nothing-here", timeout=30))[0] == 404
+    assert error_of(requests.get(f"{url}/v1/nothing-here", timeout=30))[0] == 401  # the key comes first
+    assert error_of(requests.get(f"{url}/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"}, timeout=30))[0] == 404
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError):
@@ -277,9 +278,11 @@ def test_a_residual_replaced_or_deleted_in_place_is_noticed_within_the_ttl(serve
     model = requests.get(f"{url}/v1/models/fresh-1", headers=headers, timeout=30).json()
     assert model["sha256"] == second.sha256
     # A version pin: the current residual by a prefix of its sha256; another prefix is 404.
-    assert post(url, {**body, "model": f"fresh-1@{second.sha256[:10]}"}).status_code == 200
-    status, error = error_of(post(url, {**body, "model": f"fresh-1@{first.sha256[:10]}"}))
-    assert status == 404 and first.sha256[:10] in error["message"]
+    assert post(url, {**body, "model": f"fresh-1@{second.sha256.removeprefix('sha256:')[:10]}"}).status_code == 200
+    assert post(url, {**body, "model": f"fresh-1@{second.sha256[:20]}"}).status_code == 200  # as /v1/models shows it
+    old = first.sha256.removeprefix("sha256:")[:10]
+    status, error = error_of(post(url, {**body, "model": f"fresh-1@{old}"}))
+    assert status == 404 and old in error["message"]
     assert error_of(post(url, {**body, "model": "fresh-1@not-hex"}))[0] == 400
 
     corrupt = bytearray(first.to_bytes())
