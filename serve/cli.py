@@ -18,9 +18,11 @@ from catversion.limits import BUILTIN_MODELS, DEFAULT_MODEL
 
 DESCRIPTION = f"""\
 Serve every residual {layout.RESIDUAL_PATTERN} (PREFIX: the `catversion batch --output`) behind an
-OpenAI-Images-compatible HTTP API: POST /v1/images/generations with "model": <concept id> or
-"base", GET /v1/models, GET /healthz, OpenAPI schema at /docs. Residuals load on first use and are
-cached; requests for different concepts share one UNet batch.
+OpenAI-Images-compatible HTTP API: POST /v1/images/generations with "model": <concept id>,
+<concept id>@<sha256 prefix> or "base" (stream, png/jpeg/webp, url responses, WIDTHxHEIGHT sizes),
+GET /v1/models, GET /healthz, OpenAPI schema at /docs. Residuals load on first use, are cached and
+are revalidated against storage every residual_ttl_s (5 s). Every request's samples join the running
+UNet batch at the next denoising step, whatever their concept, step count or guidance.
 
 --config takes a Ray Serve config YAML (serve/config.yaml is the documented example); flags given
 here override its `args`. The same file deploys to a cluster with `serve deploy`.

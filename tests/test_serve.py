@@ -129,6 +129,16 @@ def test_concurrent_mixed_requests_share_unet_batches(server):
             break
         time.sleep(1)
     assert count > single, "no UNet batch held more than one image"
+    wanted = {spec.prometheus_name for spec in (telemetry.IMAGES, telemetry.QUEUE_WAIT_SECONDS, telemetry.UNET_STEP_SECONDS,
+                                                telemetry.CACHE_SIZE, telemetry.REQUEST_SECONDS)}
+    while True:  # every serving series an operator watches is exported
+        text = requests.get(server["metrics"], timeout=10).text
+        names = {sample.name.removesuffix("_count") for family in text_string_to_metric_families(text)
+                 for sample in family.samples}
+        if wanted <= names or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert wanted <= names, f"not exported: {sorted(wanted - names)}"
 
 
 def batch_histogram(text):
@@ -423,3 +433,17 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(server):
 
         run()
     assert cases >= 200 and not failures, "\n".join(failures[:5])
+
+
+def test_key_files_skip_comments_and_blank_lines_and_refuse_malformed_keys(tmp_path):
+    from serve.app import build_app, read_keys
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# keys\n\n   # indented comment\n\tsk-one  \nsk-two\n")
+    assert read_keys(str(keys)) == [b"sk-one", b"sk-two"]
+    keys.write_text("sk-one # trailing comment\n")
+    with pytest.raises(ValueError, match="line 1"):
+        build_app({"residuals": str(tmp_path), "api_key_file": str(keys)})
+    keys.write_text("# only comments\n")
+    with pytest.raises(ValueError, match="has no keys"):
+        read_keys(str(keys))
