@@ -100,7 +100,8 @@ class ImageGenerator:
                 tokens=self.encoder.tokens, base_model=self.base.model_id,
             )
         if not _in_range(request.residual_scale, 0.0, MAX_RESIDUAL_SCALE):
-            raise ValueError(f"{label}residual_scale must be in [0, {MAX_RESIDUAL_SCALE:g}], got {request.residual_scale!r}")
+            raise ValueError(f"{label}residual_scale must be in [0, {MAX_RESIDUAL_SCALE:g}], "
+                             f"got {request.residual_scale!r}")
         if not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED:
             raise ValueError(f"{label}seed must be an integer in 0..{MAX_SEED}, got {request.seed!r}")
 
