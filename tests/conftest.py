@@ -83,3 +83,20 @@ def batch_run(ray_session, s3_endpoint, tmp_path_factory):
     from batch_inputs import first_batch_run
 
     return first_batch_run(tmp_path_factory)
+
+
+@pytest.fixture
+def proxy(s3_endpoint, monkeypatch):
+    """Storage talks to the S3 server through a TcpProxy the test can take down (``.down()``, ``.up()``)."""
+    from urllib.parse import urlparse
+
+    from catversion import storage
+    from tcp_proxy import TcpProxy
+
+    target = urlparse(s3_endpoint)
+    with TcpProxy(target.hostname, target.port) as tcp_proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", tcp_proxy.endpoint)
+        storage.reset_clients()
+        yield tcp_proxy
+    monkeypatch.undo()
+    storage.reset_clients()

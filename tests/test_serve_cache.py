@@ -7,11 +7,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from urllib.parse import urlparse
 
 import pytest
 import torch
-from tcp_proxy import TcpProxy
 
 from catversion import layout, storage
 from catversion.residual import IncompatibleResidualError, Residual
@@ -208,18 +206,6 @@ def test_a_deleted_residual_is_404_and_dropped(harness):
 
 
 # ---- an unreachable store ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def proxy(s3_endpoint, monkeypatch):
-    """Storage talks to the S3 server through a TcpProxy the test can take down."""
-    target = urlparse(s3_endpoint)
-    with TcpProxy(target.hostname, target.port) as tcp_proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", tcp_proxy.endpoint)
-        storage.reset_clients()
-        yield tcp_proxy
-    monkeypatch.undo()
-    storage.reset_clients()
 
 
 def test_an_unreachable_store_serves_the_verified_copy_with_a_warning_else_503(bucket, proxy, tmp_path, caplog):

@@ -3,10 +3,8 @@
 import hashlib
 import threading
 import time
-from urllib.parse import urlparse
 
 import pytest
-from tcp_proxy import TcpProxy
 
 from catversion import storage
 
@@ -51,18 +49,6 @@ def test_references_resolve_against_the_manifest_location():
 
 
 # ---- stamps, listings with metadata, conditional writes, retry budgets ------------------------
-
-
-@pytest.fixture
-def proxy(s3_endpoint, monkeypatch):
-    """Storage talks to the S3 server through a TcpProxy the test can take down."""
-    target = urlparse(s3_endpoint)
-    with TcpProxy(target.hostname, target.port) as tcp_proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", tcp_proxy.endpoint)
-        storage.reset_clients()
-        yield tcp_proxy
-    monkeypatch.undo()
-    storage.reset_clients()
 
 
 def s3_calls(client) -> list[str]:
