@@ -3,14 +3,14 @@
 N concurrent requests (n=1 each) spread over M concepts hit the Ray Serve app from serve/app.py,
 deployed twice in turn with the same server code, model and device:
 
-  batched   max_batch_size = --max-batch-size (default 16), batch_wait_timeout_s 0.05 (as in
-            serve/config.yaml): requests for different concepts share one UNet batch
-  single    max_batch_size = 1, batch_wait_timeout_s 0: the generator runs one image at a time.
-            No wait, because serve.batch waits out the timeout whenever its queue runs empty,
-            even at batch size 1, and a one-at-a-time server would not be configured to wait.
+  batched   max_batch_size = --max-batch-size (default 16), scheduler --scheduler (default step,
+            as in serve/config.yaml): requests for different concepts share one UNet batch
+  single    max_batch_size = 1: the generator runs one image at a time
 
-Each config gets one Generator and one Ingress replica, and is deployed alone: on a one-GPU
-machine the two never share the device. Residuals are random (right shape, no training) and are
+Every request has the same step count and guidance, so the step and static schedulers batch a
+burst alike; benchmarks/serve_latency.py compares them under mixed, staggered arrivals. Each
+config gets one Generator and one Ingress replica, and is deployed alone: on a one-GPU machine
+the two never share the device. Residuals are random (right shape, no training) and are
 read from a local folder. Before timing, each concept is requested once (so its residual is
 cached) and one untimed burst runs. Then --rounds bursts of N requests are timed from the first
 POST to the last response. Prints images/s, p50/p95 request latency and batched / single.
@@ -56,10 +56,9 @@ from catversion.encoder import patched_layers
 from catversion.models import load_base_model
 from catversion.samples import SAMPLE_CONCEPTS
 from serve.app import build_app
-from serve.config import ServeSettings
+from serve.config import SCHEDULERS, ServeSettings
 
 HOST = "127.0.0.1"
-BATCH_WAIT_TIMEOUT_S = 0.05  # the batched config's; the shipped serve/config.yaml's value
 REQUEST_TIMEOUT_S = 600
 DEFAULT_STEPS = {"tiny": 20, "sd15-random": 25}
 SERVE_DEFAULTS = ServeSettings(residuals="unused")
@@ -74,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None,
                         help="denoising steps per image (default: 20 tiny, 25 sd15-random)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="max_batch_size of the batched config")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default=SERVE_DEFAULTS.scheduler,
+                        help="scheduler of the batched config (single runs one image at a time either way)")
     parser.add_argument("--size", type=int, default=None, help="image side in px (default: the model's native size)")
     parser.add_argument("--rounds", type=int, default=3, help="timed bursts per config")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -95,6 +96,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_serve(workdir: Path) -> int:
+    """A local Ray (files under `workdir`, loopback only, small object store) and Serve's HTTP proxy
+    on a free port; returns the port."""
+    os.environ["RAY_TMPDIR"] = str(workdir / "ray")  # this run's Ray files go away with it
+    # Ray on the loopback address too, so nothing in the run listens on or dials another interface.
+    ray.init(_node_ip_address=HOST, object_store_memory=100 * 1024**2, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    port = free_port()
+    serve.start(http_options={"host": HOST, "port": port},
+                logging_config={"log_level": "WARNING", "enable_access_log": False})
+    return port
+
+
+def stop_serve() -> None:
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+
+
 def write_residuals(model: str, prefix: Path, count: int) -> list[tuple[str, str]]:
     """`count` random residuals shaped for `model`'s text encoder; returns (concept id, class word) pairs.
 
@@ -114,14 +138,17 @@ def write_residuals(model: str, prefix: Path, count: int) -> list[tuple[str, str
     return concepts
 
 
-def deploy(name: str, args: argparse.Namespace, residuals: Path, max_batch_size: int, wait_s: float) -> str:
-    """Deploy one config as its own Serve app; returns its base URL."""
+def deploy(name: str, args: argparse.Namespace, residuals: Path, max_batch_size: int, scheduler: str,
+           max_queued_requests: int) -> str:
+    """Deploy one config as its own Serve app (one Generator, one Ingress replica); returns its base URL.
+
+    `args` needs model, device and port (Serve's HTTP port).
+    """
     app = build_app({
         "residuals": str(residuals), "model": args.model, "device": args.device,
         "gpus_per_replica": 1 if args.device == "cuda" else 0,
-        "max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s,
-        # A burst is queued, never shed (429), and a batch can always fill.
-        "max_queued_requests": max(SERVE_DEFAULTS.max_queued_requests, args.requests),
+        "max_batch_size": max_batch_size, "scheduler": scheduler,
+        "max_queued_requests": max_queued_requests,
         "deployment_options": {
             "Generator": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
                           "max_ongoing_requests": max(64, max_batch_size)},
@@ -166,10 +193,12 @@ def burst(pool: ThreadPoolExecutor, url: str, batch: list[dict]) -> tuple[float,
     return time.perf_counter() - started, latencies
 
 
-def measure(name: str, max_batch_size: int, wait_s: float, args: argparse.Namespace, residuals: Path,
+def measure(name: str, max_batch_size: int, args: argparse.Namespace, residuals: Path,
             concepts: list[tuple[str, str]], pool: ThreadPoolExecutor) -> dict:
     deployed = time.perf_counter()
-    url = deploy(name, args, residuals, max_batch_size, wait_s)
+    # A burst is queued, never shed (429), and a batch can always fill.
+    url = deploy(name, args, residuals, max_batch_size, args.scheduler,
+                 max(SERVE_DEFAULTS.max_queued_requests, args.requests))
     print(f"{name}: deployed in {time.perf_counter() - deployed:.1f} s (model load included); warming up", flush=True)
     try:
         # Warm-up: load each residual into the replica's cache, then one full burst (allocator, kernels).
@@ -185,7 +214,7 @@ def measure(name: str, max_batch_size: int, wait_s: float, args: argparse.Namesp
     finally:
         serve.delete(name)
     images = args.requests * args.rounds
-    return {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s, "image_px": side, "images": images,
+    return {"max_batch_size": max_batch_size, "scheduler": args.scheduler, "image_px": side, "images": images,
             "seconds": seconds, "images_per_s": images / seconds,
             "p50_latency_s": float(np.percentile(latencies, 50)), "p95_latency_s": float(np.percentile(latencies, 95)),
             "latencies_s": latencies}
@@ -197,14 +226,14 @@ def report(args: argparse.Namespace, results: dict) -> None:
     print(f"\nmodel {args.model} at {side}x{side} px on {env['device_name']}; torch {env['torch']}, "
           f"ray {env['ray']}")
     print(f"{args.requests} concurrent requests (n=1) over {args.concepts} concepts, {args.steps} steps, "
-          f"{args.rounds} timed bursts per config after a warm-up burst")
-    header = (f"{'config':<10}{'max batch':>10}{'wait s':>8}{'images':>8}{'seconds':>10}{'images/s':>10}"
+          f"{args.rounds} timed bursts per config after a warm-up burst; scheduler {args.scheduler}")
+    header = (f"{'config':<10}{'max batch':>10}{'images':>8}{'seconds':>10}{'images/s':>10}"
               f"{'p50 s':>9}{'p95 s':>9}")
     print("\n" + header)
     print("-" * len(header))
     for name in ("batched", "single"):
         row = results[name]
-        print(f"{name:<10}{row['max_batch_size']:>10}{row['batch_wait_timeout_s']:8.2f}{row['images']:>8}"
+        print(f"{name:<10}{row['max_batch_size']:>10}{row['images']:>8}"
               f"{row['seconds']:10.2f}{row['images_per_s']:10.2f}{row['p50_latency_s']:9.2f}{row['p95_latency_s']:9.2f}")
     print(f"\nbatched / single: {results['speedup']:.2f}x images/s")
 
@@ -216,31 +245,22 @@ def main() -> int:
     pool = ThreadPoolExecutor(args.requests)
     try:
         concepts = write_residuals(args.model, workdir, args.concepts)
-        os.environ["RAY_TMPDIR"] = str(workdir / "ray")  # this run's Ray files go away with it
-        # Ray on the loopback address too, so nothing in the run listens on or dials another interface.
-        ray.init(_node_ip_address=HOST, object_store_memory=100 * 1024**2, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
-        args.port = free_port()
-        serve.start(http_options={"host": HOST, "port": args.port},
-                    logging_config={"log_level": "WARNING", "enable_access_log": False})
+        args.port = start_serve(workdir)
         # One config deployed at a time, so on one GPU neither shares the device with the other.
-        batched = measure("batched", args.max_batch_size, BATCH_WAIT_TIMEOUT_S, args, workdir, concepts, pool)
-        single = measure("single", 1, 0.0, args, workdir, concepts, pool)
+        batched = measure("batched", args.max_batch_size, args, workdir, concepts, pool)
+        single = measure("single", 1, args, workdir, concepts, pool)
     except KeyboardInterrupt:
         print("interrupted; shutting down Serve and Ray", file=sys.stderr)
         return 130
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
+        stop_serve()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     results = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "port"},
         "environment": {"torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
-                        "device_name": device_name},
+                        "device_name": device_name(args.device)},
         "batched": batched, "single": single,
         "speedup": batched["images_per_s"] / single["images_per_s"],
     }
