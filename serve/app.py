@@ -610,7 +610,6 @@ def build_app(args: dict[str, Any]):
     args = dict(args)
     options = args.pop("deployment_options", None) or {}
     settings = ServeSettings.from_dict(args)
-    read_keys(settings.api_key_file)  # a bad key file fails here, with its line number, not in a replica's log
     if settings.url_secret is None:  # drawn once here, so every ingress replica signs and checks the same links
         settings.url_secret = secrets.token_hex(32)
     # Backpressure sits on the generator: the ingress's handle raises BackPressureError → 429.

@@ -26,7 +26,7 @@ from .errors import InvalidParameterError, ServiceUnavailableError, UnknownConce
 log = logging.getLogger("catversion.serve")
 
 PIN_RE = re.compile(r"[0-9a-f]{4,64}\Z")
-PIN_FORM = "concept@<sha256 hex prefix, 4..64 chars>"
+PIN_FORM = "concept@<sha256 hex prefix, 4..64 chars>"  # "sha256:" before the hex is accepted too
 MAX_VERSIONS_SCANNED = 50
 
 

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from .app import build_app
+    from .app import build_app, read_keys
 
     app_args, http, _ = load_config(args.config)
     for flag, key in (("residuals", "residuals"), ("model", "model"), ("api_key_file", "api_key_file"), ("device", "device")):
@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> None:
         raise CLIError("--residuals PREFIX is required (or `args.residuals` in --config)")
     if args.api_key_file and not Path(args.api_key_file).is_file():
         raise CLIError(f"--api-key-file {args.api_key_file} does not exist")
+    if app_args.get("api_key_file"):  # a bad key file fails here, with its line number, not in a replica's log
+        read_keys(app_args["api_key_file"])
     # Replicas run in their own folders: relative local paths must mean what they mean here.
     app_args["residuals"] = storage.absolute(app_args["residuals"])
     if app_args.get("api_key_file"):
