@@ -182,27 +182,33 @@ def _controller_registrar(dispatcher):
     return RegisterController(dispatcher)
 
 
-def _abort(dispatcher, thread: threading.Thread, wait_s: float) -> None:
+def _abort(dispatcher, fit_done: threading.Event, wait_s: float) -> None:
     """End the Train run through its controller, then wait for fit() to return.
 
     The controller's graceful abort can wait behind a placement-group wait of START_ATTEMPT_S, so
     after a short grace it is killed (Ray Train's placement group cleaner then frees its resources).
+    A controller that has not registered yet (an interrupt while the run starts) is waited for:
+    Ray must never be shut down under a live fit(), whose next call into Ray would end the process.
     """
     import ray
 
-    try:
-        controller = ray.get(dispatcher.controller.remote(), timeout=10)
-    except Exception:  # noqa: BLE001
-        controller = None
-    if controller is not None:
+    deadline = time.monotonic() + wait_s
+    controller = None
+    while controller is None and not fit_done.is_set() and time.monotonic() < deadline:
+        try:
+            controller = ray.get(dispatcher.controller.remote(), timeout=10)
+        except Exception:  # noqa: BLE001
+            controller = None
+        if controller is None:
+            fit_done.wait(0.5)
+    if controller is not None and not fit_done.is_set():
         try:
             ray.get(controller.abort.remote(), timeout=5)
         except Exception:  # noqa: BLE001  (busy, or already gone)
             pass
-        thread.join(5)
-        if thread.is_alive():
+        if not fit_done.wait(5):
             ray.kill(controller, no_restart=True)
-    thread.join(wait_s)
+    fit_done.wait(wait_s)
 
 
 def _resources(config: BatchConfig) -> dict[str, float]:
@@ -280,6 +286,10 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
     )
     outcome: dict = {}
 
+    # fit() ends by setting this event. Thread.is_alive() is not used for that: after a join() that a
+    # Ctrl-C interrupted, CPython (3.11) may report a running thread as dead.
+    fit_done = threading.Event()
+
     def fit() -> None:
         try:
             start_timeout = min(START_ATTEMPT_S, config.resources_timeout_s)
@@ -287,6 +297,8 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
                 trainer.fit()
         except Exception as exc:  # noqa: BLE001  (TrainingFailedError after max_failures; results so far stand)
             outcome["error"] = exc
+        finally:
+            fit_done.set()
 
     thread = threading.Thread(target=fit, name="batch-fit", daemon=True)
     thread.start()
@@ -294,8 +306,8 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
     started, shown, ticks = time.perf_counter(), [], 0
     try:
         claiming = bool(others)
-        while thread.is_alive():
-            thread.join(1.0)
+        while not fit_done.is_set():
+            fit_done.wait(1.0)
             ticks += 1
             if not claiming and ticks % round(claims.MARKER_POLL_S) == 0:
                 try:
@@ -305,7 +317,7 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
                 if others:
                     claiming = True
                     dispatcher.start_claiming.remote(others)
-            if thread.is_alive() and ticks % 5 == 0:
+            if not fit_done.is_set() and ticks % 5 == 0:
                 idle = _log_progress(dispatcher, run_id, len(rows), log, started, shown)
                 if idle is not None and idle > config.resources_timeout_s:
                     # No worker has been running for that long: the group cannot get its resources
@@ -315,8 +327,8 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
                     log(f"[batch {run_id}] no worker has run for {idle:.0f} s (--resources-timeout "
                         f"{config.resources_timeout_s:g}): ending the run")
                     dispatcher.stop.remote("the worker group lacks resources")
-                    _abort(dispatcher, thread, 30.0)
-                    log(f"[batch {run_id}] the Train run has {'not ' if thread.is_alive() else ''}ended")
+                    _abort(dispatcher, fit_done, 30.0)
+                    log(f"[batch {run_id}] the Train run has {'not ' if not fit_done.is_set() else ''}ended")
                     break
     except KeyboardInterrupt:
         interrupted = True
@@ -325,8 +337,8 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
         dispatcher.stop.remote("interrupted")
         try:
             deadline = time.monotonic() + STOP_GRACE_S
-            while thread.is_alive() and time.monotonic() < deadline:
-                thread.join(1.0)
+            while not fit_done.is_set() and time.monotonic() < deadline:
+                fit_done.wait(1.0)
                 snap = ray.get(dispatcher.snapshot.remote(), timeout=10)
                 if not snap["progress"] and not snap["leased"]:
                     break  # no worker is running (e.g. still waiting for resources): nothing to wait for
@@ -334,8 +346,8 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
             pass
         except Exception:  # noqa: BLE001  (the dispatcher is unreachable: stop waiting for it)
             pass
-        if thread.is_alive():  # workers that never started, or a second Ctrl-C: abort the Train run
-            _abort(dispatcher, thread, 30.0)
+        if not fit_done.is_set():  # workers that never started, or a second Ctrl-C: abort the Train run
+            _abort(dispatcher, fit_done, 30.0)
     try:
         snapshot = ray.get(dispatcher.snapshot.remote(), timeout=30)
     except Exception:  # noqa: BLE001
