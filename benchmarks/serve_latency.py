@@ -43,10 +43,8 @@ Explicit rates (requests/s): --rates 2,4,8
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -62,12 +60,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness, also when run from elsewhere
 
 import numpy as np
-import ray
 import requests
 import torch
 from ray import serve
 
-from serve_throughput import deploy, device_name, start_serve, stop_serve, write_residuals
+from serve_throughput import deploy, finish, start_serve, stop_serve, write_residuals
 
 ORDER = ("step", "static")  # step first: its deployment measures the capacity the default rates come from
 MAX_QUEUED = 4096  # nothing is shed (429) at the rates run here; an overloaded server shows as latency
@@ -317,16 +314,7 @@ def main() -> int:
         results["ratios"][rate] = {key: ratio(step[key], static[key]) for key in ("images_per_s", "p50_s", "p95_s", "p99_s")}
         results["ratios"][rate]["p50_by_steps_s"] = {str(n): ratio(step["p50_by_steps_s"].get(str(n)),
                                                                    static["p50_by_steps_s"].get(str(n))) for n in MIX_STEPS}
-    results["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "port"}
-    results["environment"] = {
-        "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "device": args.device, "device_name": device_name(args.device)}
-    report(args, results)
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    finish(args, results, report)
     return 0
 
 

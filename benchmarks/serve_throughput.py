@@ -257,18 +257,23 @@ def main() -> int:
         stop_serve()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    results = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "port"},
-        "environment": {"torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
-                        "device_name": device_name(args.device)},
-        "batched": batched, "single": single,
-        "speedup": batched["images_per_s"] / single["images_per_s"],
-    }
+    results = {"batched": batched, "single": single, "speedup": batched["images_per_s"] / single["images_per_s"]}
+    finish(args, results, report)
+    return 0
+
+
+def finish(args: argparse.Namespace, results: dict, report) -> None:
+    """Add the run's config and environment to ``results``, print them with ``report`` and write --json."""
+    results["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "port"}
+    results["environment"] = {
+        "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "device": args.device, "device_name": device_name(args.device)}
     report(args, results)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.json}")
-    return 0
 
 
 if __name__ == "__main__":
