@@ -338,6 +338,10 @@ class _Guard:
         token = header[7:].strip()
         return any(hmac.compare_digest(token, key) for key in self.keys)
 
+    def _too_large(self) -> JSONResponse:
+        return error_response(413, f"request body is larger than the limit of {self.max_bytes} bytes",
+                              code="request_too_large")
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -345,11 +349,9 @@ class _Guard:
             response = error_response(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
                                       code="invalid_api_key")
             return await response(scope, receive, send)
-        too_large = error_response(413, f"request body is larger than the limit of {self.max_bytes} bytes",
-                                   code="request_too_large")
         length = next((value for name, value in scope.get("headers", []) if name == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await (too_large if length.isdigit() else error_response(
+            return await (self._too_large() if length.isdigit() else error_response(
                 400, "Content-Length is not a number", code="invalid_value"))(scope, receive, send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
@@ -361,7 +363,7 @@ class _Guard:
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > self.max_bytes:
-                return await too_large(scope, receive, send)
+                return await self._too_large()(scope, receive, send)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
