@@ -9,6 +9,16 @@ shows the defaults without loading either.
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUILTIN_MODELS = ("tiny", "sd15-random")
 
+# Precision policy: the text encoder and the residual path always run in float32 (they cost a few
+# milliseconds, and the residual's whole effect lives in the text embedding); the precision chosen
+# here is the UNet's and the VAE's. "auto" is bf16 on a GPU and fp32 on the CPU; fp32 is the
+# reference recipe's own arithmetic.
+PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+DEFAULT_PRECISION = "auto"
+PRECISION_HELP = ("UNet/VAE precision: auto (bf16 on a GPU, fp32 on the CPU), fp32 (the reference recipe's "
+                  "arithmetic), bf16 or fp16; the text encoder and the residual always run in fp32")
+
 # Generation: the reference inference settings (DDIM 50 steps, guidance 10) and the valid ranges.
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 10.0

@@ -16,10 +16,29 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import sd_v1
-from .limits import BUILTIN_MODELS, DEFAULT_MODEL  # noqa: F401  (re-exported: callers name models with them)
+from .limits import BUILTIN_MODELS, DEFAULT_MODEL, PRECISION_CHOICES, PRECISIONS  # noqa: F401  (re-exported)
 from .sd_v1 import MAX_LENGTH, MIN_TOKENIZER_VOCAB, SD_VAE_SCALING_FACTOR, tiny_tokenizer
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TEXT_DTYPE = torch.float32  # the text encoder and the residual path, whatever the precision
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """A concrete precision name: "auto" is bf16 on CUDA and fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
+    return precision
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """"fp32" | "bf16" | "fp16" for a UNet/VAE dtype."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} is not a supported precision ({', '.join(PRECISIONS)})")
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -40,7 +59,12 @@ class BaseModel:
     resolution: int
     vae_scaling_factor: float
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the UNet's and the VAE's; the text encoder is always float32
+
+    @property
+    def precision(self) -> str:
+        """"fp32" | "bf16" | "fp16": the UNet/VAE precision (recorded in residuals and fingerprints)."""
+        return precision_name(self.dtype)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -94,12 +118,12 @@ def _builtin_model(name: str, device: torch.device, dtype: torch.dtype,
 def _assemble(model_id: str, tokenizer, text_encoder, unet, vae, scheduler_config: dict,
               unet_sample_size: int, vae_config: dict, device: torch.device,
               dtype: torch.dtype) -> BaseModel:
-    """Fingerprint the text encoder as stored, then put it on device/dtype; unet and vae arrive
-    in `dtype` already."""
+    """Fingerprint the text encoder as stored, then put it on device in float32 (the precision
+    policy); unet and vae arrive in `dtype` already."""
     fingerprint = None
     if text_encoder is not None:
         fingerprint = text_encoder_fingerprint(text_encoder)
-        text_encoder.to(device=device, dtype=dtype)
+        text_encoder.to(device=device, dtype=TEXT_DTYPE)
     for module in (text_encoder, unet, vae):
         if module is not None:
             module.to(device).eval().requires_grad_(False)
@@ -180,7 +204,8 @@ def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype,
                 f"{len(tokenizer)} tokens, a CLIP tokenizer has 49408); {_how_to_get(name)}")
         tokenizer.model_max_length = MAX_LENGTH
     if "text_encoder" in components:
-        text_encoder = load("text_encoder", CLIPTextModel)
+        # float32 whatever the checkpoint stores (a fp16 variant is upcast): the precision policy.
+        text_encoder = load("text_encoder", CLIPTextModel, torch_dtype=TEXT_DTYPE)
         if tokenizer is not None and len(tokenizer) > text_encoder.config.vocab_size:
             raise ModelNotAvailableError(
                 f"base model {name!r}: tokenizer has {len(tokenizer)} tokens but the text encoder "
@@ -218,21 +243,26 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 def load_base_model(name: str = "tiny", device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None,
-                    components: tuple[str, ...] = COMPONENTS) -> BaseModel:
+                    components: tuple[str, ...] = COMPONENTS, *, precision: str | None = None) -> BaseModel:
     """Load a frozen SD v1 base model: a built-in ("tiny", "sd15-random"), a local diffusers
     folder, or a hub id.
 
-    dtype None means float32 on CPU and bfloat16 on CUDA. Components left out of `components`
-    are None. "sd15-random" has SD v1.5's shapes with random weights and the tiny tokenizer (its
-    ids all fit the 49408-token embedding); it is for benchmarks, and its weights depend on the
-    device and dtype it is built on.
+    Precision policy: the text encoder is always float32; the UNet and VAE run in ``precision``
+    ("auto" | "fp32" | "bf16" | "fp16"; "auto" = bf16 on CUDA, fp32 elsewhere) or in ``dtype``
+    (one of the two, not both; neither = "auto"). Components left out of `components` are None.
+    "sd15-random" has SD v1.5's shapes with random weights and the tiny tokenizer (its ids all
+    fit the 49408-token embedding); it is for benchmarks, and its weights depend on the device
+    and precision it is built on.
     """
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
         raise ValueError(f"unknown components {unknown}; choose from {COMPONENTS}")
     device = torch.device(device)
+    if dtype is not None and precision is not None:
+        raise ValueError("pass precision or dtype, not both")
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = DTYPES[resolve_precision(precision or "auto", device)]
+    precision_name(dtype)  # refuses dtypes outside the policy (e.g. float64)
     if name in BUILTIN_MODELS:
         return _builtin_model(name, device, dtype, tuple(components))
     return _load_pretrained(name, device, dtype, tuple(components))

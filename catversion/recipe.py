@@ -107,6 +107,7 @@ class TrainingTarget:
     resolution: int  # training image size in px
     layers: tuple[int, ...]  # patched encoder layers
     tokens: int  # residual tokens per layer
+    precision: str = "fp32"  # the UNet/VAE precision of training (models.BaseModel.precision)
 
 
 def image_digest(data: bytes) -> str:
@@ -129,7 +130,7 @@ def training_fingerprint(concept: Concept, image_digests: Sequence[str], target:
     facts = {
         "class_word": concept.class_word, "caption": concept.prompt, "config": concept.config.hyperparameters(),
         "base": target.base_fingerprint, "resolution": target.resolution, "layers": list(target.layers),
-        "tokens": target.tokens,
+        "tokens": target.tokens, "precision": target.precision,
     }
     digest.update(json.dumps(facts, sort_keys=True).encode())
     return "sha256:" + digest.hexdigest()

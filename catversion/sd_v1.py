@@ -163,8 +163,9 @@ def _default_dtype(dtype: torch.dtype):
 
 def build_modules(name: str, device: torch.device, dtype: torch.dtype,
                   components: tuple[str, ...], tokenizer: CLIPTokenizer) -> dict[str, torch.nn.Module]:
-    """The requested modules of a built-in model, on `device` in `dtype` except the tiny text
-    encoder, which stays float32 on CPU until it is fingerprinted."""
+    """The requested modules of a built-in model, on `device`; the UNet and VAE in `dtype`, the
+    text encoder in float32 (the precision policy; the tiny one stays on CPU until it is
+    fingerprinted)."""
     size = _size(name)
     token_ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
     builders = {
@@ -182,8 +183,9 @@ def build_modules(name: str, device: torch.device, dtype: torch.dtype,
             continue
         # One seed per component: loading a subset gives the same weights as loading all.
         cuda = [build_device] if build_device.type == "cuda" else []
+        component_dtype = torch.float32 if component == "text_encoder" else build_dtype
         with torch.random.fork_rng(devices=cuda), torch.no_grad(), torch.device(build_device), \
-                _default_dtype(build_dtype):
+                _default_dtype(component_dtype):
             torch.manual_seed(BUILTIN_SEED + index)
             module = builders[component]()
         if component != "text_encoder":

@@ -14,6 +14,18 @@ not belong to the concept (other fingerprint or id, other format, unreadable) is
 Prefetch: ``train(prefetch=n)`` reads, decodes and VAE-encodes up to n concepts ahead on a background
 thread (a CUDA side stream on GPUs), so the packed loop refills from ready concepts and never waits for
 input while it has work.
+
+Speed (GPU): one fused AdamW step over every residual in the pack, each with its own moments, step count
+and hyper-parameters (exactly what one ``torch.optim.AdamW(fused=True)`` per concept computes);
+``compile=True`` runs the UNet through ``torch.compile`` with static shapes: the UNet batch is padded
+with rows that no loss sees up to a bucket (powers of two and the full pack), so concepts joining,
+leaving or having other batch sizes never trigger more than a handful of compiles. On CUDA the UNet
+runs channels-last, and ``pack=None`` picks the pack from the GPU's free memory.
+
+Precision: the text encoder and the residual path run in float32; the UNet and VAE in the base model's
+precision (``BaseModel.precision``), which is recorded in each residual and is part of its training
+fingerprint. Under fp16 the loss is scaled by FP16_LOSS_SCALE so that small gradients survive the
+UNet's backward pass.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler
+from torch.optim.adamw import adamw as adamw_step  # the functional form of torch.optim.AdamW
 
 from . import __version__
 from .encoder import ResidualTextEncoder, patched_layers
@@ -47,6 +60,10 @@ from .residual import Residual
 LOSS_WINDOW = 50  # final_loss is the mean of the last LOSS_WINDOW steps (single steps are noisy)
 SYNC_EVERY = 10  # steps between loss read-backs when no concept ends or checkpoints
 STATE_FORMAT = 1  # version of _ConceptState.state_bytes(); a state of another version is not resumed
+CPU_PACK = 4  # pack=None on the CPU
+MAX_AUTO_PACK = 16  # pack=None on a GPU never goes beyond this (SD1.5: 32 rows is at the GPU's ceiling)
+AUTO_PACK_MEMORY = 0.85  # share of the GPU's free memory pack=None plans to use
+FP16_LOSS_SCALE = 2.0**12  # fp16 only: a static loss scale (bf16 and fp32 need none)
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +97,19 @@ class Progress:
 
 
 def training_target(base: BaseModel, resolution: int | None = None, layers: Sequence[int] | None = None,
-                    tokens: int = 1) -> TrainingTarget:
+                    tokens: int = 1, precision: str | None = None) -> TrainingTarget:
     """What residuals trained on ``base`` are trained against (for the training fingerprint).
 
-    Needs only the base model's text encoder, so the batch driver can call it without the UNet.
+    Needs only the base model's text encoder, so the batch driver can call it without the UNet;
+    ``precision`` (default: the base model's) is the UNet/VAE precision the training runs at.
     """
     depth = base.text_encoder.config.num_hidden_layers
-    return TrainingTarget(base.fingerprint, resolution or base.resolution, patched_layers(depth, layers), int(tokens))
+    return TrainingTarget(base.fingerprint, resolution or base.resolution, patched_layers(depth, layers), int(tokens),
+                          precision or base.precision)
 
 
 class _ConceptState:
-    """A concept in a pack: cached latents, its residual and optimizer, and its own RNG stream."""
+    """A concept in a pack: cached latents, its residual and AdamW moments, and its own RNG stream."""
 
     def __init__(self, concept: Concept, mean: torch.Tensor, std: torch.Tensor, prefix_hidden: torch.Tensor,
                  fingerprint: str, residual_shape: tuple[int, ...], device: torch.device):
@@ -102,10 +121,9 @@ class _ConceptState:
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         init = torch.randn(residual_shape, generator=self.generator, device=device, dtype=torch.float32)
         self.residual = torch.nn.Parameter(init * cfg.init_std)
-        self.optimizer = torch.optim.AdamW(
-            [self.residual], lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay,
-        )
+        # AdamW state as torch.optim.AdamW(fused=True) keeps it: {"step", "exp_avg", "exp_avg_sq"},
+        # created at the first step (the trainer's one fused update serves every concept in the pack).
+        self.moments: dict[str, torch.Tensor] = {}
         self.step = 0
         self.losses: list[float] = []
         self.unread: list[torch.Tensor] = []  # this concept's losses not yet copied to the host
@@ -130,6 +148,12 @@ class _ConceptState:
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g, device=g.device)
         return scheduler.add_noise(latents, noise, timesteps), timesteps, noise
 
+    @property
+    def optimizer_group(self) -> tuple:
+        """Concepts with equal AdamW hyper-parameters share one fused update."""
+        cfg = self.cfg
+        return (cfg.learning_rate, tuple(cfg.adam_betas), cfg.adam_eps, cfg.weight_decay)
+
     def snapshot(self, base: BaseModel, layers: Sequence[int], final: bool) -> Residual:
         window = self.losses[-LOSS_WINDOW:]
         meta = {
@@ -138,6 +162,7 @@ class _ConceptState:
             "caption": self.concept.prompt,
             "base_model": base.model_id,
             "base_fingerprint": base.fingerprint,
+            "precision": base.precision,
             **self.cfg.hyperparameters(),
             "steps": self.step,
             "final_loss": sum(window) / len(window) if window else None,
@@ -157,7 +182,7 @@ class _ConceptState:
         if self.unread:
             self.losses += torch.stack(self.unread).cpu().tolist()
             self.unread.clear()
-        moments = self.optimizer.state.get(self.residual, {})
+        moments = self.moments
         payload = {
             "format": STATE_FORMAT,
             "concept_id": self.concept.concept_id,
@@ -205,10 +230,10 @@ class _ConceptState:
         # Checked: from here on nothing fails, so the state is either fully restored or untouched.
         with torch.no_grad():
             self.residual.copy_(residual)
-        self.optimizer.state.clear()
-        if moments:
-            groups = self.optimizer.state_dict()["param_groups"]
-            self.optimizer.load_state_dict({"state": {0: moments}, "param_groups": groups})
+        device = self.residual.device
+        # The fused update keeps its step count as a float32 tensor beside the residual.
+        self.moments = {key: moments[key].to(device=device, dtype=torch.float32 if key == "step" else self.residual.dtype)
+                        for key in ("step", "exp_avg", "exp_avg_sq") if moments}
         self.generator.set_state(rng)
         self.order = order.to(self.generator.device)
         self.step = step
@@ -218,7 +243,7 @@ class _ConceptState:
     def record_stream(self, stream: torch.cuda.Stream) -> None:
         """Tell the CUDA allocator that ``stream`` uses this state's tensors (they were made on a side stream)."""
         tensors = [self.mean, self.std, self.prefix_hidden, self.residual.data, self.order]
-        tensors += [v for v in self.optimizer.state.get(self.residual, {}).values() if isinstance(v, torch.Tensor)]
+        tensors += [v for v in self.moments.values() if isinstance(v, torch.Tensor)]
         for tensor in tensors:
             if tensor.is_cuda:
                 tensor.record_stream(stream)
@@ -342,18 +367,22 @@ class ResidualTrainer:
     """Trains residuals against one frozen base model, ``pack`` concepts per UNet batch.
 
     The base model is loaded once by the caller and shared by every concept. ``resolution`` is the
-    training image size (default: the model's native size, 512 for SD1.x).
+    training image size (default: the model's native size, 512 for SD1.x). ``pack`` None picks it:
+    CPU_PACK on the CPU; on a GPU as many concepts (of ``batch_size`` rows, up to MAX_AUTO_PACK) as
+    AUTO_PACK_MEMORY of its free memory holds, measured with one UNet forward/backward.
+    ``compile`` runs the UNet through ``torch.compile`` (static shapes, padded to row buckets);
+    ``compile_seconds`` then adds up the steps that compiled. On CUDA the base model's UNet is
+    switched to channels-last memory format (the same numbers, faster convolutions).
     """
 
-    def __init__(self, base: BaseModel, *, pack: int = 4, layers: Sequence[int] | None = None, tokens: int = 1,
-                 resolution: int | None = None):
+    def __init__(self, base: BaseModel, *, pack: int | None = None, layers: Sequence[int] | None = None,
+                 tokens: int = 1, resolution: int | None = None, compile: bool = False, batch_size: int = 2):
         for part in ("tokenizer", "text_encoder", "unet", "vae"):
             if getattr(base, part) is None:
                 raise ValueError(f"training needs the base model's {part}; load it with that component")
-        if pack < 1:
-            raise ValueError(f"pack must be >= 1, got {pack}")
+        if pack is not None and (not isinstance(pack, int) or isinstance(pack, bool) or pack < 1):
+            raise ValueError(f"pack must be an integer >= 1 (or None to choose), got {pack!r}")
         self.base = base
-        self.pack = pack
         self.encoder = ResidualTextEncoder(base.text_encoder, layers=layers, tokens=tokens)
         self.scheduler = DDPMScheduler.from_config(base.scheduler_config)
         self.resolution = resolution or base.resolution
@@ -363,6 +392,52 @@ class ResidualTrainer:
         self.target = training_target(base, self.resolution, self.encoder.layers, self.encoder.tokens)
         self._prefix_cache: dict[str, torch.Tensor] = {}
         self._side_stream: torch.cuda.Stream | None = None  # background preparation's stream on CUDA
+        self._channels_last = self.device.type == "cuda"
+        if self._channels_last:
+            base.unet.to(memory_format=torch.channels_last)
+        self.pack = pack if pack is not None else self._auto_pack(batch_size)
+        self.compiled = bool(compile)
+        self._unet = torch.compile(base.unet, dynamic=False) if compile else base.unet
+        self._buckets_seen: set[int] = set()
+        self._full_rows = 0  # the largest pack seen, in rows: a bucket of its own
+        self.compile_seconds = 0.0  # steps that compiled a new row bucket (the first of each)
+        self._loss_scale = FP16_LOSS_SCALE if base.unet.dtype == torch.float16 else 1.0
+
+    # ---- sizing ----------------------------------------------------------------------------------
+    def _auto_pack(self, batch_size: int) -> int:
+        """Concepts per pack for this device: measured on CUDA, CPU_PACK elsewhere."""
+        if self.device.type != "cuda":
+            return CPU_PACK
+        per_row = self.row_memory()
+        free, _total = torch.cuda.mem_get_info(self.device)
+        pack = max(1, min(MAX_AUTO_PACK, int(AUTO_PACK_MEMORY * free / (per_row * max(1, batch_size)))))
+        log.info("pack %d: %.1f GiB free on %s, a training row takes about %.2f GiB", pack, free / 2**30,
+                 torch.cuda.get_device_name(self.device), per_row / 2**30)
+        return pack
+
+    def row_memory(self, rows: int = 2) -> float:
+        """Bytes of GPU memory one UNet row of training takes (peak over one eager forward/backward)."""
+        unet, base = self.base.unet, self.base
+        side = self.resolution // base.vae_scale_factor
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        latents = torch.randn(rows, unet.config.in_channels, side, side, device=self.device, dtype=unet.dtype)
+        cond = torch.randn(rows, self.base.tokenizer.model_max_length, unet.config.cross_attention_dim,
+                           device=self.device, dtype=unet.dtype, requires_grad=True)
+        timesteps = torch.zeros(rows, dtype=torch.long, device=self.device)
+        unet(latents, timesteps, encoder_hidden_states=cond).sample.float().square().mean().backward()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del latents, cond
+        torch.cuda.empty_cache()
+        return peak / rows
+
+    def _bucket(self, rows: int) -> int:
+        """The padded UNet batch for ``rows`` rows: the full pack, or the next power of two below it."""
+        self._full_rows = max(self._full_rows, rows)
+        bucket = 1 << (rows - 1).bit_length()
+        return min(bucket, self._full_rows)
 
     # ---- per-concept preparation (once per concept, not per step) -------------------------------
     def fingerprint(self, concept: Concept, image_bytes: Sequence[bytes]) -> str:
@@ -592,6 +667,24 @@ class ResidualTrainer:
 
     def _step(self, active: list[_ConceptState]) -> list[torch.Tensor]:
         """One optimizer step for every concept in the pack, through one UNet forward/backward."""
+        first = None
+        if self.compiled:
+            rows = sum(s.cfg.batch_size for s in active)
+            bucket = self._bucket(rows)
+            if bucket not in self._buckets_seen:
+                self._buckets_seen.add(bucket)
+                first = time.perf_counter()
+        losses = self._forward_backward(active)
+        self._adamw(active)
+        if first is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - first
+            self.compile_seconds += seconds
+            log.info("compiled the UNet for %d training rows in %.1f s", bucket, seconds)
+        return losses
+
+    def _forward_backward(self, active: list[_ConceptState]) -> list[torch.Tensor]:
         noisy, timesteps, noise, residuals, biases, hidden, sizes = [], [], [], [], [], [], []
         for state in active:
             x, t, n = state.sample(self.scheduler, self.base.vae_scaling_factor)
@@ -603,19 +696,54 @@ class ResidualTrainer:
             biases += [state.cfg.prefix_logit_bias] * b
             hidden.append(state.prefix_hidden.expand(b, -1, -1))
             sizes.append(b)
-        unet = self.base.unet
-        # Conditioning from the cached pre-patch states: only the patched layers run per step.
-        cond = self.encoder.forward_patched(torch.cat(hidden), residuals, prefix_logit_bias=biases)
-        pred = unet(torch.cat(noisy).to(unet.dtype), torch.cat(timesteps), encoder_hidden_states=cond.to(unet.dtype)).sample
+        dtype = self.base.unet.dtype
+        # Conditioning from the cached pre-patch states: only the patched layers run per step, in float32.
+        cond = self.encoder.forward_patched(torch.cat(hidden), residuals, prefix_logit_bias=biases).to(dtype)
+        latents, steps = torch.cat(noisy).to(dtype), torch.cat(timesteps)
+        rows = latents.shape[0]
+        if self.compiled:
+            # Static shapes: pad to the bucket with rows that no loss sees (every UNet op is per sample).
+            pad = self._bucket(rows) - rows
+            if pad:
+                latents = torch.cat([latents, latents.new_zeros((pad, *latents.shape[1:]))])
+                steps = torch.cat([steps, steps.new_zeros(pad)])
+                cond = torch.cat([cond, cond.new_zeros((pad, *cond.shape[1:]))])
+        if self._channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        pred = self._unet(latents, steps, encoder_hidden_states=cond).sample[:rows]
         per_row = (pred.float() - torch.cat(noise)).square().mean(dim=(1, 2, 3))
         per_concept = torch.stack([rows.mean() for rows in per_row.split(sizes)])
         # loss = sum of per-concept means: each residual gets exactly the gradient it gets alone. A
         # diverged concept is masked out of the sum (its NaNs stay in its own rows) and dropped once read.
-        per_concept.nan_to_num(0.0, 0.0, 0.0).sum().backward()
-        for state in active:
-            state.optimizer.step()
-            state.optimizer.zero_grad(set_to_none=True)
+        loss = per_concept.nan_to_num(0.0, 0.0, 0.0).sum()
+        (loss * self._loss_scale if self._loss_scale != 1.0 else loss).backward()
         return list(per_concept.detach().unbind())
+
+    def _adamw(self, active: list[_ConceptState]) -> None:
+        """One fused AdamW update per group of equal hyper-parameters (usually one for the whole pack).
+
+        Each concept keeps its own moments and step count, so this is exactly what one
+        ``torch.optim.AdamW(fused=True)`` per concept computes.
+        """
+        groups: dict[tuple, list[_ConceptState]] = {}
+        for state in active:
+            if state.residual.grad is not None:  # as torch.optim does, a parameter without a gradient is left alone
+                groups.setdefault(state.optimizer_group, []).append(state)
+        for (lr, (beta1, beta2), eps, weight_decay), states in groups.items():
+            for state in states:
+                if not state.moments:
+                    zeros = torch.zeros_like(state.residual, memory_format=torch.preserve_format)
+                    state.moments = {"step": torch.zeros((), dtype=torch.float32, device=state.residual.device),
+                                     "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
+                if self._loss_scale != 1.0:
+                    state.residual.grad.div_(self._loss_scale)
+            params = [s.residual for s in states]
+            adamw_step(params, [p.grad for p in params], [s.moments["exp_avg"] for s in states],
+                       [s.moments["exp_avg_sq"] for s in states], [], [s.moments["step"] for s in states],
+                       fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
+                       eps=eps, maximize=False)
+            for param in params:
+                param.grad = None
 
 
 def train_residual(base: BaseModel, images: Sequence[ImageSource], class_word: str, config: TrainConfig | None = None,

@@ -239,7 +239,7 @@ def test_state_bytes_are_weights_only_and_restore_everything(base):
     state = ResidualTrainer(base, pack=1).prepare(concept, resume=data)
     assert state.step == 2 and len(state.losses) == 2 and state.order.tolist() == payload["order"].tolist()
     assert torch.equal(state.residual.detach(), payload["residual"])
-    moments = state.optimizer.state[state.residual]
+    moments = state.moments
     assert torch.equal(moments["exp_avg_sq"], payload["optimizer"]["exp_avg_sq"])
     assert torch.equal(state.generator.get_state(), payload["generator"])
 
