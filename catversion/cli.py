@@ -66,11 +66,11 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2, sort_keys=True, default=str))
 
 
-def _load_model(name: str, device: str):
+def _load_model(name: str, device: str, precision: str):
     from .models import ModelNotAvailableError, load_base_model, resolve_device
 
     try:
-        return load_base_model(name, device=resolve_device(device))
+        return load_base_model(name, device=resolve_device(device), precision=precision)
     except ModelNotAvailableError as exc:
         raise CLIError(str(exc)) from None
 
@@ -118,11 +118,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     out = Path(args.out)
-    base = _load_model(args.model, args.device)
-    trainer = ResidualTrainer(base, pack=1, resolution=args.resolution)
+    base = _load_model(args.model, args.device, args.precision)
+    trainer = ResidualTrainer(base, pack=1, resolution=args.resolution, compile=args.compile)
     concept = Concept(out.stem, images, args.class_word, args.caption, config)
     print(f"training {out.stem!r} on {len(images)} images, class word {args.class_word!r}, "
-          f"{config.steps} steps, model {base.model_id} on {base.device}", file=sys.stderr)
+          f"{config.steps} steps, model {base.model_id} on {base.device} (UNet/VAE {base.precision}, text encoder "
+          f"fp32{', UNet compiled' if trainer.compiled else ''})", file=sys.stderr)
     saved: list[Path] = []
 
     def checkpoint(_concept_id: str, step: int, residual: Residual) -> None:
@@ -139,6 +140,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if result.status != "ok":
         raise CLIError(result.error)
     result.residual.save(out)
+    if trainer.compiled:
+        print(f"compiling the UNet took {trainer.compile_seconds:.1f} s", file=sys.stderr)
     for path in saved:
         print(f"checkpoint: {path}")
     print(f"residual: {out} (final loss {result.final_loss:.4f}, {result.seconds:.1f} s)")
@@ -157,7 +160,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             f"{args.residual} does not record its base model (imported from the reference code?); "
             "pass --model with a Stable Diffusion v1.x folder or hub id"
         )
-    base = _load_model(model, args.device)
+    base = _load_model(model, args.device, args.precision)
     generator = ImageGenerator(base, layers=residual.layers if residual else None, tokens=residual.tokens if residual else 1)
     prompt = args.prompt
     requests = [
@@ -218,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         "pytorch_adapter.bin), 0 = the paper's equation as written (default: %(default)s)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--precision", choices=limits.PRECISION_CHOICES, default=limits.DEFAULT_PRECISION,
+                   help=f"{limits.PRECISION_HELP} (default: %(default)s); recorded in the residual")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: the first steps compile (a minute or two for SD1.5 on a GPU), "
+                        "so it pays off only for long runs; `catversion batch` compiles on GPUs by default")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -241,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="negative prompt, encoded without the residual")
     p.add_argument("--size", type=int, help="image size in px (default: the model's native size)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--precision", choices=limits.PRECISION_CHOICES, default=limits.DEFAULT_PRECISION,
+                   help=f"{limits.PRECISION_HELP} (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 

@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 
 from catversion import layout, storage
 from catversion.limits import (DEFAULT_CLAIM_TTL_S, DEFAULT_CLAIM_WAIT_S, DEFAULT_MODEL, DEFAULT_RESIZE_INTERVAL_S,
-                               DEFAULT_RESOURCES_TIMEOUT_S, DEFAULT_STATE_EVERY, DEFAULT_STORAGE_RETRY_S)
+                               DEFAULT_PRECISION, DEFAULT_RESOURCES_TIMEOUT_S, DEFAULT_STATE_EVERY,
+                               DEFAULT_STORAGE_RETRY_S, PRECISION_CHOICES)
 from catversion.recipe import REFERENCE_PREFIX_LOGIT_BIAS
 
 from . import claims
@@ -63,7 +64,9 @@ class BatchConfig:
     min_workers: int | None = None  # set: an elastic group of min_workers..workers that follows the cluster
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
-    pack: int = 4
+    pack: int | None = None  # concepts per UNet batch; None: 4 on CPU workers, from the GPU's memory on GPU workers
+    precision: str = DEFAULT_PRECISION  # the UNet/VAE precision; "auto": bf16 on GPU workers, fp32 on CPU ones
+    compile: bool | None = None  # torch.compile the UNet; None: on GPU workers
     steps: int | None = None  # job-wide default; a manifest's per-concept `steps` wins
     prefix_logit_bias: float = REFERENCE_PREFIX_LOGIT_BIAS  # the reference recipe's +1; 0.0 = the paper's equation
     max_failures: int = 2
@@ -83,8 +86,11 @@ class BatchConfig:
     def __post_init__(self) -> None:
         problems = []
         for name in ("workers", "pack"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                problems.append(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if (value is not None or name == "workers") and (not isinstance(value, int) or value < 1):
+                problems.append(f"{name} must be an integer >= 1, got {value!r}")
+        if self.precision not in PRECISION_CHOICES:
+            problems.append(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
         if self.min_workers is not None and not (isinstance(self.min_workers, int) and 1 <= self.min_workers <= self.workers):
             problems.append(f"min_workers must be an integer in 1..workers ({self.workers}), got {self.min_workers!r}")
         if self.state_every < 0:
@@ -95,6 +101,17 @@ class BatchConfig:
                 problems.append(f"{name} must be a positive number of seconds, got {value!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def training_precision(self) -> str:
+        """The concrete UNet/VAE precision the workers train at (part of every training fingerprint)."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if self.gpus_per_worker > 0 else "fp32"
+
+    @property
+    def compiled(self) -> bool:
+        return self.gpus_per_worker > 0 if self.compile is None else bool(self.compile)
 
 
 @dataclass
@@ -269,7 +286,8 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
             "prefix_logit_bias": config.prefix_logit_bias, "output": config.output, "run_id": run_id,
             "dispatcher": dispatcher, "gpus_per_worker": config.gpus_per_worker,
             "cpus_per_worker": config.cpus_per_worker, "state_every": config.state_every,
-            "prefetch": config.prefetch or config.pack, "lease": max(1, config.prefetch or config.pack),
+            "prefetch": config.prefetch or config.pack, "precision": config.training_precision,
+            "compile": config.compiled,
             "storage_retry_s": config.storage_retry_s, "claim_ttl_s": config.claim_ttl_s,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -433,7 +451,7 @@ def _run_batch(config: BatchConfig, run_id: str, budget: storage.RetryBudget, re
         from catversion.training import training_target
 
         target = training_target(load_base_model(config.model, device="cpu", components=("text_encoder",)),
-                                 config.resolution)
+                                 config.resolution, precision=config.training_precision)
         listing = planning.gather(config.output, report.concepts, budget, log)
         for spec in report.concepts:
             cid = spec.concept_id

@@ -14,7 +14,7 @@ from catversion import layout
 from catversion.errors import CLIError
 from catversion.limits import (BUILTIN_MODELS, DEFAULT_CLAIM_TTL_S, DEFAULT_CLAIM_WAIT_S, DEFAULT_MODEL,
                                DEFAULT_RESIZE_INTERVAL_S, DEFAULT_RESOURCES_TIMEOUT_S, DEFAULT_STATE_EVERY,
-                               DEFAULT_STORAGE_RETRY_S)
+                               DEFAULT_PRECISION, DEFAULT_STORAGE_RETRY_S, PRECISION_CHOICES, PRECISION_HELP)
 from catversion.recipe import REFERENCE_PREFIX_LOGIT_BIAS, TrainConfig
 
 DESCRIPTION = f"""\
@@ -52,7 +52,15 @@ def register_batch(sub) -> None:
                         "it, with the unfinished concepts resumed from their saved state (default: a fixed group)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; 0 trains on CPU (default: 0)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default: 1)")
-    p.add_argument("--pack", type=int, default=4, help="concepts trained together in one UNet batch per worker (default: 4)")
+    p.add_argument("--pack", type=int,
+                   help="concepts trained together in one UNet batch per worker (default: 4 on CPU workers; on GPU "
+                        "workers as many as the GPU's memory holds, measured at start, up to 16)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
+                   help=f"{PRECISION_HELP} (default: %(default)s); part of each residual's training fingerprint, so "
+                        "a change retrains")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the UNet (static shapes; the first steps compile, a minute or two on SD1.5) "
+                        "(default: on with --gpus-per-worker > 0, off on CPU)")
     p.add_argument("--steps", type=int,
                    help=f"training steps per concept unless the manifest says otherwise (default: {TrainConfig().steps})")
     p.add_argument("--prefix-logit-bias", type=float, default=REFERENCE_PREFIX_LOGIT_BIAS,
@@ -106,7 +114,7 @@ def run_batch_command(args: argparse.Namespace) -> None:
         if not args.output:
             raise CLIError("--output PREFIX is required (unless --validate-only)")
         for name in ("workers", "pack"):
-            if getattr(args, name) < 1:
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise CLIError(f"--{name} must be >= 1")
         if args.steps is not None:
             try:
@@ -118,6 +126,7 @@ def run_batch_command(args: argparse.Namespace) -> None:
                 manifest=manifest, output=args.output, model=args.model, workers=args.workers,
                 min_workers=args.min_workers, gpus_per_worker=args.gpus_per_worker,
                 cpus_per_worker=args.cpus_per_worker, pack=args.pack, steps=args.steps,
+                precision=args.precision, compile=args.compile,
                 max_failures=args.max_failures, run_id=args.run_id, resolution=args.resolution, address=args.address,
                 storage_path=args.storage_path, prefix_logit_bias=args.prefix_logit_bias, state_every=args.state_every,
                 prefetch=args.prefetch, resources_timeout_s=args.resources_timeout, resize_interval_s=args.resize_interval,
@@ -192,6 +201,8 @@ def register_evaluate(sub) -> None:
                    metavar="ID,ID", help="evaluate only these concepts (default: every concept of the manifest)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto; Ray actors with GPUs "
                                                     "use their GPU)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
+                   help=f"{PRECISION_HELP} (default: %(default)s)")
     p.add_argument("--address", help="Ray cluster address: evaluate concepts on a pool of Ray actors "
                                      "(default: one local process, no Ray)")
     p.add_argument("--replicas", type=int, help="actors in the Ray pool (default: one per GPU of the cluster, or 1)")
@@ -214,6 +225,7 @@ def run_evaluate_command(args: argparse.Namespace) -> None:
             prompts=read_prompts(args.prompts), out=args.out, n_per_prompt=args.n_per_prompt, seed=args.seed,
             steps=args.steps, guidance=args.guidance, model=args.model, clip_model=args.clip_model,
             seg_model=args.seg_model, dino_model=args.dino_model, device=args.device, concepts=args.concepts,
+            precision=args.precision,
             batch_size=args.batch_size, mask_threshold=args.mask_threshold, masked_crop=args.masked_crop,
             address=args.address, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
         )

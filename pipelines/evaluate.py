@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from catversion import layout, storage
 from catversion.limits import (DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_GUIDANCE, DEFAULT_MASK_THRESHOLD, DEFAULT_SEG,
                                DEFAULT_STEPS, METRIC_DESCRIPTIONS, METRIC_LABELS, METRIC_TITLES, METRICS,
-                               SAVED_REFERENCE_SIDE)
+                               PRECISION_CHOICES, SAVED_REFERENCE_SIDE)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -97,6 +97,7 @@ class EvalConfig:
     seg_model: str = DEFAULT_SEG
     dino_model: str = DEFAULT_DINO
     device: str = "auto"
+    precision: str = "auto"  # the generating UNet/VAE's (limits.PRECISION_CHOICES); the text encoder is fp32
     concepts: list[str] | None = None  # None: every concept of the manifest
     batch_size: int = DEFAULT_BATCH_SIZE  # images per generation batch and per scoring batch
     mask_threshold: float = DEFAULT_MASK_THRESHOLD
@@ -111,6 +112,8 @@ class EvalConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
         if self.replicas is not None and self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if not self.prompts:
@@ -280,7 +283,7 @@ class ConceptEvaluator:
 
         device = resolve_device(config.device)
         self.config = config
-        self.base = load_base_model(config.model, device=device)
+        self.base = load_base_model(config.model, device=device, precision=config.precision)
         self.scorer = Scorer.load(config.clip_model, config.seg_model, config.dino_model, device=device,
                                   batch_size=config.batch_size, mask_threshold=config.mask_threshold,
                                   masked_crop=config.masked_crop)

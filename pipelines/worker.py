@@ -242,8 +242,13 @@ def train_worker(cfg: dict) -> None:
     if not use_gpu:
         # Use exactly the CPUs Ray reserved for this worker: more threads would fight the other workers.
         torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
-    base = load_base_model(cfg["model"], device=device)
-    trainer = ResidualTrainer(base, pack=cfg["pack"], resolution=cfg["resolution"])
+    base = load_base_model(cfg["model"], device=device, precision=cfg["precision"])
+    trainer = ResidualTrainer(base, pack=cfg["pack"], resolution=cfg["resolution"], compile=cfg["compile"])
+    prefetch = cfg["prefetch"] or trainer.pack
+    lease = max(1, prefetch)
+    if rank == 0:
+        print(f"[worker] {base.model_id} on {base.device}: UNet/VAE {base.precision}, text encoder fp32, pack "
+              f"{trainer.pack}{', UNet compiled' if trainer.compiled else ''}", flush=True)
     tags = {"run_id": run_id}
     claims = Claims(output, run_id, cfg["claim_ttl_s"], budget)
     claims.start()
@@ -388,7 +393,7 @@ def train_worker(cfg: dict) -> None:
     def source():
         """Leased concepts, ready to decode (runs on the trainer's prefetch thread)."""
         while True:
-            answer = ray.get(dispatcher.lease.remote(token[0], cfg["lease"], worker))
+            answer = ray.get(dispatcher.lease.remote(token[0], lease, worker))
             if answer.get("claiming") and not mode["claiming"]:
                 start_claiming()
             rows = answer["rows"]
@@ -489,7 +494,7 @@ def train_worker(cfg: dict) -> None:
 
     stopped = None
     try:
-        trainer.train(source(), on_result=on_result, on_progress=on_progress, prefetch=cfg["prefetch"],
+        trainer.train(source(), on_result=on_result, on_progress=on_progress, prefetch=prefetch,
                       state_every=cfg["state_every"], on_state=on_state, resume=resume)
     except Stopped as exc:
         stopped = str(exc)

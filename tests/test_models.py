@@ -112,13 +112,14 @@ def test_fingerprint_tracks_weights_and_architecture(tiny):
     assert text_encoder_fingerprint(changed_config) != tiny.fingerprint
 
 
-def test_dtype_defaults_to_float32_on_cpu_and_fingerprint_precedes_the_cast(tiny):
-    assert tiny.dtype == torch.float32 and tiny.device == torch.device("cpu")
+def test_dtype_defaults_to_float32_on_cpu_and_the_text_encoder_is_always_float32(tiny):
+    assert tiny.dtype == torch.float32 and tiny.device == torch.device("cpu") and tiny.precision == "fp32"
     assert next(tiny.unet.parameters()).dtype == torch.float32
     bf16 = load_base_model("tiny", dtype=torch.bfloat16)
-    for module in (bf16.text_encoder, bf16.unet, bf16.vae):
+    for module in (bf16.unet, bf16.vae):
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
-    assert bf16.fingerprint == tiny.fingerprint
+    assert {p.dtype for p in bf16.text_encoder.parameters()} == {torch.float32}  # the precision policy
+    assert bf16.fingerprint == tiny.fingerprint and bf16.precision == "bf16"
 
 
 def test_tiny_model_runs_end_to_end(tiny):
