@@ -2,7 +2,9 @@
 
 The denoising loop is written out (diffusers' scheduler, UNet and VAE, no pipeline class). The
 conditional branch is encoded with each sample's residual; the unconditional / negative branch
-without it, as the reference code does (METHOD.md).
+without it, as the reference code does (METHOD.md). Every UNet call goes through a `UNetRunner`
+(catversion/unetrun.py): batch buckets, channels-last on CUDA and, with ``compile=True``, one
+compile with a CUDA graph per bucket.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .images import to_pil
 from .limits import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_GUIDANCE, MAX_IMAGE_SIDE, MAX_RESIDUAL_SCALE, MAX_SEED, MAX_STEPS
 from .models import BaseModel
 from .residual import Residual
+from .unetrun import DEFAULT_BUCKETS, UNetRunner
 
 Size = int | tuple[int, int]  # a square side, or (height, width), in pixels
 
@@ -49,10 +52,14 @@ class ImageGenerator:
     """Holds one frozen base model and its patched text encoder; reuse it for every request.
 
     Unconditional embeddings are cached per negative prompt (the empty prompt is the usual one),
-    so a batch pays the text encoder once for its conditional rows only.
+    so a batch pays the text encoder once for its conditional rows only. ``compile`` and
+    ``buckets`` configure ``self.unet_runner`` (catversion/unetrun.py), which makes every UNet call;
+    call ``warm_up()`` before the first request, on the thread that will sample, to compile and
+    record CUDA graphs then rather than during a request.
     """
 
-    def __init__(self, base: BaseModel, layers: Sequence[int] | None = None, tokens: int = 1, uncond_cache_size: int = 64):
+    def __init__(self, base: BaseModel, layers: Sequence[int] | None = None, tokens: int = 1, uncond_cache_size: int = 64,
+                 compile: bool = False, buckets: Sequence[int] = DEFAULT_BUCKETS):
         for part in ("tokenizer", "text_encoder", "unet", "vae"):
             if getattr(base, part) is None:
                 raise ValueError(f"generation needs the base model's {part}; load it with that component")
@@ -62,6 +69,12 @@ class ImageGenerator:
         self._uncond_cache_size = uncond_cache_size
         unet_levels = len(base.unet.config.block_out_channels) - 1
         self.size_multiple = base.vae_scale_factor * 2**unet_levels
+        native = base.resolution // base.vae_scale_factor
+        self.unet_runner = UNetRunner(base.unet, compile=compile, buckets=buckets, latent_size=(native, native))
+
+    def warm_up(self) -> float:
+        """Compile and record the UNet's buckets at the native size now (see UNetRunner.warm_up); seconds."""
+        return self.unet_runner.warm_up()
 
     def check(self, requests: Sequence[GenerationRequest], steps: int, guidance: float, size: Size) -> None:
         """Raise ValueError naming the first bad argument (before any compute is spent)."""
@@ -142,18 +155,18 @@ class ImageGenerator:
         """
         size = size or self.base.resolution
         self.check(requests, steps, guidance, size)
-        base, unet = self.base, self.base.unet
+        base = self.base
         cond, uncond = self.encode(requests)
         use_cfg = guidance != 1.0
-        embeddings = (torch.cat([uncond, cond]) if use_cfg else cond).to(unet.dtype)
+        embeddings = torch.cat([uncond, cond]) if use_cfg else cond
 
         scheduler = DDIMScheduler.from_config(base.scheduler_config)
         scheduler.set_timesteps(steps, device=base.device)
         latents = self.initial_latents([r.seed for r in requests], size) * scheduler.init_noise_sigma
         for i, t in enumerate(scheduler.timesteps):
             model_in = torch.cat([latents, latents]) if use_cfg else latents
-            model_in = scheduler.scale_model_input(model_in, t).to(unet.dtype)
-            eps = unet(model_in, t, encoder_hidden_states=embeddings).sample.float()
+            model_in = scheduler.scale_model_input(model_in, t)
+            eps = self.unet_runner(model_in, t.reshape(1).repeat(model_in.shape[0]), embeddings)
             if use_cfg:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance * (eps_cond - eps_uncond)

@@ -4,6 +4,12 @@ Each job keeps its own DDIM schedule, seed noise, guidance and residual, so its 
 depend on what shares its UNet calls. One ``step()`` runs one UNet call for one image size;
 ``run()`` loops it on one thread while other threads ``submit()`` and ``cancel()``.
 No Ray and no HTTP here: the serving replica and the benchmarks build on this.
+
+A step's UNet call holds its running samples' rows (two per guided sample, one at guidance 1),
+padded by the generator's `UNetRunner` to its bucket, so with a compiled runner the step-level
+scheduler's UNet calls are exactly the runner's buckets (each a recorded CUDA graph on CUDA). The
+DDIM update of every sample of a call is one vectorized `ddim_step`, each sample at its own
+timestep. Finished jobs are VAE-decoded together.
 """
 
 from __future__ import annotations
@@ -28,6 +34,47 @@ IDLE_POLL_S = 0.1  # run() looks at its stop event this often while there is no 
 MODES = ("step", "static")
 
 Bucket = tuple[int, int]  # (height, width) in pixels
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def vectorizable(config) -> bool:
+    """Whether ``ddim_step`` computes what ``DDIMScheduler.step`` does for this scheduler config
+    (no thresholding, no clipping of the predicted sample, a known prediction type)."""
+    return (not config.get("thresholding", False) and not config.get("clip_sample", False)
+            and config.get("prediction_type", "epsilon") in PREDICTION_TYPES)
+
+
+def ddim_step(model_output: torch.Tensor, timesteps: torch.Tensor, prev_timesteps: torch.Tensor, sample: torch.Tensor,
+              alphas_cumprod: torch.Tensor, final_alpha_cumprod: torch.Tensor | float,
+              prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
+    """``DDIMScheduler.step(eta=0)`` for a batch whose samples are at different timesteps.
+
+    Row i of ``model_output`` and ``sample`` [B, C, h, w] steps from ``timesteps[i]`` to
+    ``prev_timesteps[i]`` (diffusers: ``t - num_train_timesteps // num_inference_steps``; negative
+    means the end of the schedule, ``final_alpha_cumprod``). ``alphas_cumprod`` is the scheduler's,
+    on ``sample``'s device. Returns (prev_sample, pred_original_sample), each [B, C, h, w], with the
+    scheduler's arithmetic in its order, so each row equals what ``step`` gives that sample alone.
+    Thresholding and clip_sample are not done here (see ``vectorizable``).
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r} must be one of {', '.join(PREDICTION_TYPES)}")
+    shape = (-1,) + (1,) * (sample.dim() - 1)
+    alpha_prod_t = alphas_cumprod[timesteps].reshape(shape)
+    final = torch.as_tensor(final_alpha_cumprod, dtype=alphas_cumprod.dtype, device=alphas_cumprod.device)
+    alpha_prod_t_prev = torch.where(prev_timesteps >= 0, alphas_cumprod[prev_timesteps.clamp(min=0)], final).reshape(shape)
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        pred_original_sample = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
+        pred_epsilon = model_output
+    elif prediction_type == "sample":
+        pred_original_sample = model_output
+        pred_epsilon = (sample - alpha_prod_t ** (0.5) * pred_original_sample) / beta_prod_t ** (0.5)
+    else:
+        pred_original_sample = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
+        pred_epsilon = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
+    pred_sample_direction = (1 - alpha_prod_t_prev) ** (0.5) * pred_epsilon  # eta = 0: no variance term
+    prev_sample = alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
+    return prev_sample, pred_original_sample
 
 
 @dataclass
@@ -91,9 +138,15 @@ class StepBatcher:
     ``mode="step"``: a size bucket admits waiting jobs at every step, up to ``max_batch_size``
     running samples. ``mode="static"``: a bucket admits jobs only when it runs none, and then only
     jobs sharing the first waiting job's (steps, guidance) — the old scheduler, for benchmarks.
+    A full batch of guided samples is ``2 * max_batch_size`` UNet rows, which must fit the
+    generator's largest UNet bucket (the default 16 fills the default buckets' 32; build the
+    generator with ``buckets=unetrun.buckets_for(max_batch_size)`` for more), so that every step
+    is one UNet call of one bucket.
     ``on_unet_step(seconds, samples, (height, width))`` reports each UNet call; ``on_start(wait_s)``
-    each job's queue wait at its first UNet step. ``step()``, ``run()`` and ``generate()`` must be
-    called from one thread at a time; ``submit()`` and ``Ticket.cancel()`` from any thread.
+    each job's queue wait at its first UNet step. ``warm_up()``, ``step()``, ``run()`` and
+    ``generate()`` must be called from one thread at a time (the same one, with a compiled
+    generator on CUDA: its CUDA graphs belong to the thread that recorded them); ``submit()`` and
+    ``Ticket.cancel()`` from any thread.
     """
 
     def __init__(self, generator: ImageGenerator, max_batch_size: int = 16, mode: str = "step",
@@ -101,8 +154,14 @@ class StepBatcher:
                  on_start: Callable[[float], None] | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        largest = generator.unet_runner.buckets[-1]
+        if 2 * max_batch_size > largest:
+            raise ValueError(
+                f"max_batch_size {max_batch_size} makes UNet calls of up to {2 * max_batch_size} rows (two per guided "
+                f"sample), more than the generator's largest UNet bucket ({largest}); use max_batch_size <= "
+                f"{largest // 2}, or build the ImageGenerator with buckets=catversion.unetrun.buckets_for({max_batch_size})")
         self.generator = generator
         self.max_batch_size = max_batch_size
         self.mode = mode
@@ -113,6 +172,13 @@ class StepBatcher:
         self._running: dict[Bucket, list[_Sample]] = {}
         self._last_bucket: Bucket | None = None
         self._schedulers: dict[int, DDIMScheduler] = {}
+        self._timesteps: dict[int, list[int]] = {}  # step count -> its DDIM timesteps, on the host
+        reference = DDIMScheduler.from_config(generator.base.scheduler_config)
+        self._vectorized = vectorizable(reference.config)
+        self._prediction_type = reference.config.prediction_type
+        self._train_timesteps = reference.config.num_train_timesteps
+        self._alphas_cumprod = reference.alphas_cumprod.to(generator.base.device)
+        self._final_alpha_cumprod = reference.final_alpha_cumprod.to(generator.base.device)
 
     # ---- public API ----------------------------------------------------------------------------
     @property
@@ -124,6 +190,19 @@ class StepBatcher:
     def waiting(self) -> int:
         with self._cond:
             return sum(len(queue) for queue in self._waiting.values())
+
+    def warm_up(self) -> float:
+        """Compile and record the UNet's buckets (ImageGenerator.warm_up), and run the text encoder
+        and one VAE decode once, so that the first job pays none of it; seconds. Call it on the
+        thread that will step."""
+        started = time.perf_counter()
+        self.generator.warm_up()
+        with torch.no_grad():
+            self.generator.encode([GenerationRequest("")])
+            native = self.generator.unet_runner.latent_size
+            channels = self.generator.base.unet.config.in_channels
+            self._decode(torch.zeros((1, channels, *native), device=self.generator.base.device))
+        return time.perf_counter() - started
 
     def validate(self, job: Job) -> None:
         """Raise ValueError naming a bad parameter, or IncompatibleResidualError; changes nothing."""
@@ -256,6 +335,7 @@ class StepBatcher:
             scheduler = DDIMScheduler.from_config(self.generator.base.scheduler_config)
             scheduler.set_timesteps(steps, device=self.generator.base.device)
             self._schedulers[steps] = scheduler
+            self._timesteps[steps] = [int(t) for t in scheduler.timesteps.tolist()]
         return self._schedulers[steps]
 
     def _prepare(self, joiners: list[_Sample]) -> list[_Sample]:
@@ -299,10 +379,7 @@ class StepBatcher:
             started = time.perf_counter()
             eps = self._unet(samples)
             seconds = time.perf_counter() - started
-            outputs = []
-            for sample, sample_eps in zip(samples, eps):
-                t = sample.scheduler.timesteps[sample.index]
-                outputs.append(sample.scheduler.step(sample_eps, t, sample.latents, eta=0.0))
+            latents, originals = self._ddim(samples, eps)
         except Exception as exc:
             logger.exception("UNet step over %d sample(s) of size %s failed", len(samples), bucket)
             self._leave(bucket, samples)
@@ -313,13 +390,13 @@ class StepBatcher:
             _call(self.on_unet_step, seconds, len(samples), bucket)
 
         previews, finished = [], []
-        for sample, out in zip(samples, outputs):
-            sample.latents = out.prev_sample
+        for i, sample in enumerate(samples):
+            sample.latents = latents[i : i + 1]
             sample.index += 1
             if sample.index == sample.job.steps:
                 finished.append(sample)
             elif sample.index in sample.previews:
-                previews.append((sample, out.pred_original_sample))
+                previews.append((sample, originals[i : i + 1]))
         self._leave(bucket, finished)
         decode = [latent for _, latent in previews] + [s.latents for s in finished]
         if not decode:
@@ -341,32 +418,50 @@ class StepBatcher:
             if sample.on_done is not None:
                 _call(sample.on_done, image)
 
-    def _unet(self, samples: list[_Sample]) -> list[torch.Tensor]:
-        """Per-sample guided noise predictions [1, C, h, w] (float32) from one UNet call."""
-        unet = self.generator.base.unet
-        latents, timesteps, embeddings = [], [], []
-        for sample in samples:
-            t = sample.scheduler.timesteps[sample.index]
-            model_in = sample.scheduler.scale_model_input(sample.latents, t)
+    def _timestep(self, sample: _Sample) -> int:
+        return self._timesteps[sample.job.steps][sample.index]
+
+    def _unet(self, samples: list[_Sample]) -> torch.Tensor:
+        """Guided noise predictions [S, C, h, w] (float32), one per sample, from one UNet call of
+        the samples' rows: [uncond, cond] for a guided sample, [cond] at guidance 1."""
+        latents, timesteps, embeddings, uncond_rows, cond_rows, guided, scales = [], [], [], [], [], [], []
+        for i, sample in enumerate(samples):
+            # DDIM's scale_model_input is the identity: the latents go in as they are.
             rows = [sample.uncond, sample.cond] if sample.uncond is not None else [sample.cond]
+            if sample.uncond is not None:
+                uncond_rows.append(len(embeddings))
+                guided.append(i)
+                scales.append(sample.job.guidance)
+            cond_rows.append(len(embeddings) + len(rows) - 1)
             for embedding in rows:
-                latents.append(model_in)
-                timesteps.append(t.reshape(1))
+                latents.append(sample.latents)
+                timesteps.append(self._timestep(sample))
                 embeddings.append(embedding)
-        eps = unet(torch.cat(latents).to(unet.dtype), torch.cat(timesteps),
-                   encoder_hidden_states=torch.cat(embeddings).to(unet.dtype)).sample.float()
+        device = self.generator.base.device
+        eps = self.generator.unet_runner(torch.cat(latents), torch.tensor(timesteps, device=device),
+                                         torch.cat(embeddings))
         if eps.device.type == "cuda" and self.on_unet_step is not None:
             torch.cuda.synchronize(eps.device)  # so that the reported time is the call's
-        guided, row = [], 0
-        for sample in samples:
-            if sample.uncond is None:
-                guided.append(eps[row : row + 1])
-                row += 1
-            else:
-                uncond, cond = eps[row : row + 1], eps[row + 1 : row + 2]
-                guided.append(uncond + sample.job.guidance * (cond - uncond))
-                row += 2
-        return guided
+        out = eps[torch.tensor(cond_rows, device=device)]
+        if guided:
+            cond = out[torch.tensor(guided, device=device)]
+            uncond = eps[torch.tensor(uncond_rows, device=device)]
+            scale = torch.tensor(scales, dtype=eps.dtype, device=device).reshape(-1, 1, 1, 1)
+            out[torch.tensor(guided, device=device)] = uncond + scale * (cond - uncond)
+        return out
+
+    def _ddim(self, samples: list[_Sample], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sample's DDIM step (eta 0) from its own timestep: (latents, predicted clean latents)."""
+        latents = torch.cat([sample.latents for sample in samples])
+        if not self._vectorized:  # thresholding or clip_sample: the scheduler's own step, sample by sample
+            outputs = [sample.scheduler.step(eps[i : i + 1], sample.scheduler.timesteps[sample.index],
+                                             latents[i : i + 1], eta=0.0) for i, sample in enumerate(samples)]
+            return (torch.cat([o.prev_sample for o in outputs]), torch.cat([o.pred_original_sample for o in outputs]))
+        device = self.generator.base.device
+        timesteps = [self._timestep(sample) for sample in samples]
+        prev = [t - self._train_timesteps // sample.job.steps for t, sample in zip(timesteps, samples)]
+        return ddim_step(eps, torch.tensor(timesteps, device=device), torch.tensor(prev, device=device), latents,
+                         self._alphas_cumprod, self._final_alpha_cumprod, self._prediction_type)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] (float32, CPU), decoded in chunks of 4 as generate_tensors does."""

@@ -1,5 +1,6 @@
 """Step-level batching: a job's image does not depend on when it joined or what shared its UNet calls."""
 
+import dataclasses
 import threading
 
 import pytest
@@ -89,6 +90,26 @@ def test_an_image_is_the_same_alone_in_a_static_batch_or_joining_midway(generato
         assert_same_image(image, expected)
     without_residual = reference(generator, Job("a teapot on a beach", seed=7, negative_prompt="blurry", **settings))
     assert (alone - without_residual).abs().mean() > 1e-3
+
+
+def test_a_clipping_scheduler_steps_each_sample_with_the_schedulers_own_step(base):
+    """clip_sample (or thresholding) is not in the vectorized DDIM step: such configs keep diffusers' step."""
+    clipping = ImageGenerator(dataclasses.replace(
+        base, scheduler_config={**base.scheduler_config, "clip_sample": True, "clip_sample_range": 0.5}))
+    jobs = [Job("a teapot", residual(clipping, 1), seed=1, steps=5, **SMALL), Job("a dog", seed=2, steps=3, guidance=1.0, **SMALL)]
+    images = StepBatcher(clipping).generate(jobs)
+    for job, image in zip(jobs, images):
+        assert_same_image(image, reference(clipping, job))
+    unclipped = StepBatcher(ImageGenerator(base)).generate(jobs[:1])[0]
+    assert (images[0] - unclipped).abs().mean() > 1e-3
+
+
+def test_warm_up_prepares_every_part_and_changes_no_image(generator):
+    batcher = StepBatcher(generator)
+    seconds = batcher.warm_up()
+    assert seconds > 0 and generator.unet_runner.warm_up_seconds is not None
+    job = Job("a teapot", residual(generator, 1), seed=3, steps=4, guidance=5.0)
+    assert_same_image(batcher.generate([job])[0], reference(generator, job))
 
 
 def test_a_short_job_joining_a_long_one_finishes_first(generator):
