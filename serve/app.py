@@ -1,12 +1,14 @@
 """The Ray Serve application: an OpenAI-Images-compatible HTTP ingress and a step-batching generator.
 
-`Generator` loads the frozen base model once per replica and runs a `StepBatcher`
-(catversion/stepbatch.py) on a thread of its own: every sample of any concept, step count or guidance
-joins the running UNet batch at the next denoising step and leaves when it is done (only image sizes
-run apart). Residuals come from a `ResidualCache` that revalidates them against storage. `Ingress`
-(FastAPI) checks the API key and the body size before anything else, validates requests, fans a
-request's n images out to the generator and speaks OpenAI's request, response, streaming (SSE) and
-error formats. `build_app(args)` is the Serve config YAML entry point.
+`Generator` loads the frozen base model once per replica (UNet/VAE in the `precision` setting) and runs
+a `StepBatcher` (catversion/stepbatch.py) on a thread of its own: every sample of any concept, step count
+or guidance joins the running UNet batch at the next denoising step and leaves when it is done (only
+image sizes run apart). That thread first warms up (with `compile`, the UNet is compiled and a CUDA
+graph recorded per batch bucket) and the replica's health check waits for it, so a replica gets
+requests only once it is warm. Residuals come from a `ResidualCache` that revalidates them against
+storage. `Ingress` (FastAPI) checks the API key and the body size before anything else, validates
+requests, fans a request's n images out to the generator and speaks OpenAI's request, response,
+streaming (SSE) and error formats. `build_app(args)` is the Serve config YAML entry point.
 """
 
 
@@ -40,6 +42,7 @@ from .errors import InvalidParameterError, RequestError, UnusableResidualError, 
 from .images import MEDIA_TYPES, ImageNotFoundError, ImageStore, encode_image
 
 logger = logging.getLogger("catversion.serve")
+replica_logger = logging.getLogger("ray.serve")  # Serve writes it (at INFO) to each replica's log file
 
 BASE_MODEL_ID = "base"
 MAX_SEED = 2**32 - 1  # OpenAI-style clients send 32-bit seeds; image i of a request uses seed + i
@@ -205,10 +208,13 @@ class Generator:
         from catversion.generation import ImageGenerator
         from catversion.models import load_base_model, resolve_device
         from catversion.stepbatch import StepBatcher
+        from catversion.unetrun import buckets_for
 
         self.settings = ServeSettings.from_dict(settings)
-        self.base = load_base_model(self.settings.model, device=resolve_device(self.settings.device))
-        self.images = ImageGenerator(self.base)
+        device = resolve_device(self.settings.device)
+        self.base = load_base_model(self.settings.model, device=device, precision=self.settings.precision)
+        compile_unet = self.settings.compile == "on" or (self.settings.compile == "auto" and device.type == "cuda")
+        self.images = ImageGenerator(self.base, compile=compile_unet, buckets=buckets_for(self.settings.max_batch_size))
         step_seconds, occupancy, wait = (ray_metric(s) for s in (telemetry.UNET_STEP_SECONDS, telemetry.BATCH_SIZE,
                                                                  telemetry.QUEUE_WAIT_SECONDS))
         self.generated = ray_metric(telemetry.IMAGES)
@@ -220,7 +226,10 @@ class Generator:
         self.batcher = StepBatcher(self.images, self.settings.max_batch_size, mode=self.settings.scheduler,
                                    on_unet_step=on_unet_step, on_start=wait.observe)
         self._stop = threading.Event()
-        threading.Thread(target=self.batcher.run, args=(self._stop,), name="catversion-steps", daemon=True).start()
+        self._ready = threading.Event()  # set when the warm-up has ended, well or not
+        self._warm_up_error: BaseException | None = None
+        self.warm_up_seconds: float | None = None
+        threading.Thread(target=self._steps, name="catversion-steps", daemon=True).start()
         encoder = self.images.encoder
         try:
             replica = serve.get_replica_context().replica_tag
@@ -236,9 +245,37 @@ class Generator:
     def __del__(self):
         self._stop.set()
 
+    def _steps(self) -> None:
+        """The stepping thread: warm up here (CUDA graphs belong to the thread that recorded them), then
+        step. Jobs submitted meanwhile wait in the batcher's queue."""
+        runner = self.images.unet_runner
+        try:
+            seconds = self.batcher.warm_up()
+        except BaseException as exc:
+            logger.exception("generator warm-up failed")
+            self._warm_up_error = exc
+            self._ready.set()
+            return
+        self.warm_up_seconds = seconds
+        unet = f"compiled for row buckets {list(runner.buckets)}" if runner.compiled else "eager"
+        replica_logger.info("generator warmed up in %.1f s (UNet %s, %s, on %s)", seconds, unet, self.base.precision,
+                            self.base.device)
+        self._ready.set()
+        self.batcher.run(self._stop)
+
+    async def check_health(self) -> None:
+        """Ray Serve's probe. A new replica counts as started (and gets requests) only once its first
+        check passes, so this waits for the warm-up; a failed warm-up fails it (Serve replaces the replica)."""
+        while not self._ready.is_set():
+            await asyncio.sleep(0.1)
+        if self._warm_up_error is not None:
+            raise RuntimeError(f"the generator's warm-up failed: {self._warm_up_error!r}")
+
     def info(self) -> dict:
+        runner = self.images.unet_runner
         return {"model": self.base.model_id, "resolution": self.base.resolution, "size_multiple": self.images.size_multiple,
-                "device": str(self.base.device)}
+                "device": str(self.base.device), "precision": self.base.precision, "compiled": runner.compiled,
+                "unet_buckets": list(runner.buckets), "warm_up_seconds": self.warm_up_seconds}
 
     def describe(self, model: str) -> dict:
         """Metadata of a concept's residual, checked against storage now; raises a RequestError."""
@@ -275,6 +312,8 @@ class Generator:
         def put(*event) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
+        if self._warm_up_error is not None:
+            raise RuntimeError(f"the generator's warm-up failed: {self._warm_up_error!r}")
         try:
             ticket = self.batcher.submit(job, on_done=lambda image: put("done", image),
                                          on_partial=lambda index, image: put("partial", index, image),
@@ -438,7 +477,8 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> dict:
         info = await self._model_info()
-        return {"status": "ok", "model": info["model"], "device": info["device"], "version": __version__}
+        return {"status": "ok", "model": info["model"], "device": info["device"], "precision": info["precision"],
+                "compiled": info["compiled"], "warm_up_seconds": info["warm_up_seconds"], "version": __version__}
 
     @api.get("/v1/models", dependencies=[Depends(bearer)], response_model=ModelList, responses=_errors(401, 503))
     async def list_models(self) -> JSONResponse:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from catversion import layout, storage
 from catversion.errors import CLIError
-from catversion.limits import BUILTIN_MODELS, DEFAULT_MODEL
+from catversion.limits import BUILTIN_MODELS, DEFAULT_MODEL, PRECISION_CHOICES, PRECISION_HELP
 
 DESCRIPTION = f"""\
 Serve every residual {layout.RESIDUAL_PATTERN} (PREFIX: the `catversion batch --output`) behind an
@@ -23,6 +23,10 @@ OpenAI-Images-compatible HTTP API: POST /v1/images/generations with "model": <co
 GET /v1/models, GET /healthz, OpenAPI schema at /docs. Residuals load on first use, are cached and
 are revalidated against storage every residual_ttl_s (5 s). Every request's samples join the running
 UNet batch at the next denoising step, whatever their concept, step count or guidance.
+
+Each generator replica warms up before it takes requests: with --compile (the default on a GPU) the
+UNet is compiled once and a CUDA graph is recorded per batch size (1-2 minutes on a GPU); the time
+is logged and shown by GET /healthz.
 
 --config takes a Ray Serve config YAML (serve/config.yaml is the documented example); flags given
 here override its `args`. The same file deploys to a cluster with `serve deploy`.
@@ -41,6 +45,10 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, help="HTTP port (default: 8000, or the config's)")
     p.add_argument("--api-key-file", help="file with one API key per line; requests must send 'Authorization: Bearer KEY'")
     p.add_argument("--device", help="auto (default), cpu or cuda")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, help=f"{PRECISION_HELP} (default: auto, or the config's)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the UNet with a CUDA graph per batch size, warmed up before a replica serves "
+                        "(default: on when the replica runs on CUDA, or the config's `compile`)")
     p.add_argument("--address", help="Ray cluster address (default: start or join a local Ray)")
     p.set_defaults(func=run)
 
@@ -68,18 +76,28 @@ def load_config(path: str | None) -> tuple[dict, dict, dict]:
     return args, dict(document.get("http_options") or {}), document
 
 
+def application_args(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(application args, http options): the --config file's, with the flags given on the command line
+    put over them."""
+    app_args, http, _ = load_config(args.config)
+    for flag, key in (("residuals", "residuals"), ("model", "model"), ("api_key_file", "api_key_file"), ("device", "device"),
+                      ("precision", "precision")):
+        if getattr(args, flag):
+            app_args[key] = getattr(args, flag)
+    if args.compile is not None:
+        app_args["compile"] = "on" if args.compile else "off"
+    if not app_args.get("residuals"):
+        raise CLIError("--residuals PREFIX is required (or `args.residuals` in --config)")
+    return app_args, http
+
+
 def run(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
     from .app import build_app, read_keys
 
-    app_args, http, _ = load_config(args.config)
-    for flag, key in (("residuals", "residuals"), ("model", "model"), ("api_key_file", "api_key_file"), ("device", "device")):
-        if getattr(args, flag):
-            app_args[key] = getattr(args, flag)
-    if not app_args.get("residuals"):
-        raise CLIError("--residuals PREFIX is required (or `args.residuals` in --config)")
+    app_args, http = application_args(args)
     if args.api_key_file and not Path(args.api_key_file).is_file():
         raise CLIError(f"--api-key-file {args.api_key_file} does not exist")
     if app_args.get("api_key_file"):  # a bad key file fails here, with its line number, not in a replica's log

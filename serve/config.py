@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from catversion.limits import DEFAULT_GUIDANCE, DEFAULT_MODEL, DEFAULT_STEPS
+from catversion.limits import DEFAULT_GUIDANCE, DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_STEPS, PRECISION_CHOICES
 
 
 SCHEDULERS = ("step", "static")
+COMPILE_CHOICES = ("auto", "on", "off")
 IMAGE_LINKS = ("auto", "endpoint", "presigned")
 REMOVED = {"batch_wait_timeout_s": "step-level batching needs no wait (a request joins the running batch at the next step)"}
 
@@ -19,9 +20,11 @@ class ServeSettings:
     residuals: str  # the batch job's --output PREFIX (its residuals/ folder) or any folder of <concept>.safetensors
     model: str = DEFAULT_MODEL
     device: str = "auto"  # auto: the GPU Ray gave the replica, else CPU
+    precision: str = DEFAULT_PRECISION  # UNet/VAE: auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16, fp16; the text encoder is always fp32
+    compile: str = "auto"  # UNet compiled with a CUDA graph per batch bucket, warmed up before the replica serves; auto: on for CUDA
     gpus_per_replica: float = 0.0  # GPUs Ray reserves for each generator replica
     cache_capacity: int = 1024  # residuals kept per replica (~18 KB each for SD1.x)
-    max_batch_size: int = 16  # samples per UNet call (the running batch of one image size)
+    max_batch_size: int = 16  # samples per UNet call (the running batch of one image size); UNet buckets go up to 2x this many rows
     scheduler: str = "step"  # step: samples join and leave the running batch at every denoising step; static: whole batches
     max_queued_requests: int = 256  # images waiting for the generator, per ingress replica; beyond this: 429
     api_key_file: str | None = None  # one key per line; unset = no auth
@@ -40,6 +43,8 @@ class ServeSettings:
     public_url: str | None = None  # base of image URLs, e.g. https://images.example.com (default: the request's own host)
 
     def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):  # YAML 1.1 reads a bare on/off as a boolean
+            self.compile = "on" if self.compile else "off"
         problems = []
         if not self.residuals:
             problems.append("residuals (the prefix holding the residuals) is required")
@@ -50,6 +55,10 @@ class ServeSettings:
             problems.append(f"default_steps must be in 1..max_steps ({self.max_steps}), got {self.default_steps}")
         if self.scheduler not in SCHEDULERS:
             problems.append(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.precision not in PRECISION_CHOICES:
+            problems.append(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
+        if self.compile not in COMPILE_CHOICES:
+            problems.append(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
         if self.image_links not in IMAGE_LINKS:
             problems.append(f"image_links must be one of {', '.join(IMAGE_LINKS)}, got {self.image_links!r}")
         for name in ("residual_ttl_s", "image_url_ttl_s"):

@@ -5,6 +5,7 @@ A local Ray Serve (from the shipped serve/config.yaml) with the built-in tiny mo
 moto's S3 server on 127.0.0.1.
 """
 
+import asyncio
 import base64
 import io
 import json
@@ -228,7 +229,10 @@ def test_overload_is_refused_with_429(server):
 
 
 def test_health_and_openapi(server):
-    assert requests.get(f"{server['url']}/healthz", timeout=30).json()["status"] == "ok"
+    health = requests.get(f"{server['url']}/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["device"] == "cpu"
+    # on the CPU: the tiny model in fp32, eager (compile auto = off), warmed up before it served
+    assert health["precision"] == "fp32" and health["compiled"] is False and health["warm_up_seconds"] > 0
     schema = requests.get(f"{server['url']}/openapi.json", timeout=30).json()
     assert "/v1/images/generations" in schema["paths"] and "/v1/models" in schema["paths"]
     assert json.dumps(schema).count("residual_scale") >= 1
@@ -447,3 +451,80 @@ def test_key_files_skip_comments_and_blank_lines_and_refuse_malformed_keys(tmp_p
     keys.write_text("# only comments\n")
     with pytest.raises(ValueError, match="has no keys"):
         read_keys(str(keys))
+
+
+def test_precision_and_compile_settings_are_checked_and_flags_override_the_config(tmp_path):
+    from catversion.cli import build_parser
+    from serve.cli import application_args
+    from serve.config import ServeSettings
+
+    with pytest.raises(ValueError, match=r"precision must be one of auto, fp32, bf16, fp16, got 'fp8'"):
+        ServeSettings.from_dict({"residuals": "s3://b/run", "precision": "fp8"})
+    with pytest.raises(ValueError, match=r"compile must be one of auto, on, off, got 'sometimes'"):
+        ServeSettings.from_dict({"residuals": "s3://b/run", "compile": "sometimes"})
+    with pytest.raises(ValueError, match=r"unknown serve settings \['precison'\]"):
+        ServeSettings.from_dict({"residuals": "s3://b/run", "precison": "bf16"})
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("applications:\n  - import_path: serve.app:build_app\n    args:\n"
+                      "      residuals: s3://b/run\n      precision: fp16\n      compile: off\n")  # YAML: off is False
+
+    def settings(*flags):
+        app_args, _ = application_args(build_parser().parse_args(["serve", *flags]))
+        app_args.pop("deployment_options", None)
+        chosen = ServeSettings.from_dict(app_args)
+        return chosen.precision, chosen.compile
+
+    assert settings("--residuals", "s3://b/run") == ("auto", "auto")
+    assert settings("--config", str(config)) == ("fp16", "off")
+    assert settings("--config", str(config), "--precision", "bf16", "--compile") == ("bf16", "on")
+    assert settings("--residuals", "s3://b/run", "--no-compile") == ("auto", "off")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--precision", "fp8"])
+
+
+def test_a_replica_is_ready_only_after_its_warm_up_and_earlier_requests_wait(ray_session, tmp_path, monkeypatch):
+    """Serve routes requests to a replica once its first health check passes: that check waits for the
+    warm-up on the stepping thread; a request that reaches the generator earlier waits in the queue."""
+    from catversion.stepbatch import StepBatcher
+    from serve.app import Generator
+
+    warm_up = StepBatcher.warm_up
+    release = threading.Event()
+
+    def slow_warm_up(self):
+        assert release.wait(60)
+        return warm_up(self)
+
+    monkeypatch.setattr(StepBatcher, "warm_up", slow_warm_up)
+    settings = {"residuals": str(tmp_path), "model": "tiny", "device": "cpu"}
+    generator = Generator.func_or_class(settings)
+    item = {"model": "base", "prompt": "a teapot", "negative_prompt": "", "seed": 1, "residual_scale": 1.0, "steps": 2,
+            "guidance": 5.0, "height": 64, "width": 64, "partial_images": 0, "output_format": "png", "output_compression": None}
+
+    async def start():
+        early = asyncio.create_task(generator.generate(item))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(generator.check_health(), 0.5)
+        assert not early.done() and generator.info()["warm_up_seconds"] is None
+        release.set()
+        await asyncio.wait_for(generator.check_health(), 60)
+        return await asyncio.wait_for(early, 60)
+
+    try:
+        result = asyncio.run(start())
+        assert result["image"].startswith(b"\x89PNG") and result["seed"] == 1
+        assert generator.info()["warm_up_seconds"] > 0
+    finally:
+        generator._stop.set()
+
+    def failing_warm_up(self):
+        raise RuntimeError("out of GPU memory")
+
+    monkeypatch.setattr(StepBatcher, "warm_up", failing_warm_up)
+    broken = Generator.func_or_class(settings)
+    try:
+        with pytest.raises(RuntimeError, match="warm-up failed.*out of GPU memory"):
+            asyncio.run(asyncio.wait_for(broken.check_health(), 60))
+    finally:
+        broken._stop.set()
