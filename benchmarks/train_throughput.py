@@ -186,16 +186,20 @@ def run_ours(base: BaseModel, concepts: list[Concept], pack: int) -> dict:
 
 
 # ---- ceiling: the UNet alone at our batch and dtype ---------------------------------------------
-def run_ceiling(base: BaseModel, batch: int, steps: int, seed: int) -> dict:
-    unet, device = base.unet, base.device
+def run_ceiling(base: BaseModel, batch: int, steps: int, seed: int, unet=None) -> dict:
+    """``unet``: the module to time (default: the base model's own, eager); channels-last inputs on CUDA."""
+    device = base.device
+    unet = base.unet if unet is None else unet
     generator = torch.Generator(device=device).manual_seed(seed)
     latent = base.resolution // base.vae_scale_factor
     train_timesteps = base.scheduler_config["num_train_timesteps"]
-    shape = (batch, unet.config.in_channels, latent, latent)
-    noisy = torch.randn(shape, generator=generator, device=device, dtype=unet.dtype)
+    shape = (batch, base.unet.config.in_channels, latent, latent)
+    noisy = torch.randn(shape, generator=generator, device=device, dtype=base.unet.dtype)
+    if device.type == "cuda":
+        noisy = noisy.contiguous(memory_format=torch.channels_last)  # as ResidualTrainer feeds it
     noise = torch.randn(shape, generator=generator, device=device)
-    cond = torch.randn((batch, base.tokenizer.model_max_length, unet.config.cross_attention_dim),
-                       generator=generator, device=device, dtype=unet.dtype, requires_grad=True)
+    cond = torch.randn((batch, base.tokenizer.model_max_length, base.unet.config.cross_attention_dim),
+                       generator=generator, device=device, dtype=base.unet.dtype, requires_grad=True)
 
     def step() -> None:
         timesteps = torch.randint(0, train_timesteps, (batch,), generator=generator, device=device)
@@ -212,7 +216,7 @@ def run_ceiling(base: BaseModel, batch: int, steps: int, seed: int) -> dict:
             step()
     rows = steps * batch
     return {"seconds": timer.seconds, "rows": rows, "images_per_s": rows / timer.seconds, "batch": batch,
-            "dtype": str(unet.dtype).removeprefix("torch."), "peak_memory_gib": peak_memory_gib(device)}
+            "dtype": str(base.unet.dtype).removeprefix("torch."), "peak_memory_gib": peak_memory_gib(device)}
 
 
 def concepts_per_hour(images_per_s: float, steps: int) -> float:

@@ -247,7 +247,7 @@ def train_worker(cfg: dict) -> None:
     prefetch = cfg["prefetch"] or trainer.pack
     lease = max(1, prefetch)
     if rank == 0:
-        print(f"[worker] {base.model_id} on {base.device}: UNet/VAE {base.precision}, text encoder fp32, pack "
+        print(f"[worker {rank}] {base.model_id} on {base.device}: UNet/VAE {base.precision}, text encoder fp32, pack "
               f"{trainer.pack}{', UNet compiled' if trainer.compiled else ''}", flush=True)
     tags = {"run_id": run_id}
     claims = Claims(output, run_id, cfg["claim_ttl_s"], budget)
@@ -506,6 +506,10 @@ def train_worker(cfg: dict) -> None:
         if stopped:
             for concept_id in list(inflight):
                 claims.release(concept_id)  # a later run resumes them from their saved state
+    if base.device.type == "cuda":
+        compiled = f", compiling took {trainer.compile_seconds:.0f} s" if trainer.compiled else ""
+        print(f"[worker {rank}] peak GPU memory {torch.cuda.max_memory_allocated(base.device) / 2**30:.1f} GiB "
+              f"(pack {trainer.pack}){compiled}", flush=True)
     ray.train.report({"worker": rank, "concepts_done": writer.counts["ok"], "concepts_failed": writer.counts["failed"],
                       "concepts_skipped": writer.counts["skipped"], "images_per_s": last["ips"],
                       "stopped": stopped or ""})
