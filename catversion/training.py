@@ -738,7 +738,7 @@ class ResidualTrainer:
         def gradient(unet) -> torch.Tensor:
             leaf = cond.detach().requires_grad_()
             out = unet(latents, steps, encoder_hidden_states=leaf).sample.float()
-            return torch.autograd.grad(out.square().mean(), leaf)[0].float()
+            return torch.autograd.grad(out.square().mean() * self._loss_scale, leaf)[0].float()
 
         expected, got = gradient(self.base.unet), gradient(self.unet)
         error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
