@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from catversion.generation import GenerationRequest, ImageGenerator
 from catversion.models import BaseModel, load_base_model
@@ -133,6 +134,11 @@ def train_steady(trainer: ResidualTrainer, concepts: list[Concept]) -> dict:
             "residuals": {r.concept_id: r.residual.tensor for r in results}}
 
 
+def compiled_graphs() -> int:
+    """Graphs Dynamo has compiled in this process so far (a recompile counts)."""
+    return counters["stats"]["unique_graphs"]
+
+
 def per_hour(images_per_s: float) -> float:
     return 3600 * images_per_s / (RECIPE_STEPS * BATCH)
 
@@ -172,9 +178,11 @@ def run_training(args, reference_base: BaseModel, base: BaseModel, clock: Clock)
                            "max_abs_difference_from_eager": difference, "peak_memory_gib": peak_memory_gib(device)}
         clock.log(f"training compiled: {row['images_per_s']:.2f} images/s, compiled in {compiled.compile_seconds:.1f} s")
         timed = compiled
+    graphs = compiled_graphs()
     ceiling = run_ceiling(base, pack * BATCH, args.ceiling_steps, 0, unet=timed.unet)
     out["ceiling"] = {"images_per_s": ceiling["images_per_s"], "batch": ceiling["batch"], "precision": base.precision,
-                      "compiled": timed.compiled, "peak_memory_gib": ceiling["peak_memory_gib"]}
+                      "compiled": timed.compiled, "peak_memory_gib": ceiling["peak_memory_gib"],
+                      "new_compiles": compiled_graphs() - graphs}  # 0: the very graphs the trainer ran
     clock.log(f"training ceiling: {ceiling['images_per_s']:.2f} images/s")
     best = out.get("compiled", out["eager"])
     for row in out.values():
@@ -245,6 +253,7 @@ def run_sampling(args, reference_base: BaseModel, base: BaseModel, clock: Clock)
     batcher = StepBatcher(generator, max_batch_size=CONCURRENT)
     warm = batcher.warm_up()
     out["warm_up_s"] = warm
+    graphs = compiled_graphs()
     clock.log(f"sampling warm-up (compile and CUDA graphs for buckets {list(generator.unet_runner.buckets)}): "
               f"{warm:.1f} s")
     jobs = [Job(r.prompt, r.residual, r.seed, steps=steps, guidance=GUIDANCE) for r in requests]
@@ -266,6 +275,8 @@ def run_sampling(args, reference_base: BaseModel, base: BaseModel, clock: Clock)
 
     out["ceiling"] = {"images_per_s": sampling_ceiling(generator, len(jobs), steps), "batch": len(jobs),
                       "compiled": generator.unet_runner.compiled, "peak_memory_gib": peak_memory_gib(device)}
+    # 0 when the warm-up covered every call serving made (a compile mid-serving stalls every request).
+    out["compiles_after_warm_up"] = compiled_graphs() - graphs
     clock.log(f"sampling ceiling: {out['ceiling']['images_per_s']:.2f} images/s")
     best = out["concurrent"]["images_per_s"]
     out["ratios"] = {"alone_p50_s": out["alone"]["p50_s"],
@@ -340,15 +351,16 @@ def report(results: dict) -> None:
             print(f"  {name:<20}{row['batch']:>6}{row['images_per_s']:11.2f}{row['concepts_per_gpu_hour']:16.1f}{peak}")
     if "compiled" in train:
         print(f"  compile {train['compiled']['compile_s']:.1f} s; compiled vs eager residuals differ by at most "
-              f"{train['compiled']['max_abs_difference_from_eager']:.2e}")
+              f"{train['compiled']['max_abs_difference_from_eager']:.2e}; ceiling recompiled "
+              f"{train['ceiling']['new_compiles']} time(s)")
     print(f"\n{'sampling':<22}{'images/s':>11}{'p50 s':>9}")
     for name in ("reference", "one_by_one", "alone", "concurrent", "ceiling"):
         row = sample[name]
         rate = f"{row['images_per_s']:11.2f}" if "images_per_s" in row else f"{'-':>11}"
         p50 = f"{row['p50_s']:9.3f}" if "p50_s" in row else f"{'-':>9}"
         print(f"  {name.replace('_', ' '):<20}{rate}{p50}")
-    print(f"  warm-up {sample['warm_up_s']:.1f} s; batched vs alone image difference "
-          f"{sample['max_abs_difference_batched_vs_alone']:.2e}")
+    print(f"  warm-up {sample['warm_up_s']:.1f} s, compiles after it: {sample['compiles_after_warm_up']}; batched vs "
+          f"alone image difference {sample['max_abs_difference_batched_vs_alone']:.2e}")
     print(f"\nresidual cold load p50 {results['cold_load']['p50_ms']:.1f} ms ({results['cold_load']['from']})")
     gpu = results["config"]["device"] == "cuda" and not results["config"]["quick"]
     print(f"\n{'ratio':<28}{'value':>10}{'target':>10}{'':>4}")

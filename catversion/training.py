@@ -715,8 +715,9 @@ class ResidualTrainer:
                 latents = torch.cat([latents, latents.new_zeros((pad, *latents.shape[1:]))])
                 steps = torch.cat([steps, steps.new_zeros(pad)])
                 cond = torch.cat([cond, cond.new_zeros((pad, *cond.shape[1:]))])
-        if self._channels_last:
-            latents = latents.contiguous(memory_format=torch.channels_last)
+        # One memory format whatever the VAE handed back (strides are part of a compiled graph's guards).
+        latents = latents.contiguous(memory_format=torch.channels_last if self._channels_last else torch.contiguous_format)
+        cond = cond.contiguous()
         if check and not self._compiled_gradients_match(latents, steps, cond):
             self.compiled, self.unet = False, self.base.unet
         pred = self.unet(latents, steps, encoder_hidden_states=cond).sample[:rows]

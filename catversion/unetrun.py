@@ -135,7 +135,14 @@ class UNetRunner:
             latents = torch.cat([latents, latents.new_zeros((pad, *latents.shape[1:]))])
             timesteps = torch.cat([timesteps, timesteps.new_zeros(pad)])
             embeddings = torch.cat([embeddings, embeddings.new_zeros((pad, *embeddings.shape[1:]))])
-        latents = latents.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        if compiled and pad == 0:
+            # Fresh tensors, never views of the caller's: Dynamo guards on whether an input is a view,
+            # so a view here (warm-up's full-bucket slices) and a padded copy (a request's) would be
+            # two compiles, the second one in the middle of serving.
+            latents, timesteps, embeddings = (latents.clone(memory_format=layout), timesteps.clone(),
+                                              embeddings.clone())
+        latents = latents.contiguous(memory_format=layout)
         timesteps, embeddings = timesteps.contiguous(), embeddings.contiguous()
         if not compiled:
             return self.unet(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0][:rows]

@@ -33,11 +33,14 @@ def test_quick_mode_runs_every_phase_with_compile(tmp_path):
     assert training["compiled"]["compile_s"] > 0 and training["ceiling"]["compiled"] is True
     assert training["compiled"]["max_abs_difference_from_eager"] < 1e-3
     assert training["eager"]["pack"] == 2 and training["ceiling"]["batch"] == 4
+    assert training["ceiling"]["new_compiles"] == 0  # the trainer's own graph: its inputs' strides are fixed
 
     # Sampling: the step-level scheduler ran on the compiled runner, and batching changes no image.
     assert sampling["ceiling"]["compiled"] is True and sampling["warm_up_s"] > 0
     assert sampling["max_abs_difference_batched_vs_alone"] < 1e-3
     assert sampling["concurrent"]["requests"] == 16 and len(sampling["alone"]["latencies_s"]) == 2
+    # The warm-up covered every call: serving padded and full buckets compiled nothing more.
+    assert sampling["compiles_after_warm_up"] == 0
 
     for key in ("training_vs_reference", "training_vs_ceiling", "concepts_per_gpu_hour", "alone_p50_s",
                 "concurrent_vs_ceiling", "concurrent_vs_one_by_one", "concurrent_vs_reference", "cold_load_p50_ms"):
