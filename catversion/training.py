@@ -56,6 +56,7 @@ from .recipe import (  # noqa: F401  (the recipe's names are part of this module
     training_fingerprint,
 )
 from .residual import Residual
+from .unetrun import quiet_known_compile_warnings
 
 LOSS_WINDOW = 50  # final_loss is the mean of the last LOSS_WINDOW steps (single steps are noisy)
 SYNC_EVERY = 10  # steps between loss read-backs when no concept ends or checkpoints
@@ -403,6 +404,8 @@ class ResidualTrainer:
         # Inductor's layout optimization is off: on torch 2.13 (CPU) it made the gradient to the
         # conditioning wrong; the UNet is channels-last on CUDA anyway. Every new bucket's first
         # compiled step is checked against eager (_compiled_gradients_match).
+        if compile:
+            quiet_known_compile_warnings()
         self.unet = (torch.compile(base.unet, dynamic=False, options={"layout_optimization": False})
                      if compile else base.unet)
         self._buckets_seen: set[int] = set()

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +48,13 @@ from .sd_v1 import MAX_LENGTH
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)  # UNet rows per call; a guided (CFG) sample is two rows
 MIN_COMPILED_ROWS = 2  # a compiled batch of 1 would be a compile of its own (Dynamo's 0/1 specialization)
+
+
+def quiet_known_compile_warnings() -> None:
+    """Silence Dynamo's warning about diffusers' ``functools.lru_cache``-wrapped version checks in its
+    up-sampling blocks: harmless (a constant version comparison), and it fills a user's terminal."""
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped function",
+                            category=UserWarning)
 
 
 def buckets_for(max_batch_size: int) -> tuple[int, ...]:
@@ -91,6 +99,8 @@ class UNetRunner:
         self.warm_up_seconds: float | None = None
         if self.channels_last:
             unet.to(memory_format=torch.channels_last)
+        if compile:
+            quiet_known_compile_warnings()
         self._compiled = torch.compile(unet, mode="reduce-overhead") if compile else None
 
     @property
