@@ -48,13 +48,12 @@ from torch._dynamo.utils import counters
 from catversion.generation import GenerationRequest, ImageGenerator
 from catversion.models import BaseModel, load_base_model
 from catversion.residual import Residual
-from catversion.samples import SAMPLE_CONCEPTS, concept_jpegs
 from catversion.stepbatch import Job, StepBatcher
-from catversion.training import Concept, ResidualTrainer, TrainConfig
-from train_throughput import Timer, baseline_train_concept, peak_memory_gib, run_ceiling, start_phase
+from catversion.training import Concept, ResidualTrainer
+from train_throughput import (BATCH_PER_CONCEPT as BATCH, Timer, baseline_train_concept, make_concepts,
+                              peak_memory_gib, run_ceiling, start_phase)
 
 RECIPE_STEPS = 1000  # a concept's training steps in the reference recipe (concepts/GPU-hour is per these)
-BATCH = 2  # the reference recipe's batch per concept
 GUIDANCE = 7.5
 CONCURRENT = 16
 ARRIVAL_GAP_S = 0.02  # mean gap between the concurrent requests' arrivals (exponential)
@@ -109,17 +108,6 @@ def sync(device: torch.device) -> None:
 
 
 # ---- training ----------------------------------------------------------------------------------
-def make_concepts(n: int, steps: int, resolution: int, seed: int = 0) -> list[Concept]:
-    ids = list(SAMPLE_CONCEPTS)
-    concepts = []
-    for i in range(n):
-        sample = SAMPLE_CONCEPTS[ids[i % len(ids)]]
-        images = concept_jpegs(sample.concept_id, 4, resolution, seed + i // len(ids))
-        config = TrainConfig(steps=steps, batch_size=BATCH, seed=seed + i, save_steps=())
-        concepts.append(Concept(f"{sample.concept_id}-{i}", images, sample.class_word, config=config))
-    return concepts
-
-
 def train_steady(trainer: ResidualTrainer, concepts: list[Concept]) -> dict:
     """Train one full pack; throughput between the first and the last progress report (each one follows
     a host sync), so preparing the concepts and compiling stay outside the window."""

@@ -72,16 +72,16 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def make_concepts(args: argparse.Namespace, resolution: int) -> list[Concept]:
+def make_concepts(n: int, steps: int, resolution: int, images_per_concept: int = 4, seed: int = 0) -> list[Concept]:
     """N concepts: the built-in sample objects in turn, each round with a new photo seed."""
     ids = list(SAMPLE_CONCEPTS)
     concepts = []
-    for i in range(args.concepts):
+    for i in range(n):
         sample = SAMPLE_CONCEPTS[ids[i % len(ids)]]
-        photo_seed = args.seed + i // len(ids)
-        images = concept_jpegs(sample.concept_id, args.images_per_concept, resolution, photo_seed)
-        config = TrainConfig(steps=args.steps, learning_rate=LEARNING_RATE, batch_size=BATCH_PER_CONCEPT,
-                             seed=args.seed + i, weight_decay=WEIGHT_DECAY, flip_p=FLIP_P, save_steps=())
+        photo_seed = seed + i // len(ids)
+        images = concept_jpegs(sample.concept_id, images_per_concept, resolution, photo_seed)
+        config = TrainConfig(steps=steps, learning_rate=LEARNING_RATE, batch_size=BATCH_PER_CONCEPT,
+                             seed=seed + i, weight_decay=WEIGHT_DECAY, flip_p=FLIP_P, save_steps=())
         concepts.append(Concept(f"{sample.concept_id}-{photo_seed}", images, sample.class_word, config=config))
     return concepts
 
@@ -253,7 +253,7 @@ def main() -> None:
 
     # Baseline weights are fp32 as in the reference code; ours uses load_base_model's default dtype.
     baseline_base = load_base_model(args.model, device, dtype=torch.float32)
-    concepts = make_concepts(args, baseline_base.resolution)
+    concepts = make_concepts(args.concepts, args.steps, baseline_base.resolution, args.images_per_concept, args.seed)
     baseline = run_baseline(baseline_base, concepts, args.baseline_steps, args.seed)
 
     ours_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

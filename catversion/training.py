@@ -677,14 +677,13 @@ class ResidualTrainer:
 
     def _step(self, active: list[_ConceptState]) -> list[torch.Tensor]:
         """One optimizer step for every concept in the pack, through one UNet forward/backward."""
-        first = None
+        first = bucket = None
         if self.compiled:
-            rows = sum(s.cfg.batch_size for s in active)
-            bucket = self._bucket(rows)
+            bucket = self._bucket(sum(s.cfg.batch_size for s in active))
             if bucket not in self._buckets_seen:
                 self._buckets_seen.add(bucket)
                 first = time.perf_counter()
-        losses = self._forward_backward(active, check=first is not None)
+        losses = self._forward_backward(active, bucket, check=first is not None)
         self._adamw(active)
         if first is not None:
             if self.device.type == "cuda":
@@ -694,7 +693,9 @@ class ResidualTrainer:
             log.info("compiled the UNet for %d training rows in %.1f s", bucket, seconds)
         return losses
 
-    def _forward_backward(self, active: list[_ConceptState], check: bool = False) -> list[torch.Tensor]:
+    def _forward_backward(self, active: list[_ConceptState], bucket: int | None = None,
+                          check: bool = False) -> list[torch.Tensor]:
+        """The pack's losses, with the gradients in each residual; ``bucket``: pad the UNet batch to it."""
         noisy, timesteps, noise, residuals, biases, hidden, sizes = [], [], [], [], [], [], []
         for state in active:
             x, t, n = state.sample(self.scheduler, self.base.vae_scaling_factor)
@@ -711,13 +712,12 @@ class ResidualTrainer:
         cond = self.encoder.forward_patched(torch.cat(hidden), residuals, prefix_logit_bias=biases).to(dtype)
         latents, steps = torch.cat(noisy).to(dtype), torch.cat(timesteps)
         rows = latents.shape[0]
-        if self.compiled:
+        if bucket is not None and bucket > rows:
             # Static shapes: pad to the bucket with rows that no loss sees (every UNet op is per sample).
-            pad = self._bucket(rows) - rows
-            if pad:
-                latents = torch.cat([latents, latents.new_zeros((pad, *latents.shape[1:]))])
-                steps = torch.cat([steps, steps.new_zeros(pad)])
-                cond = torch.cat([cond, cond.new_zeros((pad, *cond.shape[1:]))])
+            pad = bucket - rows
+            latents = torch.cat([latents, latents.new_zeros((pad, *latents.shape[1:]))])
+            steps = torch.cat([steps, steps.new_zeros(pad)])
+            cond = torch.cat([cond, cond.new_zeros((pad, *cond.shape[1:]))])
         # One memory format whatever the VAE handed back (strides are part of a compiled graph's guards).
         latents = latents.contiguous(memory_format=torch.channels_last if self._channels_last else torch.contiguous_format)
         cond = cond.contiguous()
