@@ -19,6 +19,22 @@ DEFAULT_PRECISION = "auto"
 PRECISION_HELP = ("UNet/VAE precision: auto (bf16 on a GPU, fp32 on the CPU), fp32 (the reference recipe's "
                   "arithmetic), bf16 or fp16; the text encoder and the residual always run in fp32")
 
+# Devices: what --device accepts (validated by argparse, so a typo is a usage error, exit status 2).
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+DEVICE_HELP = "auto (the GPU when there is one), cpu, cuda or cuda:N"
+
+
+def device_arg(text: str) -> str:
+    """argparse `type=` for --device: auto | cpu | cuda | cuda:N (N a GPU index), as given."""
+    import argparse
+    import re
+
+    value = text.strip().lower()
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid device {text!r}: choose from {', '.join(DEVICE_CHOICES)}")
+
+
 # Generation: the reference inference settings (DDIM 50 steps, guidance 10) and the valid ranges.
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 10.0
