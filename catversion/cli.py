@@ -10,19 +10,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from . import limits
-from .errors import CLIError
-from .recipe import DEFAULT_SAVE_STEPS, REFERENCE_PREFIX_LOGIT_BIAS, TrainConfig
+from . import __version__, limits, progress
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, CLIError
+from .recipe import DEFAULT_SAVE_STEPS, REFERENCE_PREFIX_LOGIT_BIAS, TrainConfig, check_class_word
 from .storage import StorageError
 
 COMMANDS_GROUP = "catversion.commands"  # entry points: name = "module:register", register(subparsers)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
-EPILOG = "Run `catversion COMMAND --help` for the options of each command."
+EPILOG = """\
+Run `catversion COMMAND --help` for the options of each command.
+
+exit status: 0 all done; 1 error; 2 usage error; 3 finished, but some concepts failed or were
+rejected (batch, batch --validate-only, evaluate); 130 interrupted (Ctrl-C or SIGTERM)."""
+
+
+def class_word_arg(text: str) -> str:
+    """argparse `type=` for --class-word: an empty word is a usage error."""
+    try:
+        return check_class_word(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cmd_import_official(args: argparse.Namespace) -> None:
@@ -104,8 +117,6 @@ def _checkpoint_path(out: Path, step: int) -> Path:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from .residual import Residual
     from .training import Concept, ResidualTrainer
 
@@ -131,12 +142,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
         residual.save(path)
         saved.append(path)
 
-    with tqdm(total=config.steps, unit="step", desc="train", disable=args.quiet, file=sys.stderr, mininterval=0.5) as bar:
-        def progress(p) -> None:
+    with progress.bar(config.steps, "train", "step", args.quiet) as bar:
+        def show(p) -> None:
             bar.update(p.steps_done - bar.n)
             bar.set_postfix(loss=f"{p.loss:.4f}", img_s=f"{p.images_per_s:.1f}", refresh=False)
 
-        result = trainer.train([concept], on_progress=progress, on_checkpoint=checkpoint)[0]
+        result = trainer.train([concept], on_progress=show, on_checkpoint=checkpoint)[0]
     if result.status != "ok":
         raise CLIError(result.error)
     result.residual.save(out)
@@ -148,8 +159,6 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from .generation import GenerationRequest, ImageGenerator
     from .residual import Residual
 
@@ -167,7 +176,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         GenerationRequest(prompt, residual, args.seed + i, args.residual_scale, args.negative_prompt) for i in range(args.n)
     ]
     generator.check(requests, args.steps, args.guidance, args.size or base.resolution)
-    with tqdm(total=args.steps, unit="step", desc="generate", disable=args.quiet, file=sys.stderr, mininterval=0.5) as bar:
+    with progress.bar(args.steps, "generate", "step", args.quiet) as bar:
         images = generator.generate(
             requests, steps=args.steps, guidance=args.guidance, size=args.size,
             on_step=lambda done, _total: bar.update(done - bar.n),
@@ -184,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="catversion",
         description="CatVersion personalization for Stable Diffusion v1.x: train, generate, batch and serve residuals.",
-        epilog=EPILOG,
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"catversion {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     defaults = TrainConfig()
@@ -202,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"+{REFERENCE_PREFIX_LOGIT_BIAS:g} residual logit bias, so the result exports to pytorch_adapter.bin.",
     )
     p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders of images (3-10 photos)")
-    p.add_argument("--class-word", required=True, help="the plain base-class word, e.g. 'teapot' (also the prompt word)")
+    p.add_argument("--class-word", required=True, type=class_word_arg,
+                   help="the plain base-class word, e.g. 'teapot' (also the prompt word)")
     p.add_argument("--out", required=True, help="output residual, e.g. teapot.safetensors")
     p.add_argument("--model", default=limits.DEFAULT_MODEL, help=f"{model_help} (default: {limits.DEFAULT_MODEL})")
     p.add_argument("--caption", help="training caption (default: the class word alone)")
@@ -220,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="logit added to the residual tokens in attention: 1 = the reference code's recipe (exports to "
         "pytorch_adapter.bin), 0 = the paper's equation as written (default: %(default)s)",
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--device", type=limits.device_arg, default="auto", help=f"{limits.DEVICE_HELP} (default: auto)")
     p.add_argument("--precision", choices=limits.PRECISION_CHOICES, default=limits.DEFAULT_PRECISION,
                    help=f"{limits.PRECISION_HELP} (default: %(default)s); recorded in the residual")
     p.add_argument("--compile", action="store_true",
@@ -248,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"strength of the residual, 0 = off, up to {limits.MAX_RESIDUAL_SCALE:g} (default: 1)")
     p.add_argument("--negative-prompt", default="", help="negative prompt, encoded without the residual")
     p.add_argument("--size", type=int, help="image size in px (default: the model's native size)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--device", type=limits.device_arg, default="auto", help=f"{limits.DEVICE_HELP} (default: auto)")
     p.add_argument("--precision", choices=limits.PRECISION_CHOICES, default=limits.DEFAULT_PRECISION,
                    help=f"{limits.PRECISION_HELP} (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -263,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="pytorch_adapter.bin, or the folder holding it (and its adapter_config.json)")
     p.add_argument("out", help="output .safetensors path")
-    p.add_argument("--class-word", help="the base-class word the concept was trained with, e.g. 'teapot'")
+    p.add_argument("--class-word", type=class_word_arg,
+                   help="the base-class word the concept was trained with, e.g. 'teapot'")
     p.set_defaults(func=_cmd_import_official)
 
     p = sub.add_parser(
@@ -292,19 +304,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, _frame) -> None:
+    """SIGTERM ends a command as Ctrl-C does: each command stops cleanly and keeps what it finished."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (see EPILOG: 0, 1, 2 from argparse, 3, 130)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread (main() called from a test thread): Ctrl-C handling only
+        previous = None
     try:
         args.func(args)
-    except (CLIError, FileNotFoundError, ValueError, StorageError) as exc:
+    except CLIError as exc:
+        print(f"catversion {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (FileNotFoundError, ValueError, StorageError) as exc:
         # ValueError covers bad inputs the library names (an undecodable image, an invalid size, a residual
         # that is corrupt or does not fit: ResidualFormatError and IncompatibleResidualError are ValueErrors).
         print(f"catversion {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"catversion {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

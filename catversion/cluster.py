@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import re
-import sys
+import time
 from dataclasses import dataclass, field
 
+from . import progress
 from .errors import InsufficientResources
 
 log = logging.getLogger(__name__)
@@ -32,21 +33,35 @@ ROUTINE = re.compile(
     r"|^- \(ip=\S+, pid=\d+\) world_rank=|Setting up process group for: |Reporting training result \d+"
     r"|has constructor arguments in the object store"  # Ray Train's own watcher actor, harmless
     r"|Moving model to device: |Wrapping provided model in DistributedDataParallel"
+    r"|Failed to query Ray Train Controller actor state"  # Ray Train's cleaner, after a run is aborted
 )
+_recent: dict[tuple, float] = {}  # (pid, line) -> when shown: Ray Train can publish a worker's line twice
+REPEAT_S = 10.0
 
 
-def _show(line: str) -> None:
-    from tqdm import tqdm
+def forward_line(data: dict, write=None) -> None:
+    """Ray's log handler for worker output: Ray's own de-duplication ("[repeated 3x across cluster]"),
+    then each line that matters, prefixed with the component that printed it, written above any bar."""
+    batches = [data]
+    if data.get("pid") != "autoscaler":
+        try:
+            from ray._private.worker import stderr_deduplicator, stdout_deduplicator
 
-    tqdm.write(line, file=sys.stderr)
+            batches = (stderr_deduplicator if data.get("is_err") else stdout_deduplicator).deduplicate(data)
+        except (ImportError, AttributeError):
+            pass
+    for batch in batches:
+        _forward(batch, write or progress.write)
 
 
-def forward_line(data: dict, write=_show) -> None:
-    """Ray's log handler for one batch of worker output: prefix each line that matters with the
-    component that printed it and write it above any progress bar."""
+def _forward(data: dict, write) -> None:
     lines = data.get("lines") or []
     pid = data.get("pid")
-    who = data.get("actor_name") or data.get("task_name") or ("Ray" if pid in ("raylet", "autoscaler") else "worker")
+    if pid == "autoscaler":  # its periodic status report is for `ray status`; keep its events ("Adding 1 node...")
+        from ray._private.worker import filter_autoscaler_events
+
+        lines = list(filter_autoscaler_events(lines))
+    who = data.get("actor_name") or data.get("task_name") or "worker"
     traceback = False
     for line in lines:
         line = line.rstrip()
@@ -55,6 +70,12 @@ def forward_line(data: dict, write=_show) -> None:
         traceback = traceback or line.startswith("Traceback")
         if not traceback and ROUTINE.search(line):
             continue
+        now = time.monotonic()
+        if now - _recent.get((pid, line), -REPEAT_S) < REPEAT_S:
+            continue
+        _recent[(pid, line)] = now
+        if len(_recent) > 1000:
+            _recent.clear()
         write(f"({who} pid={pid}) {line}" if pid not in ("raylet", "autoscaler") else f"(Ray) {line}")
 
 
@@ -64,12 +85,20 @@ def connect(address: str | None = None, env_vars: dict[str, str] | None = None, 
 
     Worker output reaches this terminal through `forward_line` (warnings and errors; routine INFO
     lines stay in Ray's log files under /tmp/ray/session_latest/logs)."""
+    import signal
+    import threading
+
     import ray
 
     if ray.is_initialized():
         return False
+    on_term = signal.getsignal(signal.SIGTERM)
     ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True,
              **options)
+    # Ray's core worker installs its own SIGTERM handler (it logs and exits): put the command's back,
+    # so SIGTERM stops the command as Ctrl-C does (see catversion.cli).
+    if callable(on_term) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
     try:  # Ray's own handler prints every line; keep its plumbing, filter what it prints.
         from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
 
@@ -109,46 +138,48 @@ def _describe(resources: dict[str, float], names) -> str:
     return ", ".join(_plural(resources.get(name, 0.0), name) for name in names)
 
 
-def autoscaler_node_types() -> tuple[bool, list[tuple[dict[str, float], int]]]:
-    """(is an autoscaler running?, [(resources of a node type, the most nodes of it; -1 = no limit)])."""
-    types: list[tuple[dict[str, float], int]] = []
-    running = False
+def autoscaler_node_types() -> list[tuple[dict[str, float], int]] | None:
+    """The node types an autoscaler may add, as [(resources of one node, the most nodes; -1 = no limit)],
+    from the cluster config Ray's autoscaler (v2, e.g. KubeRay's) publishes; None when there is none."""
     try:
         from ray._private import state
 
         config = state.state.get_cluster_config()
-        if config is not None:
-            running = True
-            types = [(dict(group.resources), int(group.max_count)) for group in config.node_group_configs]
-    except Exception:  # noqa: BLE001  (an older or newer Ray: fall back to the status key below)
-        pass
-    if not running:
-        try:
-            from ray._private import ray_constants
-            from ray.experimental.internal_kv import _internal_kv_get
+    except Exception:  # noqa: BLE001  (another Ray version: unknown)
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return [(dict(group.resources), int(group.max_count)) for group in config.node_group_configs]
 
-            running = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None
-        except Exception:  # noqa: BLE001
-            running = False
-    return running, types
+
+def started_here() -> bool:
+    """Whether this process started the Ray it is connected to (a local Ray: no autoscaler, no other nodes
+    to come), rather than joining a cluster."""
+    try:
+        from ray._private import worker
+
+        return bool(getattr(worker._global_node, "head", False))
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def check_resources(request: Request) -> None:
     """Raise InsufficientResources, naming what is missing and the flag to change, when the cluster
-    (its live nodes plus what its autoscaler may add) cannot run `request.count` units at once.
-
-    An autoscaler whose node types cannot be read lets the request through (the run's own resources
-    timeout still ends a wait that never ends), with a warning."""
+    cannot run `request.count` units at once: its live nodes, plus the node types its autoscaler may add
+    when it publishes them. A Ray this process started has no autoscaler. On a joined cluster whose
+    autoscaler (if any) cannot be read, a shortfall is a warning: the command waits for nodes (and the
+    caller's own resources timeout ends a wait that never ends)."""
     import ray
 
     nodes = [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
     room = sum(fits(node, request.each) for node in nodes)
     if room >= request.count:
         return
-    autoscaling, types = autoscaler_node_types()
-    if autoscaling and not types:
-        log.warning("this cluster has room for %s of %s %s(s) now; waiting for its autoscaler to add nodes",
-                    room, request.count, request.what)
+    types = autoscaler_node_types() or []
+    if not types and not started_here():
+        log.warning("this cluster has room for %s of the %s %s(s) that must run at once (%s each); waiting for "
+                    "nodes to join", room, request.count, request.what,
+                    _describe(request.each, [k for k, v in request.each.items() if v > 0]))
         return
     unbounded = any(limit < 0 and fits(resources, request.each) > 0 for resources, limit in types)
     extra = sum(fits(resources, request.each) * limit for resources, limit in types if limit > 0)

@@ -185,8 +185,9 @@ def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype,
                 raise ModelNotAvailableError(
                     f"base model folder {name!r} has no {component}/ subfolder; it must be a "
                     f"diffusers Stable Diffusion folder (tokenizer/, text_encoder/, unet/, vae/, "
-                    f"scheduler/); to fix: fill it with network access, e.g. `hf download "
-                    f"runwayml/stable-diffusion-v1-5 --local-dir {name}`")
+                    f"scheduler/); to fix: fetch the files it needs with network access (README, "
+                    f"\"Stable Diffusion v1.5 weights\"), e.g. `hf download {DEFAULT_MODEL} --local-dir {name} "
+                    f"--include model_index.json --include '{component}/*'`")
 
     def load(component: str, cls, **kwargs):
         return _load_component(name, component,

@@ -79,6 +79,13 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_class_word(word: str | None, what: str = "class word") -> str:
+    """The class word, stripped; an empty one is refused (it is the prompt word the residual binds to)."""
+    if word is None or not str(word).strip():
+        raise ValueError(f"{what} is empty: give the plain base-class word of the concept, e.g. 'teapot'")
+    return str(word).strip()
+
+
 @dataclass
 class Concept:
     """One concept to personalize: a few photos and the plain base-class word (e.g. "teapot")."""
@@ -89,6 +96,9 @@ class Concept:
     caption: str | None = None  # training caption; the class word alone by default
     config: TrainConfig = field(default_factory=TrainConfig)
     image_names: Sequence[str] | None = None  # names for messages (e.g. the manifest's URIs)
+
+    def __post_init__(self):
+        self.class_word = check_class_word(self.class_word, f"concept {self.concept_id!r}: class word")
 
     @property
     def prompt(self) -> str:

@@ -356,8 +356,10 @@ class Residual:
         # (T, 2L, D) → (2L, T, D) → (L, 2, T, D)
         tensor = flat.view(tokens, slots, hidden_size).permute(1, 0, 2).reshape(len(layers), 2, tokens, hidden_size)
         meta = {"source": "official", "source_file": path.name}
-        if class_word:
-            meta["class_word"] = class_word
+        if class_word is not None:
+            from .recipe import check_class_word
+
+            meta["class_word"] = check_class_word(class_word)
         try:
             return cls(tensor, layers, OFFICIAL_PREFIX_LOGIT_BIAS, meta)
         except ValueError as exc:

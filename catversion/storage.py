@@ -136,6 +136,14 @@ def absolute(uri: str | list[str]) -> str | list[str]:
     return os.path.abspath(text)
 
 
+def absolute_model(name: str | None) -> str | None:
+    """A base model as Ray workers must see it: a local folder made absolute (they run in other
+    folders); a hub id or built-in name as given."""
+    if name and os.path.isdir(name):
+        return os.path.abspath(name)
+    return name
+
+
 def join(prefix: str, *parts: str) -> str:
     """``join("s3://b/run1", "residuals", "x.safetensors")`` → ``s3://b/run1/residuals/x.safetensors``."""
     prefix = str(prefix)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 import pyarrow.parquet as pq
 
 from catversion import layout, storage
+from catversion.errors import InsufficientResources
 from catversion.limits import (DEFAULT_CLAIM_TTL_S, DEFAULT_CLAIM_WAIT_S, DEFAULT_MODEL, DEFAULT_RESIZE_INTERVAL_S,
                                DEFAULT_PRECISION, DEFAULT_RESOURCES_TIMEOUT_S, DEFAULT_STATE_EVERY,
                                DEFAULT_STORAGE_RETRY_S, PRECISION_CHOICES)
@@ -51,8 +52,8 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"
 # Credentials are forwarded only to a Ray the job starts itself; a cluster's workers use their own role.
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 STATUSES = ("ok", "skipped", "failed", "interrupted")
-STOP_GRACE_S = 60.0
-START_ATTEMPT_S = 15.0  # each try to place the worker group waits this long for resources  # after Ctrl-C: how long workers get to stop and hand their results over
+STOP_GRACE_S = 12.0  # after Ctrl-C: how long workers get to finish their step, save state and hand results over
+START_ATTEMPT_S = 15.0  # each try to place the worker group waits this long for resources
 
 
 @dataclass
@@ -130,6 +131,18 @@ class BatchSummary:
     def ok(self) -> bool:
         return self.error is None and not self.interrupted and self.counts.get("failed", 0) == 0
 
+    def to_dict(self) -> dict:
+        """The machine-readable summary (`catversion batch --json`)."""
+        return {
+            "run_id": self.run_id, "results_uri": self.results_uri, "ok": self.ok,
+            "counts": {status: self.counts.get(status, 0) for status in STATUSES},
+            "rejected": dict(self.report.problems),
+            "failed": [{"concept_id": r["concept_id"], "error": r["error"]} for r in self.results
+                       if r["status"] == "failed" and r["concept_id"] not in self.report.problems],
+            "interrupted": self.interrupted, "error": self.error,
+            "seconds": round(self.seconds, 3), "planning_seconds": round(self.planning_seconds, 3),
+        }
+
     def format(self) -> str:
         lines = [
             f"run {self.run_id}: {self.counts.get('ok', 0)} trained, {self.counts.get('skipped', 0)} skipped, "
@@ -153,15 +166,25 @@ class BatchSummary:
 
 def _init_ray(config: BatchConfig) -> bool:
     """Join or start Ray; returns True when this call started it (and so must shut it down)."""
-    import ray
+    from catversion.cluster import connect
 
-    if ray.is_initialized():
-        return False
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     if config.address is None:
         env.update({k: os.environ[k] for k in CREDENTIAL_ENV if k in os.environ})
-    ray.init(address=config.address, runtime_env={"env_vars": env} if env else None, log_to_driver=False)
-    return True
+    return connect(config.address, env)
+
+
+def check_worker_resources(config: BatchConfig, concepts: int) -> None:
+    """Fail in seconds, naming what is missing, when the cluster (and its autoscaler) can never run the
+    worker group: its minimum when elastic, else all of it (at most one worker per concept)."""
+    from catversion.cluster import Request, check_resources
+
+    most = max(1, min(config.workers, concepts))
+    count = min(config.min_workers, most) if config.min_workers else most
+    count_flag = "--min-workers" if config.min_workers else "--workers (or let the group shrink with --min-workers)"
+    check_resources(Request("worker", count, _resources(config),
+                            flags={"GPU": "--gpus-per-worker 0", "CPU": "a lower --cpus-per-worker"},
+                            count_flag=count_flag))
 
 
 class _TrainEnv:
@@ -252,8 +275,8 @@ def _missing_resources(config: BatchConfig, error: str) -> str:
 
 
 def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: dict[str, dict],
-                  marker: claims.RunMarker, others: list[str],
-                  log: Callable[[str], None]) -> tuple[dict, str | None, bool]:
+                  marker: claims.RunMarker, others: list[str], log: Callable[[str], None],
+                  progress: Callable[[dict], None] | None = None) -> tuple[dict, str | None, bool]:
     """Train the planned rows; returns (results by concept id, job error, interrupted)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -336,7 +359,7 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
                     claiming = True
                     dispatcher.start_claiming.remote(others)
             if not fit_done.is_set() and ticks % 5 == 0:
-                idle = _log_progress(dispatcher, run_id, len(rows), log, started, shown)
+                idle = _log_progress(dispatcher, run_id, len(rows), log, started, shown, progress)
                 if idle is not None and idle > config.resources_timeout_s:
                     # No worker has been running for that long: the group cannot get its resources
                     # (a fixed group that lost a node, an elastic one below its minimum, a GPU
@@ -393,8 +416,9 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def _log_progress(dispatcher, run_id: str, total: int, log: Callable[[str], None], started: float,
-                  shown: list[str]) -> float | None:
-    """Log the run's progress; returns how long no worker has been heard from (None: unknown)."""
+                  shown: list[str], progress: Callable[[dict], None] | None = None) -> float | None:
+    """Log the run's new events and hand its progress to `progress` (or log it as a line when there is
+    none); returns how long no worker has been heard from (None: unknown)."""
     import ray
 
     try:
@@ -405,22 +429,33 @@ def _log_progress(dispatcher, run_id: str, total: int, log: Callable[[str], None
         log(f"[batch {run_id}] {time.perf_counter() - started:.1f} s: {event}")
     shown[:] = snap["events"]
     results = snap["results"].values()
-    ok = sum(r["status"] == "ok" for r in results)
-    bad = sum(r["status"] == "failed" for r in results)
-    skipped = sum(r["status"] == "skipped" for r in results)
-    speed = sum(p.get("images_per_s", 0.0) for p in snap["progress"].values())
-    log(f"[batch {run_id}] {ok + bad + skipped}/{total} concepts finished ({ok} trained, {skipped} skipped, "
-        f"{bad} failed), {len(snap['progress'])} worker(s), {speed:.1f} images/s")
+    stats = {"total": total, "trained": sum(r["status"] == "ok" for r in results),
+             "failed": sum(r["status"] == "failed" for r in results),
+             "skipped": sum(r["status"] == "skipped" for r in results),
+             "workers": len(snap["progress"]),
+             "images_per_s": sum(p.get("images_per_s", 0.0) for p in snap["progress"].values())}
+    stats["done"] = stats["trained"] + stats["failed"] + stats["skipped"]
+    if progress is not None:
+        progress(stats)
+    else:
+        log(f"[batch {run_id}] {stats['done']}/{total} concepts finished ({stats['trained']} trained, "
+            f"{stats['skipped']} skipped, {stats['failed']} failed), {stats['workers']} worker(s), "
+            f"{stats['images_per_s']:.1f} images/s")
     return snap["idle_s"]
 
 
 # ---- the driver ----------------------------------------------------------------------------
 
 
-def run_batch(config: BatchConfig, log: Callable[[str], None] = print) -> BatchSummary:
+def run_batch(config: BatchConfig, log: Callable[[str], None] = print,
+              progress: Callable[[dict], None] | None = None) -> BatchSummary:
+    """Plan and train every concept of the manifest; `log` gets each event line, `progress` the run's
+    counts every few seconds (dict: total, done, trained, skipped, failed, workers, images_per_s; without
+    it they are logged as a line)."""
     started = time.perf_counter()
     # Workers run in their own folders: relative local paths must mean what they mean here.
     config = replace(config, manifest=storage.absolute(config.manifest), output=storage.absolute(config.output),
+                     model=storage.absolute_model(config.model),
                      storage_path=storage.absolute(config.storage_path) if config.storage_path else None)
     run_id = config.run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     budget = storage.RetryBudget(config.storage_retry_s)
@@ -437,14 +472,15 @@ def run_batch(config: BatchConfig, log: Callable[[str], None] = print) -> BatchS
     marker = claims.RunMarker(config.output, run_id, config.claim_ttl_s, budget)
     marker.start()
     try:
-        return _run_batch(config, run_id, budget, report, results, rows, listing, marker, started, log)
+        return _run_batch(config, run_id, budget, report, results, rows, listing, marker, started, log, progress)
     finally:
         marker.stop()
 
 
 def _run_batch(config: BatchConfig, run_id: str, budget: storage.RetryBudget, report: ManifestReport,
                results: dict[str, dict], rows: list[dict], listing: planning.Listing, marker: claims.RunMarker,
-               started: float, log: Callable[[str], None]) -> BatchSummary:
+               started: float, log: Callable[[str], None],
+               progress: Callable[[dict], None] | None = None) -> BatchSummary:
     others = marker.others()
     if report.concepts:
         from catversion.models import load_base_model
@@ -487,7 +523,14 @@ def _run_batch(config: BatchConfig, run_id: str, budget: storage.RetryBudget, re
     if rows:
         started_ray = _init_ray(config)
         try:
-            trained, error, interrupted = _run_training(config, run_id, rows, results, marker, others, log)
+            try:
+                check_worker_resources(config, len(rows))
+            except InsufficientResources as exc:  # nothing can start: the run's record says why
+                trained, error = {}, str(exc)
+                log(f"[batch {run_id}] cannot start: {exc}")
+            else:
+                trained, error, interrupted = _run_training(config, run_id, rows, results, marker, others, log,
+                                                            progress)
         finally:
             if started_ray:
                 import ray

@@ -8,13 +8,13 @@ Building the parser imports neither torch nor Ray; each command imports what it 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from catversion import layout
-from catversion.errors import CLIError
+from catversion import layout, progress
+from catversion.errors import CLIError, PartialFailure, UsageError
 from catversion.limits import (BUILTIN_MODELS, DEFAULT_CLAIM_TTL_S, DEFAULT_CLAIM_WAIT_S, DEFAULT_MODEL,
                                DEFAULT_RESIZE_INTERVAL_S, DEFAULT_RESOURCES_TIMEOUT_S, DEFAULT_STATE_EVERY,
-                               DEFAULT_PRECISION, DEFAULT_STORAGE_RETRY_S, PRECISION_CHOICES, PRECISION_HELP)
+                               DEFAULT_PRECISION, DEFAULT_STORAGE_RETRY_S, DEVICE_HELP, PRECISION_CHOICES,
+                               PRECISION_HELP, device_arg)
 from catversion.recipe import REFERENCE_PREFIX_LOGIT_BIAS, TrainConfig
 
 DESCRIPTION = f"""\
@@ -95,11 +95,37 @@ def register_batch(sub) -> None:
     p.add_argument("--validate-only", action="store_true",
                    help="check the manifest and fetch, decode and hash every image (as Ray tasks across the cluster), "
                         "print the report, train nothing")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (events and errors are still logged)")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary (or, with --validate-only, the report) as one JSON object on stdout; "
+                        "progress and logs stay on stderr")
     p.set_defaults(func=run_batch_command)
 
 
+class _BatchBar:
+    """The batch's progress bar: concepts finished of those to train, with trained/failed, workers,
+    images/s and tqdm's ETA. Created at the first report (the count to train is known after planning)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar = quiet, None
+
+    def __call__(self, stats: dict) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            self.bar = progress.bar(stats["total"], "batch", "concept")
+        self.bar.set_postfix(trained=stats["trained"], failed=stats["failed"], workers=stats["workers"],
+                             img_s=f"{stats['images_per_s']:.1f}", refresh=False)
+        self.bar.update(stats["done"] - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run_batch_command(args: argparse.Namespace) -> None:
+    import json
+
     from .batch import BatchConfig, run_batch
     from .manifest import ManifestError
 
@@ -107,20 +133,22 @@ def run_batch_command(args: argparse.Namespace) -> None:
     try:
         if args.validate_only:
             report = _validate_on_cluster(manifest, args)
-            print(report.format())
+            print(json.dumps(report.to_dict(), indent=2) if args.json else report.format(), flush=True)
+            if not report.concepts and not report.problems:
+                raise CLIError("the manifest lists no concept")
             if report.rejected:
-                raise CLIError(f"{len(report.rejected)} concept(s) rejected; fix them and validate again")
+                raise PartialFailure(f"{len(report.rejected)} concept(s) rejected; fix them and validate again")
             return
         if not args.output:
-            raise CLIError("--output PREFIX is required (unless --validate-only)")
+            raise UsageError("--output PREFIX is required (unless --validate-only)")
         for name in ("workers", "pack"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise CLIError(f"--{name} must be >= 1")
+                raise UsageError(f"--{name} must be >= 1")
         if args.steps is not None:
             try:
                 TrainConfig(steps=args.steps)
             except ValueError as exc:
-                raise CLIError(f"--steps: {exc}") from None
+                raise UsageError(f"--steps: {exc}") from None
         try:
             config = BatchConfig(
                 manifest=manifest, output=args.output, model=args.model, workers=args.workers,
@@ -133,15 +161,22 @@ def run_batch_command(args: argparse.Namespace) -> None:
                 storage_retry_s=args.storage_retry, claim_ttl_s=args.claim_ttl, claim_wait_s=args.claim_wait,
             )
         except ValueError as exc:
-            raise CLIError(str(exc).replace("_s must", " must").replace("min_workers", "--min-workers")) from None
-        summary = run_batch(config, log=lambda line: print(line, file=sys.stderr, flush=True))
+            raise UsageError(str(exc).replace("_s must", " must").replace("min_workers", "--min-workers")) from None
+        bar = _BatchBar(args.quiet)
+        try:
+            summary = run_batch(config, log=progress.write, progress=bar)
+        finally:
+            bar.close()
     except ManifestError as exc:
         raise CLIError(str(exc)) from None
-    print(summary.format())
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format(), flush=True)
     if summary.interrupted:
         raise KeyboardInterrupt
+    if summary.error:
+        raise CLIError(f"run {summary.run_id} ended early: {summary.error}; see {summary.results_uri}")
     if not summary.ok:
-        raise CLIError(f"run {summary.run_id} finished with failures; see {summary.results_uri}")
+        raise PartialFailure(f"run {summary.run_id} finished with {summary.counts.get('failed', 0)} failed or "
+                             f"rejected concept(s); see {summary.results_uri}")
 
 
 def _validate_on_cluster(manifest, args: argparse.Namespace):
@@ -199,8 +234,8 @@ def register_evaluate(sub) -> None:
                    help="images per generation and scoring batch (default: %(default)s)")
     p.add_argument("--concepts", type=lambda text: [c.strip() for c in text.split(",") if c.strip()],
                    metavar="ID,ID", help="evaluate only these concepts (default: every concept of the manifest)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto; Ray actors with GPUs "
-                                                    "use their GPU)")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help=f"{DEVICE_HELP} (default: auto; Ray actors with GPUs use their GPU)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
                    help=f"{PRECISION_HELP} (default: %(default)s)")
     p.add_argument("--address", help="Ray cluster address: evaluate concepts on a pool of Ray actors "
@@ -219,23 +254,28 @@ def run_evaluate_command(args: argparse.Namespace) -> None:
 
     from .evaluate import EvalConfig, WorkerError, read_prompts, run_evaluation
 
+    prompts = read_prompts(args.prompts)  # a bad prompts file is an input error (status 1), naming the file
     try:
         config = EvalConfig(
             residuals=args.residuals, manifest=args.manifest if len(args.manifest) > 1 else args.manifest[0],
-            prompts=read_prompts(args.prompts), out=args.out, n_per_prompt=args.n_per_prompt, seed=args.seed,
+            prompts=prompts, out=args.out, n_per_prompt=args.n_per_prompt, seed=args.seed,
             steps=args.steps, guidance=args.guidance, model=args.model, clip_model=args.clip_model,
             seg_model=args.seg_model, dino_model=args.dino_model, device=args.device, concepts=args.concepts,
             precision=args.precision,
             batch_size=args.batch_size, mask_threshold=args.mask_threshold, masked_crop=args.masked_crop,
             address=args.address, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
         )
-        summary = run_evaluation(config, log=lambda line: print(line, file=sys.stderr, flush=True), quiet=args.quiet)
+        config.check()
+    except ValueError as exc:  # the flags' values
+        raise UsageError(str(exc)) from None
+    try:
+        summary = run_evaluation(config, log=progress.write, quiet=args.quiet)
     except (ModelNotAvailableError, WorkerError) as exc:
         raise CLIError(str(exc)) from None
     print(summary.format())
     if summary.failed:
-        raise CLIError(f"{len(summary.failed)} concept(s) failed: {', '.join(summary.failed)}; see "
-                       f"{Path(args.out) / 'summary.json'}")
+        raise PartialFailure(f"{len(summary.failed)} concept(s) failed: {', '.join(summary.failed)}; see "
+                             f"{Path(args.out) / 'summary.json'}")
     if not summary.scored:
         raise CLIError(f"no concept was scored: each was skipped (no residual at {layout.RESIDUAL_PATTERN} with "
                        f"PREFIX {args.residuals}, or rejected by the manifest check); see "

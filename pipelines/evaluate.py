@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from catversion import layout, storage
+from catversion import layout, progress, storage
 from catversion.limits import (DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_GUIDANCE, DEFAULT_MASK_THRESHOLD, DEFAULT_SEG,
                                DEFAULT_STEPS, METRIC_DESCRIPTIONS, METRIC_LABELS, METRIC_TITLES, METRICS,
                                PRECISION_CHOICES, SAVED_REFERENCE_SIDE)
@@ -325,11 +324,9 @@ class ConceptEvaluator:
 
 
 def _evaluate_locally(config: EvalConfig, jobs: list[ConceptJob], quiet: bool) -> Iterator[ConceptResult]:
-    from tqdm import tqdm
-
     evaluator = ConceptEvaluator(config)
     total = sum(len(job.prompts) for job in jobs) * config.n_per_prompt
-    with tqdm(total=total, unit="img", desc="evaluate", disable=quiet, file=sys.stderr, mininterval=0.5) as bar:
+    with progress.bar(total, "evaluate", "img", quiet) as bar:
         for job in jobs:
             bar.set_postfix(concept=job.concept_id, refresh=False)
             yield evaluator.evaluate(job, on_images=bar.update)
@@ -338,25 +335,25 @@ def _evaluate_locally(config: EvalConfig, jobs: list[ConceptJob], quiet: bool) -
 def _evaluate_on_ray(config: EvalConfig, jobs: list[ConceptJob], quiet: bool) -> Iterator[ConceptResult]:
     import ray
     from ray.util import ActorPool
-    from tqdm import tqdm
+
+    from catversion.cluster import Request, check_resources, connect
 
     from .batch import FORWARDED_ENV
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-        ray.init(address=config.address, runtime_env={"env_vars": env} if env else None, log_to_driver=False)
+    started_ray = connect(config.address, {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     actors = []
     try:
         cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
         gpus = config.gpus_per_replica if config.gpus_per_replica is not None else (1.0 if cluster_gpus else 0.0)
-        replicas = config.replicas or (max(1, int(cluster_gpus // gpus)) if gpus else 1)
+        replicas = min(config.replicas or (max(1, int(cluster_gpus // gpus)) if gpus else 1), len(jobs))
+        # Every actor of the pool must start: work handed to one that cannot would wait forever.
+        check_resources(Request("evaluation actor", replicas, {"CPU": 1.0, "GPU": gpus},
+                                flags={"GPU": "--gpus-per-replica 0"}, count_flag="--replicas"))
         device = "cuda" if gpus else config.device
         actor_class = ray.remote(num_cpus=1, num_gpus=gpus)(ConceptEvaluator)
-        actors = [actor_class.remote(replace(config, device=device)) for _ in range(min(replicas, len(jobs)))]
+        actors = [actor_class.remote(replace(config, device=device)) for _ in range(replicas)]
         pool = ActorPool(actors)
-        with tqdm(total=len(jobs), unit="concept", desc=f"evaluate ({len(actors)} actors)", disable=quiet,
-                  file=sys.stderr, mininterval=0.5) as bar:
+        with progress.bar(len(jobs), f"evaluate ({len(actors)} actors)", "concept", quiet) as bar:
             try:
                 for result in pool.map_unordered(lambda actor, job: actor.evaluate.remote(job), jobs):
                     bar.update(1)
@@ -382,7 +379,10 @@ def run_evaluation(config: EvalConfig, log: Callable[[str], None] = lambda line:
 
     config.check()
     # Ray actors run in their own folders: relative local paths must mean what they mean here.
-    config = replace(config, manifest=storage.absolute(config.manifest), residuals=storage.absolute(config.residuals))
+    config = replace(config, manifest=storage.absolute(config.manifest), residuals=storage.absolute(config.residuals),
+                     model=storage.absolute_model(config.model), clip_model=storage.absolute_model(config.clip_model),
+                     seg_model=storage.absolute_model(config.seg_model),
+                     dino_model=storage.absolute_model(config.dino_model))
     jobs, statuses = plan(config, log)
     if jobs:
         config = replace(config, model=choose_base_model(config, jobs))

@@ -3,7 +3,6 @@ hashed once, in parallel tasks across the cluster, with a progress bar on the dr
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 from .manifest import ImageRef, check_image
@@ -23,14 +22,14 @@ def ray_checker(quiet: bool = False) -> Callable[[list[ImageRef]], list[tuple[st
 
     def check(refs: list[ImageRef]) -> list[tuple[str | None, str | None]]:
         import ray
-        from tqdm import tqdm
+
+        from catversion import progress
 
         task = ray.remote(num_cpus=1, max_retries=3)(_check_chunk)
         chunks = [refs[i:i + CHUNK] for i in range(0, len(refs), CHUNK)]
         futures = {task.remote(chunk): n for n, chunk in enumerate(chunks)}
         outcomes: list = [None] * len(chunks)
-        with tqdm(total=len(refs), unit="img", desc="checking images", disable=quiet, file=sys.stderr,
-                  mininterval=0.5) as bar:
+        with progress.bar(len(refs), "checking images", "img", quiet) as bar:
             waiting = list(futures)
             while waiting:
                 done, waiting = ray.wait(waiting, num_returns=1)

@@ -94,6 +94,15 @@ class ManifestReport:
     def rejected(self) -> list[str]:
         return list(self.problems)
 
+    def to_dict(self) -> dict:
+        """The machine-readable report (`catversion batch --validate-only --json`)."""
+        return {
+            "manifest": list(self.sources), "rows": self.rows, "ok": bool(self.concepts) and not self.problems,
+            "valid": [concept.concept_id for concept in self.concepts],
+            "images": sum(len(concept.images) for concept in self.concepts),
+            "rejected": dict(self.problems), "images_checked": self.images_checked,
+        }
+
     def format(self) -> str:
         total = len(self.concepts) + len(self.problems)
         images = sum(len(concept.images) for concept in self.concepts)

@@ -2,13 +2,15 @@
 
 Run by tests/test_cluster.py in its own process (a driver joins one Ray cluster at a time):
 
-    python tests/cluster_job.py MANIFEST OUTPUT RUN_ID {replace|shrink} STEPS TRAIN_STORAGE SUMMARY_JSON
+    python tests/cluster_job.py MANIFEST OUTPUT RUN_ID {replace|shrink|nogpu} STEPS TRAIN_STORAGE SUMMARY_JSON
 
 The cluster: a head without CPUs for work (the driver, the Train controller and the run's work
 queue live there) and two worker nodes of 1 CPU. When the first residual lands, one worker node
 is removed (its processes are killed, as when a machine is lost). ``replace`` then adds a new node
 (a fixed group of 2 restarts on it); ``shrink`` adds none (an elastic group of 1..2 goes on with one
-worker). Writes the run's summary to SUMMARY_JSON.
+worker). ``nogpu`` asks for a GPU per worker on this CPU-only cluster, which the driver joined (so an
+autoscaler could still add GPU nodes): the run waits --resources-timeout (5 s), then ends naming what
+is missing. Writes the run's summary to SUMMARY_JSON.
 """
 
 import json
@@ -34,19 +36,20 @@ def main() -> None:
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     config = BatchConfig(manifest=manifest, output=output, model="tiny", workers=2,
                          min_workers=1 if mode == "shrink" else None, pack=2, steps=int(sys.argv[5]), state_every=5,
-                         max_failures=4, run_id=run_id, resources_timeout_s=120, resize_interval_s=5,
+                         max_failures=4, run_id=run_id, resources_timeout_s=5 if mode == "nogpu" else 120,
+                         gpus_per_worker=1 if mode == "nogpu" else 0, resize_interval_s=5,
                          storage_path=sys.argv[6])
     outcome: dict = {}
     lines: list[str] = []
     thread = threading.Thread(target=lambda: outcome.update(summary=run_batch(config, log=lines.append)))
     thread.start()
     deadline = time.monotonic() + 240
-    while thread.is_alive() and not storage.list_uris(layout.residuals_folder(output)):
+    while mode != "nogpu" and thread.is_alive() and not storage.list_uris(layout.residuals_folder(output)):
         if time.monotonic() > deadline:
             raise SystemExit("no residual appeared")
         time.sleep(0.2)
     events = []
-    if thread.is_alive():
+    if mode != "nogpu" and thread.is_alive():
         cluster.remove_node(nodes[0], allow_graceful=False)
         events.append("removed a worker node")
         if mode == "replace":

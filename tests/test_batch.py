@@ -5,6 +5,8 @@ Each Ray Train fit costs ~20 s, so the session runs few: the first run (the `bat
 the changed-image rerun, and the fault-injection run. The unchanged rerun needs no fit at all.
 """
 
+import json
+
 import boto3
 import torch
 
@@ -81,8 +83,8 @@ def test_a_worker_killed_mid_training_resumes_from_its_saved_state_exactly(batch
     monkeypatch.setenv(FAULT_MARKER_ENV, str(marker))
     argv = ["batch", "--manifest", manifest, "--output", f"s3://{bucket}/run2", "--model", "tiny", "--workers", "2",
             "--pack", "2", "--steps", "3", "--state-every", "2", "--max-failures", "3", "--run-id", "faulty",
-            "--storage-path", str(tmp_path / "ray-train")]
-    assert main(argv) == 2  # two concepts in the manifest are bad: non-zero exit, but everything else is done
+            "--storage-path", str(tmp_path / "ray-train"), "--json"]
+    assert main(argv) == 3  # two concepts in the manifest are bad: status 3, but everything else is done
     assert "after 1 state writes" in marker.read_text(), "the fault hook must really have killed a worker"
     results = {r["concept_id"]: r for r in read_results(f"s3://{bucket}/run2/runs/faulty/results.parquet")}
     for concept_id in GOOD:
@@ -93,8 +95,10 @@ def test_a_worker_killed_mid_training_resumes_from_its_saved_state_exactly(batch
         assert torch.allclose(resumed.tensor, uninterrupted.tensor, atol=1e-5), concept_id
         assert resumed.meta["training_fingerprint"] == uninterrupted.meta["training_fingerprint"]
     assert not storage.list_uris(layout.state_folder(f"s3://{bucket}/run2")), "states are removed once done"
-    out = capsys.readouterr()
-    assert "4 trained" in out.out and "failed broken" in out.out
+    summary = json.loads(capsys.readouterr().out)  # --json: stdout is one JSON object, logs are on stderr
+    assert summary["counts"]["ok"] == 4 and summary["run_id"] == "faulty" and summary["error"] is None, summary
+    assert {f["concept_id"] for f in summary["failed"]} == {"broken", "missing"}, summary
+    assert summary["results_uri"] == f"s3://{bucket}/run2/runs/faulty/results.parquet" and not summary["ok"]
 
 
 def test_relative_local_paths_mean_the_same_to_the_workers(ray_session, tmp_path, monkeypatch):

@@ -152,7 +152,7 @@ def test_ctrl_c_writes_results_and_a_rerun_resumes_the_unfinished(ray_session, s
 
 def test_validate_only_checks_every_image_as_ray_tasks(ray_session, s3_bucket, capsys):
     manifest = write_manifest(s3_bucket)
-    assert main(["batch", "--manifest", manifest, "--validate-only", "--quiet"]) == 2
+    assert main(["batch", "--manifest", manifest, "--validate-only", "--quiet"]) == 3
     out = capsys.readouterr().out
     assert "images: fetched and decoded" in out
     assert "rejected concept 'broken'" in out and "photos/broken/1.jpg is not a decodable image" in out

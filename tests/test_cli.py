@@ -40,10 +40,10 @@ def test_import_then_export_official_round_trip(tmp_path, capsys):
 
 def test_errors_exit_non_zero_with_a_message(tmp_path, capsys):
     (tmp_path / "junk.safetensors").write_bytes(b"not a residual at all, just text")
-    assert main(["inspect", str(tmp_path / "junk.safetensors")]) == 2
+    assert main(["inspect", str(tmp_path / "junk.safetensors")]) == 1
     err = capsys.readouterr().err
     assert "junk.safetensors" in err and "not a safetensors file" in err
-    assert main(["import-official", str(tmp_path / "nope.bin"), str(tmp_path / "x.safetensors")]) == 2
+    assert main(["import-official", str(tmp_path / "nope.bin"), str(tmp_path / "x.safetensors")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -98,7 +98,7 @@ def test_a_residual_trained_with_the_defaults_exports_to_the_reference_format(tm
                  "--steps", "2", "--device", "cpu", "--quiet", "--prefix-logit-bias", "0"]) == 0
     assert Residual.load(clean).prefix_logit_bias == 0.0
     capsys.readouterr()
-    assert main(["export-official", str(clean), str(tmp_path / "clean.bin")]) == 2
+    assert main(["export-official", str(clean), str(tmp_path / "clean.bin")]) == 1
     assert "--force" in capsys.readouterr().err
     assert main(["export-official", str(clean), str(tmp_path / "clean.bin"), "--force"]) == 0
 
@@ -113,7 +113,7 @@ def test_residual_commands_read_s3_uris(tmp_path, s3_bucket, capsys):
     assert main(["inspect", uri]) == 0
     assert json.loads(capsys.readouterr().out)["class_word"] == "mug"
     assert Residual.load(uri).sha256 == Residual.load(out).sha256
-    assert main(["inspect", f"s3://{s3_bucket}/run/missing.safetensors"]) == 2
+    assert main(["inspect", f"s3://{s3_bucket}/run/missing.safetensors"]) == 1
     assert "missing.safetensors does not exist" in capsys.readouterr().err
 
 
@@ -121,15 +121,15 @@ def test_train_errors_name_the_bad_input(tmp_path, capsys):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     argv = ["train", "--images", str(tmp_path / "broken.jpg"), "--class-word", "cat", "--out", str(tmp_path / "c.safetensors"),
             "--model", "tiny", "--steps", "2", "--quiet", "--device", "cpu"]
-    assert main(argv) == 2
+    assert main(argv) == 1
     assert "broken.jpg is not a decodable image" in capsys.readouterr().err
     assert not (tmp_path / "c.safetensors").exists()
     argv[2] = str(tmp_path / "missing")
-    assert main(argv) == 2
+    assert main(argv) == 1
     assert "no such file or folder" in capsys.readouterr().err
     (tmp_path / "ok.png").write_bytes(png_bytes(1))
     argv[2] = str(tmp_path / "ok.png")
     argv[argv.index("--model") + 1] = str(tmp_path / "no-model-here")
-    assert main(argv) == 2
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert "no-model-here" in err and "does not exist" in err

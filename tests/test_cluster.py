@@ -60,22 +60,45 @@ def test_a_lost_worker_node_costs_no_concept_and_no_double_write(cluster_manifes
         assert len(versions(bucket, f"out/residuals/{concept_id}.safetensors")) == 1, f"{concept_id} written twice"
 
 
-def test_a_group_that_never_gets_its_resources_ends_the_job_and_says_what_is_missing(cluster_manifest, tmp_path):
-    """A GPU per worker on a CPU-only machine: no endless wait; the job ends after --resources-timeout,
-    names what is missing, and writes results.parquet with every concept "interrupted"."""
+def test_a_gpu_request_on_a_cpu_machine_fails_fast_naming_gpus(cluster_manifest, tmp_path):
+    """A GPU per worker on this CPU-only machine (a Ray the command starts itself, so no autoscaler):
+    the resources are compared before Ray Train starts, so the job ends at once (not after
+    --resources-timeout, 600 s by default) with status 1, names the GPUs and the flag to change, and
+    writes results.parquet with every concept "interrupted"."""
     bucket, manifest = cluster_manifest
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(
         [sys.executable, "-m", "catversion.cli", "batch", "--manifest", manifest, "--output", f"s3://{bucket}/gpu",
-         "--model", "tiny", "--gpus-per-worker", "1", "--resources-timeout", "5", "--run-id", "nogpu",
-         "--storage-path", str(tmp_path / "ray-train")],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+         "--model", "tiny", "--gpus-per-worker", "1", "--run-id", "nogpu", "--storage-path", str(tmp_path / "ray-train")],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
     )
-    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "already been shutdown" not in done.stderr, "the Train run must be aborted, not left behind"
-    assert "needs 1 worker(s) with 1 CPU, 1 GPU each" in done.stdout and "0 GPU in all" in done.stdout, done.stdout
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert ("each worker needs 1 GPU; this cluster has 0 GPUs (add GPU nodes or use --gpus-per-worker 0)"
+            in done.stderr), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
     from pipelines.batch import read_results
 
     rows = read_results(f"s3://{bucket}/gpu/runs/nogpu/results.parquet")
     assert {r["status"] for r in rows} == {"interrupted"} and len(rows) == len(CONCEPTS)
+    assert all("each worker needs 1 GPU" in r["error"] for r in rows), rows
+
+
+def test_on_a_joined_cluster_a_missing_gpu_waits_resources_timeout_then_says_what_is_missing(cluster_manifest,
+                                                                                              tmp_path):
+    """On a cluster the driver joined, an autoscaler it cannot see may still add GPU nodes: the run waits,
+    and after --resources-timeout ends the Train run (not left behind), naming what is missing."""
+    bucket, manifest = cluster_manifest
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "cluster_job.py"), manifest, f"s3://{bucket}/gpu-joined", "nogpu-joined",
+         "nogpu", "5", str(tmp_path / "ray-train"), str(tmp_path / "summary.json")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "needs 1 worker(s) with 1 CPU, 1 GPU each" in summary["error"], summary
+    assert "0 GPU in all" in summary["error"], summary
+    assert set(summary["statuses"].values()) == {"interrupted"}, summary
+    assert "already been shutdown" not in done.stderr, "the Train run must be aborted, not left behind"
