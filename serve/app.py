@@ -656,8 +656,9 @@ def build_app(args: dict[str, Any]):
         settings.url_secret = secrets.token_hex(32)
     # Backpressure sits on the generator: the ingress's handle raises BackPressureError → 429.
     generator_options: dict[str, Any] = {"max_queued_requests": settings.max_queued_requests}
-    if settings.gpus_per_replica:
-        generator_options["ray_actor_options"] = {"num_gpus": settings.gpus_per_replica}
     generator_options.update(options.get("Generator", {}))
+    if settings.gpus_per_replica:  # on top of the deployment's own ray_actor_options (num_cpus, say)
+        generator_options["ray_actor_options"] = {**(generator_options.get("ray_actor_options") or {}),
+                                                  "num_gpus": settings.gpus_per_replica}
     generator = Generator.options(**generator_options).bind(settings.to_dict())
     return Ingress.options(**options.get("Ingress", {})).bind(generator, settings.to_dict())
