@@ -83,14 +83,17 @@ def connect(address: str | None = None, env_vars: dict[str, str] | None = None, 
     """Join the Ray cluster at `address`, or start (or join) a local one; returns True when this call
     connected (so the caller must `ray.shutdown()`), False when Ray was already initialized.
 
-    Worker output reaches this terminal through `forward_line` (warnings and errors; routine INFO
-    lines stay in Ray's log files under /tmp/ray/session_latest/logs)."""
+    Worker output reaches this terminal's stderr through `forward_line` (warnings and errors; routine
+    INFO lines stay in Ray's log files under /tmp/ray/session_latest/logs). So do Ray's own error
+    messages ("a worker died..."), which Ray prints to stdout: stdout stays the command's own
+    (`catversion batch --json > summary.json`)."""
     import signal
     import threading
 
     import ray
 
     if ray.is_initialized():
+        _route_ray_output()
         return False
     on_term = signal.getsignal(signal.SIGTERM)
     ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True,
@@ -99,14 +102,26 @@ def connect(address: str | None = None, env_vars: dict[str, str] | None = None, 
     # so SIGTERM stops the command as Ctrl-C does (see catversion.cli).
     if callable(on_term) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_term)
-    try:  # Ray's own handler prints every line; keep its plumbing, filter what it prints.
-        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
-
-        dispatcher.remove_handler("ray_print_logs")
-        dispatcher.add_handler("ray_print_logs", forward_line)
-    except (ImportError, AttributeError):  # another Ray version: its handler (everything) stays
-        log.debug("Ray's log dispatcher is not where it was; worker output is not filtered")
+    _route_ray_output()
     return True
+
+
+def _to_stderr(data: dict, ignore_prefix: bool = False) -> None:
+    forward_line({**data, "is_err": True})
+
+
+def _route_ray_output() -> None:
+    """Keep Ray's plumbing, filter what it prints, and print it to stderr."""
+    try:
+        from ray._private import worker
+
+        worker.print_to_stdstream = _to_stderr  # what Ray's error-message listener calls
+        dispatcher = worker.global_worker_stdstream_dispatcher
+        if any(name == "ray_print_logs" for name, _ in dispatcher.handlers):  # log_to_driver is on
+            dispatcher.remove_handler("ray_print_logs")
+            dispatcher.add_handler("ray_print_logs", forward_line)
+    except (ImportError, AttributeError):  # another Ray version: its own printing (everything) stays
+        log.debug("Ray's log dispatcher is not where it was; worker output is not filtered")
 
 
 # ---- resources ------------------------------------------------------------------------------------

@@ -198,6 +198,8 @@ def run(args: argparse.Namespace) -> None:
     app_args["residuals"] = storage.absolute(app_args["residuals"])
     if app_args.get("api_key_file"):
         app_args["api_key_file"] = storage.absolute(app_args["api_key_file"])
+    if app_args.get("model"):
+        app_args["model"] = storage.absolute_model(app_args["model"])
     host = args.host or (http.get("host") if args.config else None) or "127.0.0.1"
     port = args.port or http.get("port") or 8000
     application = build_app(app_args)

@@ -98,7 +98,7 @@ def test_on_a_joined_cluster_a_missing_gpu_waits_resources_timeout_then_says_wha
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert "needs 1 worker(s) with 1 CPU, 1 GPU each" in summary["error"], summary
+    assert "needs 2 worker(s) with 1 CPU, 1 GPU each" in summary["error"], summary
     assert "0 GPU in all" in summary["error"], summary
     assert set(summary["statuses"].values()) == {"interrupted"}, summary
     assert "already been shutdown" not in done.stderr, "the Train run must be aborted, not left behind"
