@@ -126,6 +126,9 @@ def test_ctrl_c_writes_results_and_a_rerun_resumes_the_unfinished(ray_session, s
          "--workers", "1", "--pack", "1", "--steps", "150", "--state-every", "10", "--run-id", "stopped",
          "--storage-path", str(tmp_path / "ray-train")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        # As from a terminal, whatever started pytest: a shell's background job (`make test &`) inherits
+        # SIGINT ignored, and Python then never turns it into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         client, deadline = _direct_client(), time.monotonic() + 240
