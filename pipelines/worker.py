@@ -464,7 +464,9 @@ def train_worker(cfg: dict) -> None:
             _cleanup()
 
         def _cleanup() -> None:
-            own = [layout.state_uri(output, concept_id, job.fingerprint)] if job.has_state else []
+            # Its own state is deleted even when this attempt neither loaded nor saved one: a worker killed
+            # while saving it (a lost node) can leave it to land after the restarted attempt looked for it.
+            own = [layout.state_uri(output, concept_id, job.fingerprint)]
             for uri in own + job.stale_states:
                 try:
                     storage.delete(uri, budget=budget)
