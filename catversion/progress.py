@@ -72,7 +72,7 @@ class _Off(PlainBar):
         self.closed = True
 
 
-def bar(total: int | None, desc: str, unit: str, quiet: bool = False, **options):
+def bar(total: int | None, desc: str, unit: str, quiet: bool = False):
     """A progress bar on stderr: tqdm's on a terminal, a line every PLAIN_INTERVAL_S otherwise, none
     when `quiet`."""
     if quiet:
@@ -81,8 +81,7 @@ def bar(total: int | None, desc: str, unit: str, quiet: bool = False, **options)
         return PlainBar(total, desc, unit)
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=TTY_INTERVAL_S, dynamic_ncols=True,
-                **options)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=TTY_INTERVAL_S, dynamic_ncols=True)
 
 
 def write(line: str) -> None:

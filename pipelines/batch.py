@@ -174,13 +174,18 @@ def _init_ray(config: BatchConfig) -> bool:
     return connect(config.address, env)
 
 
+def _group_size(config: BatchConfig, concepts: int) -> tuple[int, int]:
+    """(fewest, most) workers of the group: at most one per concept; fewest = most unless elastic."""
+    most = max(1, min(config.workers, concepts))
+    return (min(config.min_workers, most) if config.min_workers else most), most
+
+
 def check_worker_resources(config: BatchConfig, concepts: int) -> None:
     """Fail in seconds, naming what is missing, when the cluster (and its autoscaler) can never run the
-    worker group: its minimum when elastic, else all of it (at most one worker per concept)."""
+    worker group: its minimum when elastic, else all of it."""
     from catversion.cluster import Request, check_resources
 
-    most = max(1, min(config.workers, concepts))
-    count = min(config.min_workers, most) if config.min_workers else most
+    count = _group_size(config, concepts)[0]
     count_flag = "--min-workers" if config.min_workers else "--workers (or let the group shrink with --min-workers)"
     check_resources(Request("worker", count, _resources(config),
                             flags={"GPU": "--gpus-per-worker 0", "CPU": "a lower --cpus-per-worker"},
@@ -300,8 +305,8 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
     env = {k: v for k, v in os.environ.items() if k.startswith("CATVERSION_")}
     env.update(config.worker_env or {})
     use_gpu = config.gpus_per_worker > 0
-    most = min(config.workers, len(rows))
-    workers = (min(config.min_workers, most), most) if config.min_workers else most
+    fewest, most = _group_size(config, len(rows))
+    workers = (fewest, most) if config.min_workers else most
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={

@@ -205,11 +205,10 @@ def run(args: argparse.Namespace) -> None:
     application = build_app(app_args)
     requests = replica_requests(application)
 
-    joined = ray.is_initialized()  # a Ray this process already uses (a test's) is left running
-    started_serve = False
+    started_ray = started_serve = False  # a Ray this process already uses (a test's) is left running
     with _Signals() as signals:
         try:
-            connect(args.address, **({"logging_level": logging.WARNING} if quiet else {}))
+            started_ray = connect(args.address, **({"logging_level": logging.WARNING} if quiet else {}))
             if quiet:  # Ray's and Serve's own progress lines on this side ("Started Serve", "ready at")
                 for name in ("ray", "ray.serve"):
                     logging.getLogger(name).setLevel(logging.WARNING)
@@ -240,6 +239,6 @@ def run(args: argparse.Namespace) -> None:
             signals.closing = True
             if started_serve:
                 serve.shutdown()
-            if not joined:
+            if started_ray:
                 ray.shutdown()
 
