@@ -361,6 +361,14 @@ def train_worker(cfg: dict) -> None:
                                          residual_uri=layout.residual_uri(output, concept_id), sha256=residual.sha256,
                                          steps=residual.meta.get("steps"), final_loss=residual.meta.get("final_loss"),
                                          residual_stamp=stamp, **facts))
+                if trained_by == run_id:
+                    # Written by this run's worker that died before deleting the concept's saved state (a
+                    # lost node): the state is of no use now.
+                    for uri in {layout.state_uri(output, concept_id, fingerprint), *(row["states"] or [])}:
+                        try:
+                            storage.delete(uri, budget=budget)
+                        except storage.StorageError:
+                            pass
                 return None
             state_uri = layout.state_uri(output, concept_id, fingerprint)
             stale = [uri for uri in row["states"] or [] if uri != state_uri]
@@ -464,9 +472,7 @@ def train_worker(cfg: dict) -> None:
             _cleanup()
 
         def _cleanup() -> None:
-            # Its own state is deleted even when this attempt neither loaded nor saved one: a worker killed
-            # while saving it (a lost node) can leave it to land after the restarted attempt looked for it.
-            own = [layout.state_uri(output, concept_id, job.fingerprint)]
+            own = [layout.state_uri(output, concept_id, job.fingerprint)] if job.has_state else []
             for uri in own + job.stale_states:
                 try:
                     storage.delete(uri, budget=budget)
