@@ -189,19 +189,13 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         print(f"image: {path}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="catversion",
-        description="CatVersion personalization for Stable Diffusion v1.x: train, generate, batch and serve residuals.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"catversion {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def _model_help() -> str:
+    return f"base model: {' | '.join(limits.BUILTIN_MODELS)} | a diffusers folder | a hub id"
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
-    model_help = f"base model: {' | '.join(limits.BUILTIN_MODELS)} | a diffusers folder | a hub id"
     save_steps = ",".join(str(s) for s in DEFAULT_SAVE_STEPS if s < defaults.steps)
-
     p = sub.add_parser(
         "train",
         help="learn a residual for one concept from a few photos",
@@ -215,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-word", required=True, type=class_word_arg,
                    help="the plain base-class word, e.g. 'teapot' (also the prompt word)")
     p.add_argument("--out", required=True, help="output residual, e.g. teapot.safetensors")
-    p.add_argument("--model", default=limits.DEFAULT_MODEL, help=f"{model_help} (default: {limits.DEFAULT_MODEL})")
+    p.add_argument("--model", default=limits.DEFAULT_MODEL, help=f"{_model_help()} (default: {limits.DEFAULT_MODEL})")
     p.add_argument("--caption", help="training caption (default: the class word alone)")
     p.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--lr", type=float, default=defaults.learning_rate, help="learning rate (default: %(default)s)")
@@ -240,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="generate images with a residual (or the plain base model)",
@@ -249,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual", help="residual .safetensors: a path, file:// or s3:// URI (omit for the plain base model)")
     p.add_argument("--prompt", required=True, help="text prompt, containing the class word")
     p.add_argument("--out", required=True, help="output PNG; with --n > 1, OUT-0.png, OUT-1.png, ...")
-    p.add_argument("--model", help=f"{model_help} (default: the base model recorded in the residual)")
+    p.add_argument("--model", help=f"{_model_help()} (default: the base model recorded in the residual)")
     p.add_argument("--n", type=int, default=1, help="number of images (seeds SEED, SEED+1, ...; default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
     p.add_argument("--steps", type=int, default=limits.DEFAULT_STEPS, help="DDIM steps (default: %(default)s)")
@@ -265,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 
+
+def _add_official_formats(sub: argparse._SubParsersAction) -> None:
+    """import-official and export-official: the reference code's pytorch_adapter.bin, both ways."""
     p = sub.add_parser(
         "import-official",
         help="convert a reference-code pytorch_adapter.bin into a .safetensors residual",
@@ -294,10 +293,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_export_official)
 
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="print a residual's metadata", description="Verify a residual file and print its header.")
     p.add_argument("residual", help=".safetensors residual: a path, file:// or s3:// URI")
     p.set_defaults(func=_cmd_inspect)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: the library's commands, then those registered under COMMANDS_GROUP."""
+    parser = argparse.ArgumentParser(
+        prog="catversion",
+        description="CatVersion personalization for Stable Diffusion v1.x: train, generate, batch and serve residuals.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"catversion {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_train, _add_generate, _add_official_formats, _add_inspect):
+        add(sub)
     # The Ray jobs and the server register their own commands (see COMMANDS_GROUP).
     for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
         entry.load()(sub)
