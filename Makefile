@@ -26,14 +26,14 @@ $(STAMP): pyproject.toml constraints.txt constraints-dev.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -c constraints-dev.txt torch==2.13.0 -e '.[dev]'
 	touch $(STAMP)
 
-# promtool and prometheus for tests/test_infra.py, from Debian's package (CI runs as root with apt).
-# In containers the package's service does not start; elsewhere it is stopped: the tests start
-# their own server on a free port.
+# promtool, prometheus and nginx for tests/test_infra.py, from Debian's packages (CI runs as root with
+# apt). In containers the packages' services do not start; elsewhere they are stopped: the tests start
+# their own servers on free ports. nginx lives in /usr/sbin.
 tools:
-	command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
-	  && { systemctl disable --now prometheus >/dev/null 2>&1 || true; }; } \
-	  || { echo "make tools: installing Debian's prometheus package needs root and apt" >&2; exit 1; }
+	command -v promtool >/dev/null && command -v prometheus >/dev/null && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus nginx-light >/dev/null \
+	  && { systemctl disable --now prometheus nginx >/dev/null 2>&1 || true; }; } \
+	  || { echo "make tools: installing Debian's prometheus and nginx-light packages needs root and apt" >&2; exit 1; }
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest -q

@@ -3,7 +3,9 @@
 KubeRay manifests and the cluster launcher config carry what their schemas need and agree with the
 CLI, the Serve settings, the pinned versions and each other; the Grafana dashboard asks only for
 series the code exports; Prometheus (Debian's binaries, from `make tools`) accepts the shipped
-config and, run on 127.0.0.1 with it, scrapes the `ray_catversion_*` series of a real batch run.
+config and, run on 127.0.0.1 with it, scrapes the `ray_catversion_*` series of a real batch run; nginx
+(Debian's, from `make tools`), configured from the Ingress's annotations as ingress-nginx does, refuses
+bodies over the server's limit before the backend sees them and passes stream events on unbuffered.
 """
 
 import copy
@@ -13,7 +15,9 @@ import re
 import shlex
 import shutil
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,7 @@ import yaml
 from catversion import telemetry
 from catversion.cli import build_parser
 from conftest import free_port
+from polling import wait_until
 from serve.config import ServeSettings
 
 ROOT = Path(__file__).parents[1]
@@ -59,9 +64,10 @@ def pinned(package: str) -> str:
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")  # nginx is in /usr/sbin
     if path is None:
-        pytest.fail(f"`{name}` is not on PATH: run `make tools` (as root; installs Debian's prometheus package)")
+        pytest.fail(f"`{name}` is not installed: run `make tools` (as root; installs Debian's prometheus and "
+                    "nginx-light packages)")
     return path
 
 
@@ -114,7 +120,7 @@ def check_ray_cluster_spec(cluster_spec: dict, where: str) -> None:
         assert env["AWS_DEFAULT_REGION"]["value"]
 
 
-def test_rayjob_runs_catversion_batch_on_an_autoscaling_gpu_cluster():
+def test_rayjob_asks_an_autoscaling_gpu_cluster_to_run_a_batch_command_line_the_cli_accepts():
     job = only_document(RAYJOB)
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     assert job["metadata"]["name"]
@@ -425,7 +431,18 @@ def test_prometheus_scrapes_catversion_series_from_ray(prometheus_tools, batch_r
         assert value == summary.counts[status], f"{legend}: {value} != {summary.counts[status]}"
 
 
-def test_the_front_proxy_refuses_bodies_over_the_servers_limit_before_ray_buffers_them():
+# ---- the front proxy (ingress-nginx) ---------------------------------------------------------------
+
+# What ingress-nginx writes into its nginx.conf for each annotation infra/kuberay/ingress.yaml uses.
+INGRESS_NGINX_DIRECTIVES = {
+    "nginx.ingress.kubernetes.io/proxy-body-size": "client_max_body_size {}",
+    "nginx.ingress.kubernetes.io/proxy-request-buffering": "proxy_request_buffering {}",
+    "nginx.ingress.kubernetes.io/proxy-buffering": "proxy_buffering {}",
+    "nginx.ingress.kubernetes.io/proxy-read-timeout": "proxy_read_timeout {}s",
+}
+
+
+def test_the_ingress_routes_to_the_rayservice_with_the_servers_body_limit():
     ingress = only_document(INFRA / "kuberay" / "ingress.yaml")
     assert ingress["apiVersion"] == "networking.k8s.io/v1" and ingress["kind"] == "Ingress"
     annotations = ingress["metadata"]["annotations"]
@@ -436,3 +453,124 @@ def test_the_front_proxy_refuses_bodies_over_the_servers_limit_before_ray_buffer
     service = only_document(RAYSERVICE)
     assert backend["name"] == f"{service['metadata']['name']}-serve-svc"
     assert backend["port"]["number"] == yaml.safe_load(service["spec"]["serveConfigV2"])["http_options"]["port"]
+
+
+class _Backend(BaseHTTPRequestHandler):
+    """Stands where Ray Serve's proxy would: records every body that reaches it; /stream sends one event,
+    then waits until the client has it (``release``) before sending the last one."""
+
+    bodies: list[int]
+    release: threading.Event
+    released_in_time: list[bool]
+
+    def do_POST(self):
+        self.bodies.append(len(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()  # HTTP/1.0, no Content-Length: the body ends when the connection closes
+        self.wfile.write(b"event: image_generation.partial_image\ndata: {}\n\n")
+        self.wfile.flush()
+        self.released_in_time.append(self.release.wait(10))
+        self.wfile.write(b"event: image_generation.completed\ndata: {}\n\n")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def front_proxy(tmp_path_factory):
+    """nginx (Debian's, from `make tools`) on 127.0.0.1 configured as ingress-nginx configures itself from
+    infra/kuberay/ingress.yaml's annotations, in front of a small local backend."""
+    binary = tool("nginx")
+    annotations = only_document(INFRA / "kuberay" / "ingress.yaml")["metadata"]["annotations"]
+    unknown = sorted(set(annotations) - set(INGRESS_NGINX_DIRECTIVES))
+    assert not unknown, f"annotations this test does not translate to nginx directives: {unknown}"
+    directives = "".join(f"      {INGRESS_NGINX_DIRECTIVES[name].format(value)};\n" for name, value in annotations.items())
+
+    handler = type("Backend", (_Backend,), {"bodies": [], "release": threading.Event(), "released_in_time": []})
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=backend.serve_forever, name="front-proxy-backend", daemon=True).start()
+    root, port = tmp_path_factory.mktemp("nginx"), free_port()
+    temp_paths = "".join(f"  {kind}_temp_path {root / kind};\n"
+                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (root / "nginx.conf").write_text(f"""daemon off;
+master_process off;
+pid {root / 'nginx.pid'};
+error_log {root / 'error.log'} info;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+{temp_paths}  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://127.0.0.1:{backend.server_address[1]};
+      proxy_http_version 1.1;
+{directives}    }}
+  }}
+}}
+""")
+    command = [binary, "-p", str(root), "-e", str(root / "error.log"), "-c", str(root / "nginx.conf")]
+    check = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def listening() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"nginx exited ({process.returncode}):\n{(root / 'error.log').read_text()[-3000:]}")
+        try:
+            return requests.post(url, data=b"", timeout=5).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_until(listening, 30, "nginx answering on 127.0.0.1")
+        yield {"url": url, "backend": handler}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        backend.shutdown()
+        backend.server_close()
+
+
+def test_nginx_with_the_ingress_annotations_refuses_bodies_over_the_servers_limit_before_the_backend_sees_them(
+        front_proxy):
+    limit = ServeSettings.__dataclass_fields__["max_body_bytes"].default
+    url, seen = f"{front_proxy['url']}/v1/images/generations", front_proxy["backend"].bodies
+    seen.clear()
+    assert requests.post(url, data=b"x" * limit, timeout=30).status_code == 200
+    assert seen == [limit], "a body at the limit passes"
+
+    assert requests.post(url, data=b"x" * (limit + 1), timeout=30).status_code == 413
+
+    def chunks():  # no Content-Length: counted as it arrives, as the server does
+        for _ in range(4):
+            yield b"x" * (limit // 2)
+
+    assert requests.post(url, data=chunks(), timeout=30).status_code == 413
+    assert seen == [limit], "the backend never saw a body over the limit"
+
+
+def test_nginx_with_the_ingress_annotations_passes_each_stream_event_on_as_it_is_sent(front_proxy):
+    backend = front_proxy["backend"]
+    backend.release.clear()
+    backend.released_in_time.clear()
+    with requests.get(f"{front_proxy['url']}/stream", stream=True, timeout=30) as response:
+        assert response.status_code == 200
+        received = b""
+        for chunk in response.iter_content(chunk_size=None):
+            received += chunk
+            if b"\n\n" in received:
+                backend.release.set()  # the first event arrived while the backend still held the stream open
+        assert received.count(b"event: ") == 2
+    assert backend.released_in_time == [True], "nginx held the first event back until the stream ended"
