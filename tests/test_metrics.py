@@ -117,23 +117,43 @@ def test_segmenter_masks_run_end_to_end(scorer):
     assert math.isfinite(value) and -1.0 <= value <= 1.0
 
 
-def test_clip_t_scores_each_image_against_its_prompt(scorer):
+def test_clip_t_scores_each_image_higher_against_its_matching_prompt_than_a_mismatched_one(scorer):
+    """With random weights no prompt describes an image, so "matching" is defined in the model's own space:
+    for each image, the candidate prompt whose CLIP text embedding is nearest its image embedding matches,
+    the farthest one does not. CLIP-T must rank them so, each image against its own prompt."""
     images = concept_images("blue-mug", n=3, size=64)
-    scores = scorer.clip_t(["a mug on the beach", "a mug in the snow", "a red mug"], images)
-    assert len(scores) == 3 and all(-1.0 <= s <= 1.0 for s in scores)
+    candidates = ["a mug on the beach", "a mug in the snow", "a red mug", "a photo of a mug", "a teapot", "a dog"]
+    cosines = (scorer.text_embeddings(candidates) @ scorer.image_embeddings(images).T).numpy()  # [prompt, image]
+    nearest, farthest = cosines.argmax(axis=0), cosines.argmin(axis=0)
+    assert (cosines.max(axis=0) - cosines.min(axis=0) > 1e-3).all(), "the candidates must not tie"
+
+    matching = scorer.clip_t([candidates[i] for i in nearest], images)
+    mismatched = scorer.clip_t([candidates[i] for i in farthest], images)
+    assert all(m > x for m, x in zip(matching, mismatched, strict=True)), (matching, mismatched)
+    # Exactly those cosines, image i with prompt i (float32 embeddings: a few units in the 7th digit).
+    columns = np.arange(len(images))
+    assert matching == pytest.approx(cosines[nearest, columns].tolist(), abs=1e-5)
+    assert mismatched == pytest.approx(cosines[farthest, columns].tolist(), abs=1e-5)
     assert scorer.clip_t("a mug", images) == pytest.approx(scorer.clip_t(["a mug"] * 3, images), abs=1e-6)
     with pytest.raises(ValueError, match="one prompt per image"):
         scorer.clip_t(["a mug", "a cup"], images)
 
 
-def test_score_gives_every_metric_per_generated_image(scorer):
-    references = concept_images("red-teapot", n=2, size=64)
-    generated = concept_images("red-teapot", n=3, size=64, seed=7)
-    scores = scorer.score(references, generated, ["a teapot"] * 3, "teapot")
-    for metric, value in scores.means().items():
-        assert len(getattr(scores, metric)) == 3, metric
-        assert -1.0 <= value <= 1.0, metric
-    assert len(scores.reference_masks) == 2 and len(scores.generated_masks) == 3
+def test_score_gives_every_metric_per_generated_image_and_a_copy_of_the_reference_scores_highest(scorer):
+    """Generated images: an exact copy of the reference photo, another photo of the same object, a different
+    object. A copy scores 1 on every image metric (its masked copy is identical too), and anything else less."""
+    (reference,) = concept_images("red-teapot", n=1, size=64)
+    generated = [reference.copy(), concept_images("red-teapot", n=2, size=64, seed=7)[1],
+                 concept_images("blue-mug", n=1, size=64)[0]]
+    prompts = ["a teapot", "a teapot on a table", "a mug"]
+    scores = scorer.score([reference], generated, prompts, "teapot")
+    for metric in ("clip_i", "masked_clip_i", "dino"):
+        copy, *others = getattr(scores, metric)
+        assert copy == pytest.approx(1.0, abs=1e-5), metric
+        assert all(other < 1.0 - 1e-3 for other in others), (metric, others)
+    assert scores.clip_t == pytest.approx(scorer.clip_t(prompts, generated), abs=1e-6)  # CLIP-T's own pairing
+    assert scores.means() == pytest.approx({m: float(np.mean(getattr(scores, m))) for m in scores.means()})
+    assert len(scores.reference_masks) == 1 and len(scores.generated_masks) == 3
 
 
 def test_bad_masks_are_refused_by_name(scorer):

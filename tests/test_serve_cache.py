@@ -4,7 +4,6 @@ Time is a fake clock (no sleeping for the TTL); an unreachable store is a TcpPro
 """
 
 import threading
-import time
 import uuid
 from collections import Counter
 
@@ -306,34 +305,48 @@ def test_an_incompatible_old_version_is_422_when_pinned(bucket, tmp_path):
 
 
 def test_concurrent_misses_for_one_concept_do_one_load(harness):
-    def slow_check(residual):  # keeps the load in flight while the other threads arrive
-        time.sleep(0.3)
+    """16 requests for two concepts arrive together: each concept is loaded once, while the others wait for
+    that load, and the two loads run side by side (neither waits for the other)."""
+    threads = 16
+    arrived, arrival = 0, threading.Condition()
+    both_loading = threading.Barrier(2)
+
+    def slow_check(residual):
+        # Keep the load in flight until every request has reached the cache, so the others find it there...
+        with arrival:
+            assert arrival.wait_for(lambda: arrived == threads, timeout=30), \
+                f"only {arrived} of {threads} requests reached the cache within 30 s"
+        # ...and finish it only once the other concept's load is running too.
+        try:
+            both_loading.wait(timeout=30)
+        except threading.BrokenBarrierError:
+            raise AssertionError("the two concepts were not loading at the same time: one load waited for the other")
         fits(residual)
 
     h = harness(check=slow_check)
     stored = h.put("dog", make_residual(1))
     h.put("cat", make_residual(2))
-    threads, barrier = 16, threading.Barrier(16)
     results, errors = [], []
 
     def request(model):
-        barrier.wait()
+        nonlocal arrived
+        with arrival:
+            arrived += 1
+            arrival.notify_all()
         try:
             results.append((model, h.cache.get(model)))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
     workers = [threading.Thread(target=request, args=("dog" if i % 4 else "cat",)) for i in range(threads)]
-    started = time.monotonic()
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
-    assert not errors and len(results) == threads
+    assert not errors and len(results) == threads, errors
     assert h.events.counts == {"miss": 2, "hit": threads - 2}, "one load per concept, the others waited for it"
     dogs = {id(r) for model, r in results if model == "dog"}
     assert len(dogs) == 1 and same(next(r for m, r in results if m == "dog"), stored)
-    assert time.monotonic() - started < 3, "the two concepts loaded side by side, not one after the other"
 
 
 def test_least_recently_used_entries_are_evicted_at_capacity(harness):
