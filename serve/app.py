@@ -38,7 +38,8 @@ from catversion.telemetry import ray_metric
 
 from .cache import CacheEvents, ResidualCache
 from .config import ServeSettings
-from .errors import InvalidParameterError, RequestError, UnusableResidualError, request_error
+from .errors import (GenerationFailedError, InvalidParameterError, OverloadedError, RequestError,
+                     UnusableResidualError, openai_error, request_error)
 from .images import MEDIA_TYPES, ImageNotFoundError, ImageStore, encode_image
 
 logger = logging.getLogger("catversion.serve")
@@ -146,12 +147,14 @@ ERROR_MEANINGS = {400: "invalid request", 401: "missing or invalid API key", 404
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
                    param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+    """An error the HTTP layer itself decides (auth, body size, schema, routes), in OpenAI's body."""
+    return JSONResponse(openai_error(message, type_=type_, code=code, param=param), status_code=status)
 
 
 def request_error_response(error: RequestError) -> JSONResponse:
-    """The one mapping from a request's error to OpenAI's error body and HTTP status."""
-    return error_response(error.status, error.message, type_=error.type, code=error.code, param=error.param)
+    """A request's error as a JSON response: its status and `RequestError.body()`, the body a stream's
+    error event carries too."""
+    return JSONResponse(error.body(), status_code=error.status)
 
 
 def read_keys(path: str | None) -> list[bytes]:
@@ -524,7 +527,7 @@ class Ingress:
     @staticmethod
     def _error_response(exc: Exception) -> JSONResponse:
         if isinstance(exc, BackPressureError):
-            return error_response(429, "the server is at capacity; retry shortly", type_="rate_limit_error", code="overloaded")
+            return request_error_response(OverloadedError("the server is at capacity; retry shortly"))
         error = request_error(exc)  # the generator's errors arrive wrapped by Ray
         if error is None:
             raise exc
@@ -559,14 +562,12 @@ class Ingress:
                     yield f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n"
             except Exception as exc:
                 error = request_error(exc)
-                status = error.status if error else 500
                 if error is None:
                     logger.exception("stream failed")
-                message = error.message if error else "the server failed while generating; retry"
-                body_ = {"type": "error", "error": {"message": message, "type": error.type if error else "server_error",
-                                                    "param": error.param if error else None,
-                                                    "code": error.code if error else "server_error"}}
-                yield f"event: error\ndata: {json.dumps(body_)}\n\n"
+                    error = GenerationFailedError("the server failed while generating; retry")
+                status = error.status
+                # Once the stream has begun its status is 200: the error travels as an event instead.
+                yield f"event: error\ndata: {json.dumps({'type': 'error', **error.body()})}\n\n"
             finally:
                 self._record(started, status)
 

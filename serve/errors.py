@@ -1,7 +1,9 @@
 """Errors that belong to one request, each with its HTTP status and OpenAI error code.
 
-The generator and the residual cache raise these; the ingress turns any of them into OpenAI's
-error body in one place (`Ingress` in serve/app.py), so a status is decided once, by its type.
+The generator and the residual cache raise these. `RequestError.body()` is the one mapping to
+OpenAI's error object: `request_error_response` in serve/app.py sends it as a JSON response with
+the error's status, and `Ingress._stream` sends the same object in a stream's `error` event, so a
+status and a body are decided once, by the error's type (docs/contracts.md, "Errors").
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ class RequestError(Exception):
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
 
+    def body(self) -> dict:
+        """OpenAI's error object for this error: the body of its HTTP response and of a stream's error event."""
+        return openai_error(self.message, type_=self.type, code=self.code, param=self.param)
+
+
+def openai_error(message: str, *, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> dict:
+    """OpenAI's error object, ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
 
 class InvalidParameterError(RequestError):
     """A request field outside what this server or model supports (400)."""
@@ -43,6 +55,22 @@ class UnusableResidualError(RequestError):
     status = 422
     code = "residual_invalid"
     param = "model"
+
+
+class OverloadedError(RequestError):
+    """Every generator replica's queue is full (429); retrying shortly may work."""
+
+    status = 429
+    code = "overloaded"
+    type = "rate_limit_error"
+
+
+class GenerationFailedError(RequestError):
+    """The server failed while making the image, not because of the request (500)."""
+
+    status = 500
+    code = "server_error"
+    type = "server_error"
 
 
 class ServiceUnavailableError(RequestError):
