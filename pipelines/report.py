@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from catversion import metrics
-from catversion.limits import METRIC_DESCRIPTIONS, METRIC_LABELS, METRIC_TITLES, METRICS, SAVED_REFERENCE_SIDE
+from catversion.limits import (BUILTIN_MODELS, METRIC_DESCRIPTIONS, METRIC_LABELS, METRIC_TITLES, METRICS,
+                               SAVED_REFERENCE_SIDE)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -25,6 +26,7 @@ TEMPLATES = Path(__file__).with_name("templates")
 REPORT_TEMPLATE = "report.html.j2"
 THUMBNAIL = 176  # px, the generated images' size in the report (its CSS img.main)
 SHORT_LABELS = {**METRIC_LABELS, "masked_clip_i": "mCLIP-I"}  # under each thumbnail
+SCORER_SETTINGS = {"clip_model": "CLIP", "seg_model": "CLIPSeg", "dino_model": "DINO"}
 
 # Plots: one colour per metric, fixed sizes in inches at a fixed DPI, so a plot's pixel size depends on
 # the number of concepts only.
@@ -178,7 +180,7 @@ def _render_report(settings: dict, pages: list[_ConceptPage], overall: dict[str,
             prompts.append({"href": None, "label": f"p{p:02d}", "extra": prompt, "prompt": prompt, "rows": rows,
                             "means": {m: float(np.mean([row[m] for row in rows])) for m in METRICS}})
         concepts.append({"id": page.concept_id, "anchor": f"c-{quote(page.concept_id)}",
-                         "class_word": page.class_word, "references": page.references, "images": len(page.rows),
+                         "class_word": page.class_word, "references": page.references, "generated": len(page.rows),
                          "means": page.means, "plot": page.plot, "prompts": prompts,
                          # Small (test-size) images are scaled up sharp rather than blurred.
                          "pixelated": page.image_size < THUMBNAIL})
@@ -190,11 +192,19 @@ def _render_report(settings: dict, pages: list[_ConceptPage], overall: dict[str,
                   "description": METRIC_DESCRIPTIONS[m]} for m in METRICS],
         concepts=concepts,
         summary_rows=[{"href": f"#{c['anchor']}", "label": c["id"], "means": c["means"],
-                       "extra": f"{c['class_word']} · {c['images']} images"} for c in concepts],
+                       "extra": f"{c['class_word']} · {_count(c['generated'], 'generated image')} · "
+                                f"{_count(len(c['references']), 'reference photo')}"} for c in concepts],
         overall=overall,
         overview=overview,
         not_scored=[{"id": c, **s} for c, s in not_scored.items()],
+        # Random weights: such scores check the pipeline, and say nothing about the images.
+        random_scorers=[name for key, name in SCORER_SETTINGS.items() if settings[key] == metrics.TINY],
+        random_base_model=settings["model"] in BUILTIN_MODELS,
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # ---- plots (matplotlib's Agg canvas; no pyplot, so no global figure state) ---------------------------
@@ -227,7 +237,8 @@ def _histograms(values: dict[str, list[float]], title: str) -> Figure:
         axes.axvline(mean, color="#282828", linewidth=2)
         axes.set_title(f"{METRIC_TITLES[metric]} · mean {mean:.3f}", fontsize=10)
         axes.set_xlim(lo, hi)
-        axes.set_xlabel(f"{len(scores)} images; tallest bar {int(counts.max())}", fontsize=8, color="#6e6e6e")
+        axes.set_xlabel(f"{_count(len(scores), 'generated image')}; tallest bar {int(counts.max())}", fontsize=8,
+                        color="#6e6e6e")
         axes.yaxis.get_major_locator().set_params(integer=True)
         axes.tick_params(labelsize=8)
         axes.grid(axis="x", color="#e1e1e1")

@@ -3,7 +3,6 @@
 import contextlib
 import io
 import json
-import math
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,10 +17,12 @@ from PIL import Image
 from catversion import layout, storage
 from catversion.cli import main
 from catversion.limits import METRIC_TITLES, METRICS
+from catversion.metrics import Scorer
 from catversion.models import load_base_model
 from catversion.samples import SAMPLE_CONCEPTS, write_concept_images
 from catversion.training import TrainConfig, train_residual
 from pipelines.evaluate import EvalConfig, run_evaluation
+from pipelines.report import ReportWriter
 
 TRAINED = ("red-teapot", "blue-mug")
 UNTRAINED = "green-vase"  # in the manifest, but no residual
@@ -132,8 +133,6 @@ def test_evaluate_writes_scores_images_and_a_report(evaluated):
     assert {r["prompt"] for r in scores if r["concept_id"] == "red-teapot"} == {
         "a teapot on the beach", "a photo of a teapot in the snow"}
     for row in scores:
-        for metric in METRICS:
-            assert math.isfinite(row[metric]) and -1.0 <= row[metric] <= 1.0, (metric, row)
         assert row["seed"] == row["sample"] and 0.0 <= row["mask_area"] <= 1.0
         assert (out / row["image"]).is_file()
 
@@ -158,6 +157,55 @@ def test_evaluate_writes_scores_images_and_a_report(evaluated):
                 assert masked.size == image.size, stem
     assert "plots/overview.png" in files
     assert UNTRAINED in (out / "report.html").read_text()  # listed under "Not scored"
+
+
+def test_each_score_is_the_metric_of_the_images_the_report_shows(evaluated):
+    """Every row's scores, recomputed from the files the report links (its image, the concept's reference
+    photos, and the masked copies of both): a score written on the wrong row or made from other images fails."""
+    out, _ = evaluated
+    scorer = Scorer.load(clip="tiny", seg="tiny", dino="tiny")
+
+    def opened(relative):
+        with Image.open(out / relative) as image:
+            return image.convert("RGB")
+
+    for concept_id in TRAINED:
+        stems = sorted(p.name.removesuffix(".png") for p in (out / "references" / concept_id).glob("r??.png"))
+        references = [opened(f"references/{concept_id}/{stem}.png") for stem in stems]
+        masked_references = [opened(f"references/{concept_id}/{stem}-masked.png") for stem in stems]
+        for row in pq.read_table(out / "scores.parquet").to_pylist():
+            if row["concept_id"] != concept_id:
+                continue
+            image = opened(row["image"])
+            masked = opened(row["image"].removesuffix(".png") + "-masked.png")
+            expected = {"clip_t": scorer.clip_t(row["prompt"], [image])[0],
+                        "clip_i": scorer.clip_i(references, [image]).mean,
+                        "masked_clip_i": scorer.clip_i(masked_references, [masked]).mean,
+                        "dino": scorer.dino(references, [image]).mean}
+            # float32 embeddings, batched differently here: equal to a few units in the 7th digit
+            assert {m: row[m] for m in METRICS} == pytest.approx(expected, abs=1e-5), row["image"]
+
+
+def test_the_report_counts_what_it_counts_and_says_tiny_scores_mean_nothing(evaluated, tmp_path):
+    out, _ = evaluated
+    report = read_report(out)
+    text = " ".join(" ".join(report.text).split())
+    # 2 prompts x 2 samples generated, scored against the concept's 2 photos
+    assert text.count("4 generated images · 2 reference photos") == len(TRAINED)
+    for concept_id in TRAINED:
+        assert "2 reference photos, 4 generated images" in " ".join(report.sections[f"c-{concept_id}"].split())
+    assert "These scores mean nothing. They come from the built-in tiny CLIP, CLIPSeg, DINO (random weights" in text
+
+    # The same settings with the real scorers: no warning; one of them tiny: the warning names it alone.
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    real = {**settings, "clip_model": "openai/clip-vit-base-patch32", "seg_model": "CIDAS/clipseg-rd64-refined",
+            "dino_model": "facebook/dino-vits16"}
+    for name, chosen, warned in (("real", real, None), ("one-tiny", {**real, "dino_model": "tiny"}, "tiny DINO (")):
+        ReportWriter(tmp_path / name, chosen).finish({}, {})
+        shown = " ".join(" ".join(read_report(tmp_path / name).text).split())
+        assert ("These scores mean nothing" in shown) == (warned is not None), name
+        if warned:
+            assert warned in shown
 
 
 def test_report_is_rendered_from_its_template_with_real_plots(evaluated):
