@@ -10,7 +10,6 @@ import base64
 import io
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from catversion.models import load_base_model
 from catversion.telemetry import BATCH_SIZE
 from catversion.training import TrainConfig, train_residual
 from helpers import png_bytes
+from polling import wait_until
 from serve.cli import load_config
 
 KEY = "sk-test-catversion"
@@ -123,23 +123,24 @@ def test_concurrent_mixed_requests_share_unet_batches(server):
     with ThreadPoolExecutor(16) as pool:
         statuses = [r.status_code for r in pool.map(lambda b: post(server["url"], b), bodies)]
     assert statuses == [200] * 16
-    deadline = time.time() + 30
-    while time.time() < deadline:  # Ray reports metrics every second in tests
+
+    def shared_batch() -> bool:  # Ray reports metrics every second in tests
         count, single = batch_histogram(requests.get(server["metrics"], timeout=10).text)
-        if count > single:
-            break
-        time.sleep(1)
-    assert count > single, "no UNet batch held more than one image"
+        return count > single
+
+    wait_until(shared_batch, 30, "a UNet batch holding more than one image (in the batch-size histogram)", interval=0.5)
     wanted = {spec.prometheus_name for spec in (telemetry.IMAGES, telemetry.QUEUE_WAIT_SECONDS, telemetry.UNET_STEP_SECONDS,
                                                 telemetry.CACHE_SIZE, telemetry.REQUEST_SECONDS)}
-    while True:  # every serving series an operator watches is exported
+    missing = set(wanted)
+
+    def exported() -> bool:  # every serving series an operator watches
         text = requests.get(server["metrics"], timeout=10).text
-        names = {sample.name.removesuffix("_count") for family in text_string_to_metric_families(text)
-                 for sample in family.samples}
-        if wanted <= names or time.time() > deadline:
-            break
-        time.sleep(1)
-    assert wanted <= names, f"not exported: {sorted(wanted - names)}"
+        missing.intersection_update(wanted - {sample.name.removesuffix("_count")
+                                              for family in text_string_to_metric_families(text)
+                                              for sample in family.samples})
+        return not missing
+
+    wait_until(exported, 30, lambda: f"the export of {sorted(missing)}", interval=0.5)
 
 
 def batch_histogram(text):
@@ -254,23 +255,33 @@ def test_a_bad_residual_in_a_concurrent_mixed_batch_fails_only_itself(server):
 
 
 def test_a_short_request_joining_a_long_one_finishes_first_and_leaves_it_unchanged(server):
+    """The long request streams: its first preview (step 38 of 150) shows it is in its denoising loop, and
+    only then is the short one sent, so it joins a running batch with 112 of the long one's steps left."""
     url = server["url"]
     long_body = {"model": "teapot-1", "prompt": "a teapot", "num_inference_steps": 150, "seed": 7}
     alone = pixels(post(url, long_body).json()["data"][0]["b64_json"])
-    finished = {}
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    short_done = threading.Event()
 
-    def run(name, body):
-        response = post(url, body)
-        finished[name] = time.monotonic()
+    def short_request():
+        response = post(url, {"model": "mug-2", "prompt": "a mug", "num_inference_steps": 3, "seed": 1})
+        short_done.set()
         return response
 
-    with ThreadPoolExecutor(2) as pool:
-        long_future = pool.submit(run, "long", long_body)
-        time.sleep(0.5)  # the long request is in its denoising loop by now
-        short = pool.submit(run, "short", {"model": "mug-2", "prompt": "a mug", "num_inference_steps": 3, "seed": 1})
-        assert short.result().status_code == 200 and long_future.result().status_code == 200
-    assert finished["short"] < finished["long"]
-    joined = pixels(long_future.result().json()["data"][0]["b64_json"])
+    events, short_finished_first = [], None
+    with ThreadPoolExecutor(1) as pool:
+        short = None
+        for event in client.images.generate(model="teapot-1", prompt="a teapot", stream=True, partial_images=3,
+                                            extra_body={"num_inference_steps": 150, "seed": 7}):
+            events.append(event)
+            if short is None:  # the first preview: the long request is in its denoising loop
+                short = pool.submit(short_request)
+            if event.type == "image_generation.completed":
+                short_finished_first = short_done.is_set()
+        assert short.result().status_code == 200
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 3 + ["image_generation.completed"]
+    assert short_finished_first, "the 3-step request did not finish before the 150-step one it joined"
+    joined = pixels(events[-1].b64_json)
     assert np.abs(joined - alone).mean() <= 1.0  # <= 1/255 on average: the join did not change the long image
 
 
@@ -282,13 +293,9 @@ def test_a_residual_replaced_or_deleted_in_place_is_noticed_within_the_ttl(serve
     body = {"model": "fresh-1", "prompt": "a photo", "num_inference_steps": 2, "seed": 3}
     before = pixels(post(url, body).json()["data"][0]["b64_json"])
     put("run/residuals/fresh-1.safetensors", second.to_bytes())
-    changed_at = time.monotonic()
-    while True:  # the generation path itself revalidates once the TTL has passed
-        now = pixels(post(url, body).json()["data"][0]["b64_json"])
-        if np.abs(now - before).mean() > 1.0:
-            break
-        assert time.monotonic() - changed_at < 30, "the replaced residual was not served within 30 s"
-        time.sleep(0.2)
+    # The generation path itself revalidates once the TTL has passed.
+    wait_until(lambda: np.abs(pixels(post(url, body).json()["data"][0]["b64_json"]) - before).mean() > 1.0, 30,
+               "serving the replaced residual", interval=0.2)
     model = requests.get(f"{url}/v1/models/fresh-1", headers=headers, timeout=30).json()
     assert model["sha256"] == second.sha256
     # A version pin: the current residual by a prefix of its sha256; another prefix is 404.
@@ -306,10 +313,7 @@ def test_a_residual_replaced_or_deleted_in_place_is_noticed_within_the_ttl(serve
     assert status == 422 and "sha256 mismatch" in error["message"]
     assert error_of(post(url, body))[0] == 422  # never the old version, silently
     boto3.client("s3").delete_object(Bucket=BUCKET, Key="run/residuals/fresh-1.safetensors")
-    deleted_at = time.monotonic()
-    while post(url, body).status_code != 404:
-        assert time.monotonic() - deleted_at < 30, "a deleted residual was still served after 30 s"
-        time.sleep(0.2)
+    wait_until(lambda: post(url, body).status_code == 404, 30, "a 404 for the deleted residual", interval=0.2)
 
 
 def test_streaming_with_partial_images_through_the_openai_client(server):
@@ -332,6 +336,53 @@ def test_streaming_with_partial_images_through_the_openai_client(server):
         client.images.generate(model="teapot-1", prompt="x", stream=True, n=2)
     with pytest.raises(openai.NotFoundError):
         list(client.images.generate(model="no-such-concept", prompt="x", stream=True))
+
+
+def test_a_stream_that_fails_midway_sends_the_json_error_body_in_an_error_event():
+    """After the first event the status is sent, so an error travels as `event: error` whose data is
+    {"type": "error", **the body the same error gets as a JSON response}; an unexpected failure is a server_error."""
+    from types import SimpleNamespace
+
+    from serve.app import ImageGenerationRequest, Ingress, request_error_response
+    from serve.errors import UnusableResidualError
+
+    class Generator:  # the generator handle as `_stream` uses it: accepted, one preview, then the failure
+        def __init__(self, failure):
+            self.failure = failure
+
+        def options(self, stream):
+            return SimpleNamespace(generate_stream=SimpleNamespace(remote=self.events))
+
+        async def events(self, item):
+            yield {"kind": "accepted"}
+            yield {"kind": "partial", "index": 0, "image": b"preview"}
+            raise self.failure
+
+    def stream(failure):
+        recorded = []
+        ingress = SimpleNamespace(generator=Generator(failure), _record=lambda started, status: recorded.append(status))
+        body = ImageGenerationRequest(model="teapot-1", prompt="a teapot", stream=True, partial_images=1)
+
+        async def run():
+            response = await Ingress.func_or_class._stream(ingress, {}, body, "64x64", 0.0)
+            return "".join([chunk async for chunk in response.body_iterator])
+
+        events = [block.split("\n", 1) for block in asyncio.run(run()).split("\n\n") if block]
+        return [(name.removeprefix("event: "), json.loads(data.removeprefix("data: "))) for name, data in events], recorded
+
+    failure = UnusableResidualError("model 'teapot-1' cannot be used: sha256 mismatch")
+    events, recorded = stream(failure)
+    assert [name for name, _ in events] == ["image_generation.partial_image", "error"]
+    assert events[1][1] == {"type": "error", **json.loads(request_error_response(failure).body)}
+    assert events[1][1]["error"] == {"message": failure.message, "type": "invalid_request_error",
+                                     "param": "model", "code": "residual_invalid"}
+    assert recorded == [422]
+
+    events, recorded = stream(RuntimeError("CUDA error: an illegal memory access"))
+    assert events[-1] == ("error", {"type": "error", "error": {
+        "message": "the server failed while generating; retry", "type": "server_error", "param": None,
+        "code": "server_error"}})
+    assert recorded == [500]
 
 
 def test_output_formats_sizes_and_url_responses(server):
