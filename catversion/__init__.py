@@ -1,5 +1,7 @@
 """CatVersion personalization as a library: residual files, the patched CLIP text encoder, base models,
-training and generation. No Ray and no HTTP here; `pipelines/` and `serve/` build on it.
+training and generation; `pipelines/` and `serve/` build on it. No HTTP here, and no Ray outside the
+`catversion.cluster` subpackage (joining Ray, resource checks, Ray metrics, and the one module that
+touches Ray's private internals), which the batch jobs and the server share.
 
 `import catversion` is cheap: the public names below load their modules (and torch) on first use
 (PEP 562), so the command line and light tools start fast.

@@ -1,9 +1,10 @@
 """Every `catversion_*` metric, defined once: name, kind, meaning and labels.
 
-`pipelines/` and `serve/` create Ray metrics from these specs with `ray_metric(spec)` (Ray is imported
-only then); dashboards and tests import the names from here. Ray's Prometheus endpoint exports application metrics with a
-`ray_` prefix (as it does for its own `ray_serve_*` series), and counters with a `_total` suffix:
-`catversion_concepts_done` is scraped as `ray_catversion_concepts_done_total`.
+Plain data, no Ray: `pipelines/` and `serve/` create Ray metrics from these specs with
+`catversion.cluster.ray_metric(spec)`; dashboards and tests import the names from here. Ray's
+Prometheus endpoint exports application metrics with a `ray_` prefix (as it does for its own
+`ray_serve_*` series), and counters with a `_total` suffix: `catversion_concepts_done` is scraped as
+`ray_catversion_concepts_done_total`.
 """
 
 from __future__ import annotations
@@ -24,19 +25,6 @@ class MetricSpec:
         """The series name as Prometheus scrapes it from Ray's metrics endpoint."""
         suffix = "_total" if self.kind == "counter" else ""
         return f"ray_{self.name}{suffix}"
-
-
-def ray_metric(spec: MetricSpec):
-    """The `ray.util.metrics` object for a spec (call it inside a Ray worker, replica or driver)."""
-    from ray.util import metrics
-
-    if spec.kind == "counter":
-        return metrics.Counter(spec.name, spec.description, tag_keys=spec.tag_keys)
-    if spec.kind == "gauge":
-        return metrics.Gauge(spec.name, spec.description, tag_keys=spec.tag_keys)
-    if spec.kind == "histogram":
-        return metrics.Histogram(spec.name, spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tag_keys)
-    raise ValueError(f"metric {spec.name}: unknown kind {spec.kind!r}")
 
 
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

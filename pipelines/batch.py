@@ -192,41 +192,6 @@ def check_worker_resources(config: BatchConfig, concepts: int) -> None:
                             count_flag=count_flag))
 
 
-class _TrainEnv:
-    """Ray Train settings that only environment variables carry (the driver's are propagated to its controller)."""
-
-    def __init__(self, values: dict[str, str]):
-        self.values, self.saved = values, {}
-
-    def __enter__(self):
-        self.saved = {k: os.environ.get(k) for k in self.values}
-        os.environ.update(self.values)
-
-    def __exit__(self, *exc):
-        for key, value in self.saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _controller_registrar(dispatcher):
-    """A Ray Train controller callback that hands the controller's own handle to the dispatcher: the
-    driver aborts the run through it when no worker can start or on a second Ctrl-C."""
-    from ray.train.v2._internal.execution.callback import ControllerCallback
-
-    class RegisterController(ControllerCallback):
-        def __init__(self, dispatcher):
-            self.dispatcher = dispatcher
-
-        def after_controller_start(self, train_run_context) -> None:
-            import ray
-
-            self.dispatcher.set_controller.remote(ray.get_runtime_context().current_actor)
-
-    return RegisterController(dispatcher)
-
-
 def _abort(dispatcher, fit_done: threading.Event, wait_s: float) -> None:
     """End the Train run through its controller, then wait for fit() to return.
 
@@ -288,6 +253,8 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from catversion.cluster.ray_internals import controller_callback
+
     from .dispatch import Dispatcher
     from .worker import train_worker
 
@@ -305,6 +272,7 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
     env = {k: v for k, v in os.environ.items() if k.startswith("CATVERSION_")}
     env.update(config.worker_env or {})
     use_gpu = config.gpus_per_worker > 0
+    start_timeout = min(START_ATTEMPT_S, config.resources_timeout_s)
     fewest, most = _group_size(config, len(rows))
     workers = (fewest, most) if config.min_workers else most
     trainer = TorchTrainer(
@@ -327,7 +295,11 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
             # watchdog ends the job after resources_timeout_s without any worker.
             failure_config=FailureConfig(max_failures=config.max_failures, controller_failure_limit=-1),
             worker_runtime_env={"env_vars": env} if env else None,
-            callbacks=[_controller_registrar(dispatcher)],
+            # The controller hands its handle to the dispatcher (the driver aborts the run through it)
+            # and tries to place the group for START_ATTEMPT_S at a time, a setting Ray Train reads
+            # only from its controller's environment (set there, not in this process).
+            callbacks=[controller_callback(lambda controller: dispatcher.set_controller.remote(controller),
+                                           env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(start_timeout)})],
         ),
     )
     outcome: dict = {}
@@ -338,9 +310,7 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
 
     def fit() -> None:
         try:
-            start_timeout = min(START_ATTEMPT_S, config.resources_timeout_s)
-            with _TrainEnv({"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(start_timeout)}):
-                trainer.fit()
+            trainer.fit()
         except Exception as exc:  # noqa: BLE001  (TrainingFailedError after max_failures; results so far stand)
             outcome["error"] = exc
         finally:

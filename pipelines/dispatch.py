@@ -108,12 +108,13 @@ class Dispatcher:
     def count_settled(self, run_id: str, failed: int, skipped: int) -> None:
         """Concepts the driver settled before training (rejected, up to date) count in the metrics too."""
         from catversion import telemetry
+        from catversion.cluster import ray_metric
 
         tags = {"run_id": run_id}
         if failed:
-            telemetry.ray_metric(telemetry.CONCEPTS_FAILED).inc(failed, tags)
+            ray_metric(telemetry.CONCEPTS_FAILED).inc(failed, tags)
         if skipped:
-            telemetry.ray_metric(telemetry.CONCEPTS_SKIPPED).inc(skipped, tags)
+            ray_metric(telemetry.CONCEPTS_SKIPPED).inc(skipped, tags)
 
     # ---- progress and stopping ---------------------------------------------------------------
     def report(self, worker: str, info: dict) -> dict:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from catversion import layout, storage, telemetry
 from catversion.recipe import Concept, TrainConfig, image_digest, training_fingerprint
-from catversion.telemetry import ray_metric
+from catversion.cluster import ray_metric
 
 from .claims import Claims
 from .manifest import ConceptSpec

@@ -34,7 +34,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catversion import __version__, layout, limits, storage, telemetry
-from catversion.telemetry import ray_metric
+from catversion.cluster import ray_metric
 
 from .cache import CacheEvents, ResidualCache
 from .config import ServeSettings

@@ -249,7 +249,7 @@ def test_the_image_is_the_same_everywhere_and_built_from_the_pinned_versions():
 
 
 def test_cluster_launcher_config_is_valid_for_ray_up():
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from catversion.cluster.ray_internals import validate_cluster_launcher_config
 
     config = only_document(CLUSTER)
     assert config["provider"]["type"] == "aws" and config["provider"]["region"]
@@ -262,7 +262,7 @@ def test_cluster_launcher_config_is_valid_for_ray_up():
         assert 0 <= node_type["min_workers"] <= node_type["max_workers"], name
     for node_type in types.values():
         assert "IamInstanceProfile" in node_type["node_config"], "S3 access comes from instance profiles"
-    validate_config(prepare_config(copy.deepcopy(config)))  # the offline half of `ray up`
+    validate_cluster_launcher_config(copy.deepcopy(config))  # the offline half of `ray up`
 
 
 # ---- Grafana -------------------------------------------------------------------------------------

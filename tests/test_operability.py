@@ -226,23 +226,13 @@ def test_a_request_the_cluster_can_never_hold_names_what_is_missing_and_the_flag
 def test_node_types_an_autoscaler_can_add_count(ray_session):
     """A cluster whose autoscaler publishes its node types (Ray's autoscaler v2, e.g. KubeRay): GPU
     workers that it can add pass the check; more than its limits allow do not."""
-    import ray
-    from ray.core.generated import autoscaler_pb2
-    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+    from catversion.cluster.ray_internals import published_node_groups
 
-    config = autoscaler_pb2.ClusterConfig()
-    group = config.node_group_configs.add()
-    group.name, group.max_count = "gpu", 2
-    group.resources.update({"CPU": 8, "GPU": 1})
-    key, namespace = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
-    _internal_kv_put(key, config.SerializeToString(), overwrite=True, namespace=namespace)
-    try:
+    with published_node_groups([("gpu", {"CPU": 8, "GPU": 1}, 2)]):
         check_resources(Request("worker", 2, {"CPU": 1, "GPU": 1}))
         with pytest.raises(InsufficientResources) as error:
             check_resources(Request("worker", 3, {"CPU": 1, "GPU": 1}, count_flag="--workers"))
         assert "room for 0 (with what its autoscaler can add)" in str(error.value)
-    finally:
-        _internal_kv_del(key, namespace=namespace)
 
 
 def test_validate_only_json_is_one_object_on_stdout_with_status_3_for_rejected_concepts(ray_session, s3_bucket,
