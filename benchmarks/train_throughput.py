@@ -41,7 +41,7 @@ from catversion.models import BaseModel, load_base_model
 from catversion.samples import SAMPLE_CONCEPTS, concept_jpegs
 from catversion.training import Concept, ResidualTrainer, TrainConfig
 
-# The reference recipe (METHOD.md); the baseline hard-codes it, ours gets it from TrainConfig.
+# The reference recipe (docs/method.md); the baseline hard-codes it, ours gets it from TrainConfig.
 BATCH_PER_CONCEPT = 2
 LEARNING_RATE = 1e-2
 WEIGHT_DECAY = 0.01

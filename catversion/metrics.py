@@ -1,5 +1,5 @@
 """The paper's evaluation metrics, CLIP-T, CLIP-I and masked CLIP-I, and DreamBooth's DINO
-(METHOD.md, "Evaluation the paper introduces").
+(docs/method.md, "Evaluation: the paper's metrics").
 
 Masked CLIP-I compares reference and generated images with their backgrounds replaced by a fill
 colour outside a segmentation mask of the concept (CLIPSeg prompted with the class word), full

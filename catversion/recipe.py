@@ -18,7 +18,7 @@ from typing import Union
 # What a concept's image can be: a path or URI (file://, s3://), or the encoded image itself.
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
-# The reference code adds +1.0 to every residual logit (METHOD.md, "mask quirk"); the authors'
+# The reference code adds +1.0 to every residual logit (docs/method.md, "The +1 logit bias"); the authors'
 # learning rate and N(0, 1) init were tuned with it, so it is the recipe's default. 0.0 is the
 # paper's equation as written.
 REFERENCE_PREFIX_LOGIT_BIAS = 1.0
@@ -29,7 +29,7 @@ MAX_BATCH_SIZE = 64
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Per-concept hyper-parameters; the defaults are the reference recipe (METHOD.md)."""
+    """Per-concept hyper-parameters; the defaults are the reference recipe (docs/method.md)."""
 
     steps: int = 1000
     learning_rate: float = 1e-2  # 5e-3 base × batch 2 ("scale_lr")

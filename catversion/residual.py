@@ -65,7 +65,8 @@ class Residual:
     The vectors live in post-projection space (after k_proj / v_proj), so one residual token is a
     full hidden-size vector whose per-head slices are that head's extra key or value.
     ``prefix_logit_bias`` is added to every query's logit for the residual tokens: 0.0 is the
-    paper's equation, 1.0 reproduces the reference code's checkpoints (see METHOD.md).
+    paper's equation, 1.0 reproduces the reference code's checkpoints (docs/method.md, "The +1 logit
+    bias").
     """
 
     def __init__(
@@ -297,9 +298,10 @@ class Residual:
     ) -> "Residual":
         """Import the reference code's ``pytorch_adapter.bin`` (adapter-transformers prefix tuning).
 
-        Layout (METHOD.md): one fp32 storage viewed as (prefix_len, 2·slot + kv, heads, head_dim)
-        with slots in increasing layer order and kv 0 = key, 1 = value. The hidden size comes from
-        ``hidden_size``, else the ``adapter_config.json`` beside the file, else prefix length 1.
+        Layout (docs/method.md, "The released checkpoint format"): one fp32 storage viewed as
+        (prefix_len, 2·slot + kv, heads, head_dim) with slots in increasing layer order and kv 0 = key,
+        1 = value. The hidden size comes from ``hidden_size``, else the ``adapter_config.json`` beside
+        the file, else prefix length 1.
         Imported residuals carry ``prefix_logit_bias`` 1.0, which the reference code applies.
         """
         path = Path(path)

@@ -1,6 +1,6 @@
 """The batch manifest (one parquet row per training image) and its validation into concepts.
 
-The schema is defined here once (DESIGN.md, "Data contracts"). A concept that breaks it is rejected
+The schema is defined here once (docs/contracts.md, "The manifest"). A concept that breaks it is rejected
 by name with every reason, never trained on fewer images than the user gave, and never stops the rest.
 """
 

@@ -1,4 +1,4 @@
-"""The dependency rules of DESIGN.md, checked on the source: who may import whom, where the storage
+"""The dependency rules of docs/architecture.md, checked on the source: who may import whom, where the storage
 layout is spelled, and what `import catversion` and `catversion --help` load."""
 
 import ast

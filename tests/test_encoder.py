@@ -64,7 +64,8 @@ def test_residual_changes_the_output_and_scale_zero_switches_it_off():
 
 
 def hand_written_patched_layer(layer, x, dk, dv, logit_offset):
-    """The METHOD.md equation with plain tensor ops: K' = [Δk; K], V' = [Δv; V], causal + residual columns."""
+    """docs/method.md's equation ("The attention math") with plain tensor ops: K' = [Δk; K], V' = [Δv; V],
+    causal + residual columns."""
     a = layer.self_attn
     h = layer.layer_norm1(x)
     B, S, D = h.shape
