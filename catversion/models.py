@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import is_accelerate_available
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import sd_v1
 from .limits import BUILTIN_MODELS, DEFAULT_MODEL, PRECISION_CHOICES, PRECISIONS  # noqa: F401  (re-exported)
+from .modelsource import ModelNotAvailableError, component_error, how_to_get, local_folder
 from .sd_v1 import MAX_LENGTH, MIN_TOKENIZER_VOCAB, SD_VAE_SCALING_FACTOR, tiny_tokenizer
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae")
@@ -39,10 +38,6 @@ def precision_name(dtype: torch.dtype) -> str:
         if value == dtype:
             return name
     raise ValueError(f"dtype {dtype} is not a supported precision ({', '.join(PRECISIONS)})")
-
-
-class ModelNotAvailableError(RuntimeError):
-    """A base model (or one of its components) cannot be found or read."""
 
 
 @dataclass
@@ -144,50 +139,16 @@ def tiny_base_model(device: str | torch.device = "cpu", dtype: torch.dtype | Non
     return load_base_model("tiny", device=device, dtype=dtype)
 
 
-def _looks_like_path(name: str) -> bool:
-    if name.startswith((".", "~", os.sep, "/")) or (os.altsep and os.altsep in name):
-        return True
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return True
-    return False
-
-
-def _how_to_get(name: str) -> str:
-    hub_id = name if not _looks_like_path(name) else DEFAULT_MODEL
-    return (f"to fix: download it with network access (HF_HUB_OFFLINE unset), e.g. "
-            f"`hf download {hub_id}`, or pass a local diffusers folder that has tokenizer/, "
-            f"text_encoder/, unet/, vae/ and scheduler/")
-
-
 def _load_component(name: str, component: str, load):
     try:
         return load()
     except (OSError, HfHubHTTPError, HFValidationError) as error:
-        reason = (str(error).splitlines() or [""])[0]
-        raise ModelNotAvailableError(
-            f"base model {name!r}: cannot load its {component} ({type(error).__name__}: "
-            f"{reason}); {_how_to_get(name)}") from error
+        raise component_error(name, component, error) from error
 
 
 def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype,
                      components: tuple[str, ...]) -> BaseModel:
-    source = os.path.expanduser(name)
-    if _looks_like_path(name) or os.path.exists(source):
-        if not os.path.isdir(source):
-            raise ModelNotAvailableError(
-                f"base model folder {name!r} does not exist; pass an existing diffusers folder, "
-                f"a hub id, or one of the built-ins {BUILTIN_MODELS}")
-        # A local folder fails with a clearer message here than from_pretrained's hub fallback.
-        for component in (*components, "scheduler"):
-            if not os.path.isdir(os.path.join(source, component)):
-                raise ModelNotAvailableError(
-                    f"base model folder {name!r} has no {component}/ subfolder; it must be a "
-                    f"diffusers Stable Diffusion folder (tokenizer/, text_encoder/, unet/, vae/, "
-                    f"scheduler/); to fix: fetch the files it needs with network access (README, "
-                    f"\"Stable Diffusion v1.5 weights\"), e.g. `hf download {DEFAULT_MODEL} --local-dir {name} "
-                    f"--include model_index.json --include '{component}/*'`")
+    source = local_folder(name, components) or name
 
     def load(component: str, cls, **kwargs):
         return _load_component(name, component,
@@ -202,7 +163,7 @@ def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype,
         if len(tokenizer) < MIN_TOKENIZER_VOCAB:
             raise ModelNotAvailableError(
                 f"base model {name!r}: its tokenizer is missing or broken (got a vocabulary of "
-                f"{len(tokenizer)} tokens, a CLIP tokenizer has 49408); {_how_to_get(name)}")
+                f"{len(tokenizer)} tokens, a CLIP tokenizer has 49408); {how_to_get(name)}")
         tokenizer.model_max_length = MAX_LENGTH
     if "text_encoder" in components:
         # float32 whatever the checkpoint stores (a fp16 variant is upcast): the precision policy.

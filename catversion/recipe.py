@@ -109,8 +109,9 @@ class Concept:
 class TrainingTarget:
     """What a residual is trained against, besides the concept: the frozen base and the patch.
 
-    ``training.training_target(base, ...)`` builds it from a loaded model; the batch driver and
-    the trainer both use that, so they describe the same training the same way.
+    ``training.training_target(base, ...)`` builds it from a loaded model, and the trainer uses that;
+    ``modelinfo.training_target_for(model, ...)`` gives the same value from the model's name without
+    loading it (tested equal), for the batch driver.
     """
 
     base_fingerprint: str | None  # the text encoder's fingerprint (models.text_encoder_fingerprint)
@@ -118,6 +119,15 @@ class TrainingTarget:
     layers: tuple[int, ...]  # patched encoder layers
     tokens: int  # residual tokens per layer
     precision: str = "fp32"  # the UNet/VAE precision of training (models.BaseModel.precision)
+
+
+def patched_layers(depth: int, layers: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The encoder layers a residual patches: ``layers`` checked, or by default the last three
+    of a ``depth``-layer encoder (9, 10, 11 for SD v1's CLIP ViT-L/14, as the method does)."""
+    chosen = tuple(range(depth - 3, depth)) if layers is None else tuple(sorted(int(i) for i in layers))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= depth or len(set(chosen)) != len(chosen):
+        raise ValueError(f"layers {chosen} are not distinct indices of this {depth}-layer text encoder")
+    return chosen
 
 
 def image_digest(data: bytes) -> str:
