@@ -1,16 +1,23 @@
-"""Decoding user images safely: EXIF orientation, RGB conversion, and a decompression-bomb limit."""
+"""Decoding user images safely: EXIF orientation, RGB conversion, and a decompression-bomb limit.
+
+torch is imported by the tensor conversions only: the batch driver checks manifests with this module
+and must not pay torch's start-up to plan a run.
+"""
 
 from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import storage
 from .recipe import ImageSource
+
+if TYPE_CHECKING:
+    import torch
 
 # Well above any camera (a 100 MP photo is 1e8 px) but far below what would exhaust memory.
 MAX_IMAGE_PIXELS = 120_000_000
@@ -72,6 +79,8 @@ def load_image(source: ImageSource, name: str | None = None, max_pixels: int = M
 
 def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """Bicubic resize to a square (no crop, as the reference code does), scaled to [-1, 1], [3, H, W]."""
+    import torch
+
     resized = image.resize((resolution, resolution), resample=Image.Resampling.BICUBIC)
     array = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
@@ -79,5 +88,7 @@ def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] → PIL images."""
+    import torch
+
     array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in array]
