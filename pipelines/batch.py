@@ -14,8 +14,7 @@ run goes, and results.parquet is written at the end, also after an interruption.
 
 from __future__ import annotations
 
-import io
-import math
+import functools
 import os
 import threading
 import time
@@ -23,96 +22,25 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-import pyarrow.parquet as pq
-
 from catversion import layout, storage
 from catversion.errors import InsufficientResources
-from catversion.limits import (DEFAULT_CLAIM_TTL_S, DEFAULT_CLAIM_WAIT_S, DEFAULT_MODEL, DEFAULT_RESIZE_INTERVAL_S,
-                               DEFAULT_PRECISION, DEFAULT_RESOURCES_TIMEOUT_S, DEFAULT_STATE_EVERY,
-                               DEFAULT_STORAGE_RETRY_S, PRECISION_CHOICES)
-from catversion.recipe import REFERENCE_PREFIX_LOGIT_BIAS
+from catversion.limits import DEFAULT_STORAGE_RETRY_S
 
 from . import claims
 from . import plan as planning
 from .manifest import ManifestReport, validate_manifest
-from .worker import (  # noqa: F401  (part of this module's API)
-    FAULT_KILL_ENV,
-    FAULT_MARKER_ENV,
-    FAULT_STATE_KILL_ENV,
-    RESULT_COLUMNS,
-    concept_config,
-    result_row,
-    results_parquet,
-    to_concept,
-)
+from .options import BatchConfig, BatchConfigError  # noqa: F401  (part of this module's API)
+from .outcomes import FAULT_KILL_ENV, FAULT_MARKER_ENV, FAULT_STATE_KILL_ENV  # noqa: F401  (test hooks)
+from .results import STATUSES, read_results, result_row, results_parquet  # noqa: F401  (read_results: API)
+from .work import PlannedConcept, concept_config, to_concept
 
 # Forwarded to the Train workers so they reach the same S3 endpoint and model cache as the driver.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
                  "HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
 # Credentials are forwarded only to a Ray the job starts itself; a cluster's workers use their own role.
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-STATUSES = ("ok", "skipped", "failed", "interrupted")
-STOP_GRACE_S = 12.0  # after Ctrl-C: how long workers get to finish their step, save state and hand results over
 START_ATTEMPT_S = 15.0  # each try to place the worker group waits this long for resources
-
-
-@dataclass
-class BatchConfig:
-    manifest: str | list[str]
-    output: str
-    model: str = DEFAULT_MODEL
-    workers: int = 1  # the group size; with min_workers, its maximum
-    min_workers: int | None = None  # set: an elastic group of min_workers..workers that follows the cluster
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    pack: int | None = None  # concepts per UNet batch; None: 4 on CPU workers, from the GPU's memory on GPU workers
-    precision: str = DEFAULT_PRECISION  # the UNet/VAE precision; "auto": bf16 on GPU workers, fp32 on CPU ones
-    compile: bool | None = None  # torch.compile the UNet; None: on GPU workers
-    steps: int | None = None  # job-wide default; a manifest's per-concept `steps` wins
-    prefix_logit_bias: float = REFERENCE_PREFIX_LOGIT_BIAS  # the reference recipe's +1; 0.0 = the paper's equation
-    max_failures: int = 2
-    run_id: str | None = None
-    resolution: int | None = None
-    address: str | None = None  # None: a local Ray (or the one this process already joined)
-    storage_path: str | None = None  # where Ray Train keeps its run state (default ~/ray_results)
-    state_every: int = DEFAULT_STATE_EVERY  # save each in-flight concept's training state every N of its steps
-    prefetch: int | None = None  # concepts prepared ahead of training per worker (default: the pack size)
-    resources_timeout_s: float = DEFAULT_RESOURCES_TIMEOUT_S  # give up when the group cannot start for this long
-    resize_interval_s: float = DEFAULT_RESIZE_INTERVAL_S  # elastic groups: how often to look for capacity to grow into
-    storage_retry_s: float = DEFAULT_STORAGE_RETRY_S  # how long storage calls retry transient errors
-    claim_ttl_s: float = DEFAULT_CLAIM_TTL_S  # a claim not refreshed for this long is taken over
-    claim_wait_s: float = DEFAULT_CLAIM_WAIT_S  # how long to wait for another run's claimed concept before reporting it
-    worker_env: dict[str, str] | None = None  # extra environment variables for the Train workers
-
-    def __post_init__(self) -> None:
-        problems = []
-        for name in ("workers", "pack"):
-            value = getattr(self, name)
-            if (value is not None or name == "workers") and (not isinstance(value, int) or value < 1):
-                problems.append(f"{name} must be an integer >= 1, got {value!r}")
-        if self.precision not in PRECISION_CHOICES:
-            problems.append(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
-        if self.min_workers is not None and not (isinstance(self.min_workers, int) and 1 <= self.min_workers <= self.workers):
-            problems.append(f"min_workers must be an integer in 1..workers ({self.workers}), got {self.min_workers!r}")
-        if self.state_every < 0:
-            problems.append(f"state_every must be >= 0 (0: never), got {self.state_every}")
-        for name in ("resources_timeout_s", "storage_retry_s", "claim_ttl_s", "claim_wait_s", "resize_interval_s"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                problems.append(f"{name} must be a positive number of seconds, got {value!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    @property
-    def training_precision(self) -> str:
-        """The concrete UNet/VAE precision the workers train at (part of every training fingerprint)."""
-        if self.precision != "auto":
-            return self.precision
-        return "bf16" if self.gpus_per_worker > 0 else "fp32"
-
-    @property
-    def compiled(self) -> bool:
-        return self.gpus_per_worker > 0 if self.compile is None else bool(self.compile)
+ABORT_WAIT_S = 30.0
 
 
 @dataclass
@@ -187,12 +115,12 @@ def check_worker_resources(config: BatchConfig, concepts: int) -> None:
 
     count = _group_size(config, concepts)[0]
     count_flag = "--min-workers" if config.min_workers else "--workers (or let the group shrink with --min-workers)"
-    check_resources(Request("worker", count, _resources(config),
+    check_resources(Request("worker", count, config.resources,
                             flags={"GPU": "--gpus-per-worker 0", "CPU": "a lower --cpus-per-worker"},
                             count_flag=count_flag))
 
 
-def _abort(dispatcher, fit_done: threading.Event, wait_s: float) -> None:
+def _abort(dispatcher, fit_done: threading.Event, wait_s: float = ABORT_WAIT_S) -> None:
     """End the Train run through its controller, then wait for fit() to return.
 
     The controller's graceful abort can wait behind a placement-group wait of START_ATTEMPT_S, so
@@ -221,22 +149,15 @@ def _abort(dispatcher, fit_done: threading.Event, wait_s: float) -> None:
     fit_done.wait(wait_s)
 
 
-def _resources(config: BatchConfig) -> dict[str, float]:
-    resources = {"CPU": config.cpus_per_worker}
-    if config.gpus_per_worker > 0:
-        resources["GPU"] = config.gpus_per_worker
-    return resources
-
-
 def _missing_resources(config: BatchConfig, error: str) -> str:
     """The job error for a worker group that never got its resources: what was asked, what there is."""
     import ray
 
     wanted = config.min_workers or config.workers
-    each = ", ".join(f"{v:g} {k}" for k, v in _resources(config).items())
+    each = ", ".join(f"{v:g} {k}" for k, v in config.resources.items())
     try:
         total = ray.cluster_resources()
-        has = ", ".join(f"{total.get(k, 0):g} {k}" for k in _resources(config))
+        has = ", ".join(f"{total.get(k, 0):g} {k}" for k in config.resources)
     except Exception:  # noqa: BLE001
         has = "unknown"
     return (f"the worker group could not get its resources for {config.resources_timeout_s:g} s: it needs "
@@ -244,66 +165,62 @@ def _missing_resources(config: BatchConfig, error: str) -> str:
             f"--cpus-per-worker or --gpus-per-worker (or let it shrink with --min-workers) [{error}]")
 
 
-def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: dict[str, dict],
-                  marker: claims.RunMarker, others: list[str], log: Callable[[str], None],
-                  progress: Callable[[dict], None] | None = None) -> tuple[dict, str | None, bool]:
-    """Train the planned rows; returns (results by concept id, job error, interrupted)."""
-    import ray
+def _trainer(config: BatchConfig, run_id: str, dispatcher, concepts: int):
+    """The TorchTrainer of the run: every worker runs train_worker with the run's WorkerConfig."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from catversion.cluster.ray_internals import controller_callback
 
-    from .dispatch import Dispatcher
+    from .work import WorkerConfig
     from .worker import train_worker
 
-    here = ray.get_runtime_context().get_node_id()
-    dispatcher = ray.remote(num_cpus=0, max_restarts=0)(Dispatcher).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
-            rows, config.claim_wait_s, claiming=bool(others), hold_s=claims.CLAIM_GRACE_S if others else 0.0)
-    dispatcher.count_settled.remote(run_id, sum(r["status"] == "failed" for r in settled.values()),
-                                    sum(r["status"] == "skipped" for r in settled.values()))
-    if others:
-        log(f"[batch {run_id}] other run(s) active on this output ({', '.join(others)}): every concept is claimed, "
-            "and one they are training is left to them")
     # Test hooks and any extra settings the caller asks the workers to see (the S3 endpoint, the
     # model cache and credentials reach them through the job's runtime environment, see _init_ray).
     env = {k: v for k, v in os.environ.items() if k.startswith("CATVERSION_")}
     env.update(config.worker_env or {})
     use_gpu = config.gpus_per_worker > 0
+    fewest, most = _group_size(config, concepts)
+    # The controller hands its handle to the dispatcher (the driver aborts the run through it) and tries
+    # to place the group for START_ATTEMPT_S at a time; the supervisor's watchdog ends the run after
+    # resources_timeout_s without any worker.
     start_timeout = min(START_ATTEMPT_S, config.resources_timeout_s)
-    fewest, most = _group_size(config, len(rows))
-    workers = (fewest, most) if config.min_workers else most
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "model": config.model, "pack": config.pack, "resolution": config.resolution, "steps": config.steps,
-            "prefix_logit_bias": config.prefix_logit_bias, "output": config.output, "run_id": run_id,
-            "dispatcher": dispatcher, "gpus_per_worker": config.gpus_per_worker,
-            "cpus_per_worker": config.cpus_per_worker, "state_every": config.state_every,
-            "prefetch": config.prefetch or config.pack, "precision": config.training_precision,
-            "compile": config.compiled,
-            "storage_retry_s": config.storage_retry_s, "claim_ttl_s": config.claim_ttl_s,
-        },
+    on_start = controller_callback(lambda controller: dispatcher.set_controller.remote(controller),
+                                   env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(start_timeout)})
+    return TorchTrainer(
+        functools.partial(train_worker, WorkerConfig(config, run_id, dispatcher)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=_resources(config),
+        scaling_config=ScalingConfig(num_workers=(fewest, most) if config.min_workers else most, use_gpu=use_gpu,
+                                     resources_per_worker=config.resources,
                                      elastic_resize_monitor_interval_s=config.resize_interval_s),
         run_config=RunConfig(
             name=f"catversion-{run_id}", storage_path=config.storage_path,
-            # A group that cannot get its resources is retried every START_ATTEMPT_S; the driver's
-            # watchdog ends the job after resources_timeout_s without any worker.
             failure_config=FailureConfig(max_failures=config.max_failures, controller_failure_limit=-1),
-            worker_runtime_env={"env_vars": env} if env else None,
-            # The controller hands its handle to the dispatcher (the driver aborts the run through it)
-            # and tries to place the group for START_ATTEMPT_S at a time, a setting Ray Train reads
-            # only from its controller's environment (set there, not in this process).
-            callbacks=[controller_callback(lambda controller: dispatcher.set_controller.remote(controller),
-                                           env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(start_timeout)})],
-        ),
+            worker_runtime_env={"env_vars": env} if env else None, callbacks=[on_start]),
     )
-    outcome: dict = {}
 
+
+def _run_training(config: BatchConfig, run_id: str, planned: list[PlannedConcept], settled: dict[str, dict],
+                  marker: claims.RunMarker, others: list[str], log: Callable[[str], None],
+                  progress: Callable[[dict], None] | None = None) -> tuple[dict, str | None, bool]:
+    """Train the planned concepts; returns (results by concept id, job error, interrupted)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from .dispatch import Dispatcher
+    from .supervisor import RayDriverCalls, Supervisor
+
+    here = ray.get_runtime_context().get_node_id()
+    dispatcher = ray.remote(num_cpus=0, max_restarts=0)(Dispatcher).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
+            planned, claiming=bool(others), hold_s=claims.CLAIM_GRACE_S if others else 0.0)
+    dispatcher.count_settled.remote(run_id, sum(r["status"] == "failed" for r in settled.values()),
+                                    sum(r["status"] == "skipped" for r in settled.values()))
+    if others:
+        log(f"[batch {run_id}] other run(s) active on this output ({', '.join(others)}): every concept is claimed, "
+            "and one they are training is left to them")
+    trainer = _trainer(config, run_id, dispatcher, len(planned))
+    outcome: dict = {}
     # fit() ends by setting this event. Thread.is_alive() is not used for that: after a join() that a
     # Ctrl-C interrupted, CPython (3.11) may report a running thread as dead.
     fit_done = threading.Event()
@@ -316,63 +233,29 @@ def _run_training(config: BatchConfig, run_id: str, rows: list[dict], settled: d
         finally:
             fit_done.set()
 
-    thread = threading.Thread(target=fit, name="batch-fit", daemon=True)
-    thread.start()
-    interrupted, starved = False, None
-    started, shown, ticks = time.perf_counter(), [], 0
+    threading.Thread(target=fit, name="batch-fit", daemon=True).start()
+    verdict = Supervisor(
+        RayDriverCalls(dispatcher), fit_done, run_id=run_id, total=len(planned),
+        resources_timeout_s=config.resources_timeout_s, others=lambda: _others(marker),
+        abort=lambda: _abort(dispatcher, fit_done),
+        missing_resources=lambda idle: _missing_resources(config, f"no worker ran for {idle:.0f} s"),
+        claiming=bool(others), log=log, progress=progress).watch()
     try:
-        claiming = bool(others)
-        while not fit_done.is_set():
-            fit_done.wait(1.0)
-            ticks += 1
-            if not claiming and ticks % round(claims.MARKER_POLL_S) == 0:
-                try:
-                    others = marker.others()
-                except storage.StorageError:
-                    others = []
-                if others:
-                    claiming = True
-                    dispatcher.start_claiming.remote(others)
-            if not fit_done.is_set() and ticks % 5 == 0:
-                idle = _log_progress(dispatcher, run_id, len(rows), log, started, shown, progress)
-                if idle is not None and idle > config.resources_timeout_s:
-                    # No worker has been running for that long: the group cannot get its resources
-                    # (a fixed group that lost a node, an elastic one below its minimum, a GPU
-                    # request on a CPU cluster). Stop waiting; the results so far are written.
-                    starved = _missing_resources(config, f"no worker ran for {idle:.0f} s")
-                    log(f"[batch {run_id}] no worker has run for {idle:.0f} s (--resources-timeout "
-                        f"{config.resources_timeout_s:g}): ending the run")
-                    dispatcher.stop.remote("the worker group lacks resources")
-                    _abort(dispatcher, fit_done, 30.0)
-                    log(f"[batch {run_id}] the Train run has {'not ' if not fit_done.is_set() else ''}ended")
-                    break
-    except KeyboardInterrupt:
-        interrupted = True
-        log(f"[batch {run_id}] interrupted: stopping the workers (in-flight concepts keep their saved state); "
-            "Ctrl-C again to stop at once")
-        dispatcher.stop.remote("interrupted")
-        try:
-            deadline = time.monotonic() + STOP_GRACE_S
-            while not fit_done.is_set() and time.monotonic() < deadline:
-                fit_done.wait(1.0)
-                snap = ray.get(dispatcher.snapshot.remote(), timeout=10)
-                if not snap["progress"] and not snap["leased"]:
-                    break  # no worker is running (e.g. still waiting for resources): nothing to wait for
-        except KeyboardInterrupt:
-            pass
-        except Exception:  # noqa: BLE001  (the dispatcher is unreachable: stop waiting for it)
-            pass
-        if not fit_done.is_set():  # workers that never started, or a second Ctrl-C: abort the Train run
-            _abort(dispatcher, fit_done, 30.0)
-    try:
-        snapshot = ray.get(dispatcher.snapshot.remote(), timeout=30)
+        results = ray.get(dispatcher.snapshot.remote(), timeout=30).results
     except Exception:  # noqa: BLE001
-        snapshot = {"results": {}}
+        results = {}
     ray.kill(dispatcher)
-    error = starved
+    error = verdict.starved
     if error is None and "error" in outcome:
         error = _root_cause(outcome["error"])
-    return snapshot["results"], error, interrupted
+    return results, error, verdict.interrupted
+
+
+def _others(marker: claims.RunMarker) -> list[str]:
+    try:
+        return marker.others()
+    except storage.StorageError:
+        return []
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -388,35 +271,6 @@ def _root_cause(exc: BaseException) -> str:
         return f"{type(exc).__name__}: {type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
-def _log_progress(dispatcher, run_id: str, total: int, log: Callable[[str], None], started: float,
-                  shown: list[str], progress: Callable[[dict], None] | None = None) -> float | None:
-    """Log the run's new events and hand its progress to `progress` (or log it as a line when there is
-    none); returns how long no worker has been heard from (None: unknown)."""
-    import ray
-
-    try:
-        snap = ray.get(dispatcher.snapshot.remote(), timeout=5)
-    except Exception:  # noqa: BLE001
-        return None
-    for event in snap["events"][len(shown):]:
-        log(f"[batch {run_id}] {time.perf_counter() - started:.1f} s: {event}")
-    shown[:] = snap["events"]
-    results = snap["results"].values()
-    stats = {"total": total, "trained": sum(r["status"] == "ok" for r in results),
-             "failed": sum(r["status"] == "failed" for r in results),
-             "skipped": sum(r["status"] == "skipped" for r in results),
-             "workers": len(snap["progress"]),
-             "images_per_s": sum(p.get("images_per_s", 0.0) for p in snap["progress"].values())}
-    stats["done"] = stats["trained"] + stats["failed"] + stats["skipped"]
-    if progress is not None:
-        progress(stats)
-    else:
-        log(f"[batch {run_id}] {stats['done']}/{total} concepts finished ({stats['trained']} trained, "
-            f"{stats['skipped']} skipped, {stats['failed']} failed), {stats['workers']} worker(s), "
-            f"{stats['images_per_s']:.1f} images/s")
-    return snap["idle_s"]
 
 
 # ---- the driver ----------------------------------------------------------------------------
@@ -437,93 +291,37 @@ def run_batch(config: BatchConfig, log: Callable[[str], None] = print,
     report = validate_manifest(config.manifest, check_images=False)
     log(f"[batch {run_id}] manifest: {len(report.concepts)} valid concepts, {len(report.rejected)} rejected, "
         f"{report.rows} rows")
-
-    results: dict[str, dict] = {cid: result_row(cid, "failed", error="; ".join(reasons))
-                                for cid, reasons in report.problems.items()}
-    rows: list[dict] = []
-    listing = planning.Listing()
     # This run's marker goes up before planning: a run that starts later sees it and claims; one
     # already running is seen here (and notices this one within seconds).
     marker = claims.RunMarker(config.output, run_id, config.claim_ttl_s, budget)
     marker.start()
     try:
-        return _run_batch(config, run_id, budget, report, results, rows, listing, marker, started, log, progress)
+        return _run_batch(config, run_id, budget, report, marker, started, log, progress)
     finally:
         marker.stop()
 
 
 def _run_batch(config: BatchConfig, run_id: str, budget: storage.RetryBudget, report: ManifestReport,
-               results: dict[str, dict], rows: list[dict], listing: planning.Listing, marker: claims.RunMarker,
-               started: float, log: Callable[[str], None],
-               progress: Callable[[dict], None] | None = None) -> BatchSummary:
+               marker: claims.RunMarker, started: float, log: Callable[[str], None],
+               progress: Callable[[dict], None] | None) -> BatchSummary:
     others = marker.others()
-    if report.concepts:
-        from catversion.models import load_base_model
-        from catversion.training import training_target
-
-        target = training_target(load_base_model(config.model, device="cpu", components=("text_encoder",)),
-                                 config.resolution, precision=config.training_precision)
-        listing = planning.gather(config.output, report.concepts, budget, log)
-        for spec in report.concepts:
-            cid = spec.concept_id
-            try:
-                concept = to_concept(spec, concept_config(spec, config.steps, config.prefix_logit_bias))
-            except ValueError as exc:
-                results[cid] = result_row(cid, "failed", error=str(exc))
-                continue
-            missing = [ref.name for ref in spec.images if ref.uri is not None and listing.image_missing(ref.uri)]
-            if missing:
-                results[cid] = result_row(cid, "failed", error="; ".join(f"image {name} does not exist" for name in missing))
-                continue
-            known_bad = [problem for ref in spec.images if (problem := listing.image_problem(ref))]
-            if known_bad:
-                results[cid] = result_row(cid, "failed", error="; ".join(known_bad))
-                continue
-            fingerprint = planning.fingerprint_of(concept, spec, listing, target)
-            known = listing.residual_fingerprint(cid)
-            if fingerprint is not None and known == fingerprint:
-                entry = listing.residual_index[cid]
-                results[cid] = result_row(cid, "skipped", detail="up to date", residual_uri=layout.residual_uri(config.output, cid),
-                                          sha256=entry["sha256"], fingerprint=fingerprint, steps=entry["steps"],
-                                          final_loss=entry["final_loss"], residual_stamp=entry["stamp"])
-                continue
-            rows.append({**spec.to_row(), "residual_stamp": listing.residuals.get(cid), "residual_fingerprint": known,
-                         "states": listing.states.get(cid, [])})
+    results: dict[str, dict] = {cid: result_row(cid, "failed", error="; ".join(reasons))
+                                for cid, reasons in report.problems.items()}
+    planned, listing = _plan(config, report, results, budget, log) if report.concepts else ([], planning.Listing())
     planning_seconds = time.perf_counter() - started
     skipped = sum(r["status"] == "skipped" for r in results.values())
     log(f"[batch {run_id}] planned in {planning_seconds:.1f} s ({listing.requests} listing/index requests): "
-        f"{len(rows)} to train or check, {skipped} up to date")
-
+        f"{len(planned)} to train or check, {skipped} up to date")
     error, interrupted = None, False
-    if rows:
-        started_ray = _init_ray(config)
-        try:
-            try:
-                check_worker_resources(config, len(rows))
-            except InsufficientResources as exc:  # nothing can start: the run's record says why
-                trained, error = {}, str(exc)
-                log(f"[batch {run_id}] cannot start: {exc}")
-            else:
-                trained, error, interrupted = _run_training(config, run_id, rows, results, marker, others, log,
-                                                            progress)
-        finally:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
-        stopped = "interrupted" if interrupted else (f"not finished: {error}" if error else "the job ended before reaching it")
-        for row in rows:
-            cid = row["concept_id"]
-            results[cid] = trained.get(cid) or result_row(cid, "interrupted", error=stopped)
-        unfinished = [r["concept_id"] for r in results.values() if r["status"] in ("failed", "interrupted")]
-        claims.release_leftovers(config.output, run_id, unfinished, budget)
+    if planned:
+        error, interrupted = _train(config, run_id, planned, results, marker, others, budget, log, progress)
     ordered = [results[cid] for cid in _ordered_ids(report, results)]
     uri = layout.results_uri(config.output, run_id)
     # The run's record: worth waiting for through a long outage, whatever the per-call budget.
     final = storage.RetryBudget(max(config.storage_retry_s, DEFAULT_STORAGE_RETRY_S))
     storage.write_bytes(uri, results_parquet(ordered), budget=final)
     try:
-        planning.update_indexes(config.output, listing, ordered, final)
+        planning.update_indexes(config.output, listing, ordered, final, run_id)
     except storage.StorageError as exc:
         log(f"warning: could not update the index files under {config.output} ({exc}); the next run plans slower")
     counts = {status: sum(r["status"] == status for r in ordered) for status in STATUSES}
@@ -531,10 +329,69 @@ def _run_batch(config: BatchConfig, run_id: str, budget: storage.RetryBudget, re
                         planning_seconds=planning_seconds, interrupted=interrupted)
 
 
+def _plan(config: BatchConfig, report: ManifestReport, results: dict[str, dict], budget: storage.RetryBudget,
+          log: Callable[[str], None]) -> tuple[list[PlannedConcept], planning.Listing]:
+    """Settle what listings and indexes can (missing or known-bad images, up-to-date residuals) into
+    ``results``; the rest is planned for the workers."""
+    from catversion.models import load_base_model
+    from catversion.training import training_target
+
+    target = training_target(load_base_model(config.model, device="cpu", components=("text_encoder",)),
+                             config.resolution, precision=config.training_precision)
+    listing = planning.gather(config.output, report.concepts, budget, log)
+    planned = []
+    for spec in report.concepts:
+        cid = spec.concept_id
+        try:
+            concept = to_concept(spec, concept_config(spec, config.steps, config.prefix_logit_bias))
+        except ValueError as exc:
+            results[cid] = result_row(cid, "failed", error=str(exc))
+            continue
+        missing = [ref.name for ref in spec.images if ref.uri is not None and listing.image_missing(ref.uri)]
+        known_bad = [problem for ref in spec.images if (problem := listing.image_problem(ref))]
+        if missing or known_bad:
+            results[cid] = result_row(cid, "failed", error="; ".join(
+                [f"image {name} does not exist" for name in missing] if missing else known_bad))
+            continue
+        fingerprint = planning.fingerprint_of(concept, spec, listing, target)
+        known = listing.residual_fingerprint(cid)
+        if fingerprint is not None and known == fingerprint:
+            results[cid] = planning.up_to_date_row(config.output, cid, listing, fingerprint)
+            continue
+        planned.append(PlannedConcept(spec, listing.residuals.get(cid), known, tuple(listing.states.get(cid, []))))
+    return planned, listing
+
+
+def _train(config: BatchConfig, run_id: str, planned: list[PlannedConcept], results: dict[str, dict],
+           marker: claims.RunMarker, others: list[str], budget: storage.RetryBudget, log: Callable[[str], None],
+           progress: Callable[[dict], None] | None) -> tuple[str | None, bool]:
+    """Train the planned concepts on Ray; their rows go into ``results``. Returns (job error, interrupted)."""
+    started_ray = _init_ray(config)
+    trained: dict[str, dict] = {}
+    error, interrupted = None, False
+    try:
+        try:
+            check_worker_resources(config, len(planned))
+        except InsufficientResources as exc:  # nothing can start: the run's record says why
+            error = str(exc)
+            log(f"[batch {run_id}] cannot start: {exc}")
+        else:
+            trained, error, interrupted = _run_training(config, run_id, planned, results, marker, others, log, progress)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    stopped = "interrupted" if interrupted else (f"not finished: {error}" if error else "the job ended before reaching it")
+    for item in planned:
+        cid = item.concept_id
+        results[cid] = trained.get(cid) or result_row(cid, "interrupted", error=stopped)
+    # Only planned concepts can hold claims (a rejected concept's id may not even be a valid key).
+    unfinished = [item.concept_id for item in planned if results[item.concept_id]["status"] in ("failed", "interrupted")]
+    claims.release_leftovers(config.output, run_id, unfinished, budget)
+    return error, interrupted
+
+
 def _ordered_ids(report: ManifestReport, results: dict) -> list[str]:
     order = [spec.concept_id for spec in report.concepts] + list(report.problems)
     return [cid for cid in dict.fromkeys(order) if cid in results]
-
-
-def read_results(uri: str) -> list[dict]:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()

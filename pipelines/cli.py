@@ -11,10 +11,8 @@ import argparse
 
 from catversion import layout, progress
 from catversion.errors import CLIError, PartialFailure, UsageError
-from catversion.limits import (BUILTIN_MODELS, DEFAULT_CLAIM_TTL_S, DEFAULT_CLAIM_WAIT_S, DEFAULT_MODEL,
-                               DEFAULT_RESIZE_INTERVAL_S, DEFAULT_RESOURCES_TIMEOUT_S, DEFAULT_STATE_EVERY,
-                               DEFAULT_PRECISION, DEFAULT_STORAGE_RETRY_S, DEVICE_HELP, PRECISION_CHOICES,
-                               PRECISION_HELP, device_arg)
+from catversion.limits import (BUILTIN_MODELS, DEFAULT_PRECISION, DEVICE_HELP, PRECISION_CHOICES, PRECISION_HELP,
+                               device_arg)
 from catversion.recipe import REFERENCE_PREFIX_LOGIT_BIAS, TrainConfig
 
 DESCRIPTION = f"""\
@@ -38,60 +36,11 @@ cluster as a Ray Job:  ray job submit --working-dir . -- catversion batch --mani
 
 
 def register_batch(sub) -> None:
+    from .options import add_arguments
+
     p = sub.add_parser("batch", help="train every concept of a parquet manifest on Ray Train", description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", required=True, nargs="+", metavar="URI",
-                   help="parquet file(s) or a prefix/folder of them: s3://bucket/key, file://..., or a path")
-    p.add_argument("--output", metavar="PREFIX", help="where residuals and run results go: s3://bucket/prefix or a folder")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"base model: {' | '.join(BUILTIN_MODELS)} | a diffusers folder | a hub id (default: {DEFAULT_MODEL})")
-    p.add_argument("--workers", type=int, default=1,
-                   help="Ray Train workers: a fixed group of this size, or the most of an elastic one (default: 1)")
-    p.add_argument("--min-workers", type=int, metavar="M",
-                   help="make the group elastic, M..--workers workers: a lost node shrinks it and new capacity grows "
-                        "it, with the unfinished concepts resumed from their saved state (default: a fixed group)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; 0 trains on CPU (default: 0)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default: 1)")
-    p.add_argument("--pack", type=int,
-                   help="concepts trained together in one UNet batch per worker (default: 4 on CPU workers; on GPU "
-                        "workers as many as the GPU's memory holds, measured at start, up to 16)")
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
-                   help=f"{PRECISION_HELP} (default: %(default)s); part of each residual's training fingerprint, so "
-                        "a change retrains")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the UNet (static shapes; the first steps compile, a minute or two on SD1.5) "
-                        "(default: on with --gpus-per-worker > 0, off on CPU)")
-    p.add_argument("--steps", type=int,
-                   help=f"training steps per concept unless the manifest says otherwise (default: {TrainConfig().steps})")
-    p.add_argument("--prefix-logit-bias", type=float, default=REFERENCE_PREFIX_LOGIT_BIAS,
-                   help="logit added to the residual tokens in attention: 1 = the reference code's recipe (exports "
-                        "to pytorch_adapter.bin), 0 = the paper's equation as written (default: %(default)s)")
-    p.add_argument("--resolution", type=int, help="training image size in px (default: the model's native size)")
-    p.add_argument("--max-failures", type=int, default=2,
-                   help="worker group failures to recover from; each restart resumes in-flight concepts (default: 2)")
-    p.add_argument("--state-every", type=int, default=DEFAULT_STATE_EVERY, metavar="STEPS",
-                   help=f"save each in-flight concept's training state every STEPS of its steps under "
-                        f"PREFIX/{layout.STATE_FOLDER}/, so a failure or Ctrl-C redoes at most that many; 0 = never "
-                        "(default: %(default)s)")
-    p.add_argument("--prefetch", type=int, metavar="N",
-                   help="concepts fetched, decoded and VAE-encoded ahead of training per worker (default: --pack)")
-    p.add_argument("--resources-timeout", type=float, default=DEFAULT_RESOURCES_TIMEOUT_S, metavar="SECONDS",
-                   help="end the job, naming what is missing, when the worker group cannot get its resources for "
-                        "this long (default: %(default)s)")
-    p.add_argument("--resize-interval", type=float, default=DEFAULT_RESIZE_INTERVAL_S, metavar="SECONDS",
-                   help="elastic groups: how often to check for capacity to grow into (default: %(default)s)")
-    p.add_argument("--storage-retry", type=float, default=DEFAULT_STORAGE_RETRY_S, metavar="SECONDS",
-                   help="how long storage reads and writes retry transient errors (an S3 outage) before the "
-                        "concept fails with the storage error (default: %(default)s)")
-    p.add_argument("--claim-ttl", type=float, default=DEFAULT_CLAIM_TTL_S, metavar="SECONDS",
-                   help=f"concepts are claimed under PREFIX/{layout.CLAIMS_FOLDER}/ so concurrent runs never train one "
-                        "twice; a claim not refreshed for this long (its run died) is taken over (default: %(default)s)")
-    p.add_argument("--claim-wait", type=float, default=DEFAULT_CLAIM_WAIT_S, metavar="SECONDS",
-                   help="how long to wait for a concept another run is training before reporting it as skipped "
-                        "(default: %(default)s)")
-    p.add_argument("--address", help="Ray cluster address (default: start or join a local Ray)")
-    p.add_argument("--run-id", help=f"name of this run under PREFIX/{layout.RUNS_FOLDER}/ (default: timestamp + random suffix)")
-    p.add_argument("--storage-path", help="Ray Train run state location (default: ~/ray_results)")
+    add_arguments(p)  # every option of the run, from BatchConfig's fields (pipelines/options.py)
     p.add_argument("--validate-only", action="store_true",
                    help="check the manifest and fetch, decode and hash every image (as Ray tasks across the cluster), "
                         "print the report, train nothing")
@@ -126,8 +75,9 @@ class _BatchBar:
 def run_batch_command(args: argparse.Namespace) -> None:
     import json
 
-    from .batch import BatchConfig, run_batch
+    from .batch import run_batch
     from .manifest import ManifestError
+    from .options import BatchConfigError, from_args
 
     manifest = args.manifest if len(args.manifest) > 1 else args.manifest[0]
     try:
@@ -141,27 +91,10 @@ def run_batch_command(args: argparse.Namespace) -> None:
             return
         if not args.output:
             raise UsageError("--output PREFIX is required (unless --validate-only)")
-        for name in ("workers", "pack"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise UsageError(f"--{name} must be >= 1")
-        if args.steps is not None:
-            try:
-                TrainConfig(steps=args.steps)
-            except ValueError as exc:
-                raise UsageError(f"--steps: {exc}") from None
         try:
-            config = BatchConfig(
-                manifest=manifest, output=args.output, model=args.model, workers=args.workers,
-                min_workers=args.min_workers, gpus_per_worker=args.gpus_per_worker,
-                cpus_per_worker=args.cpus_per_worker, pack=args.pack, steps=args.steps,
-                precision=args.precision, compile=args.compile,
-                max_failures=args.max_failures, run_id=args.run_id, resolution=args.resolution, address=args.address,
-                storage_path=args.storage_path, prefix_logit_bias=args.prefix_logit_bias, state_every=args.state_every,
-                prefetch=args.prefetch, resources_timeout_s=args.resources_timeout, resize_interval_s=args.resize_interval,
-                storage_retry_s=args.storage_retry, claim_ttl_s=args.claim_ttl, claim_wait_s=args.claim_wait,
-            )
-        except ValueError as exc:
-            raise UsageError(str(exc).replace("_s must", " must").replace("min_workers", "--min-workers")) from None
+            config = from_args(args)
+        except BatchConfigError as exc:
+            raise UsageError(exc.for_command_line()) from None
         bar = _BatchBar(args.quiet)
         try:
             summary = run_batch(config, log=progress.write, progress=bar)
@@ -183,7 +116,7 @@ def _validate_on_cluster(manifest, args: argparse.Namespace):
     """The manifest report with every image checked by Ray tasks (a local Ray unless --address)."""
     import ray
 
-    from .batch import _init_ray, BatchConfig
+    from .batch import BatchConfig, _init_ray
     from .imagecheck import ray_checker
     from .manifest import validate_manifest
 

@@ -7,38 +7,52 @@ worker of a new group joins, the concepts leased to the previous group go back t
 the queue: they resume from their saved training state, and one whose residual was written just
 before the failure is found up to date instead of being trained again.
 
-Plain Python (no Ray import): the driver wraps it with `ray.remote`, and tests can use it directly.
+Plain Python (no Ray import, an injectable clock): the driver wraps it with `ray.remote`, and tests
+use it directly.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .work import Control, Deferral, Lease, LeaseAnswer, PlannedConcept, Snapshot, WorkerProgress
+
+
+@dataclass
+class _Deferred:
+    retry_at: float
+    owner: str
+    since: float  # when it was first deferred
 
 
 class Dispatcher:
-    def __init__(self, rows: list[dict], claim_wait_s: float = 600.0, claiming: bool = False, hold_s: float = 0.0):
-        self.rows = rows
-        self.claim_wait_s = float(claim_wait_s)
-        self.pending: deque[int] = deque(range(len(rows)))
-        self.leases: dict[int, str] = {}  # row index -> group token
-        self.attempts = [0] * len(rows)
-        self.deferred: dict[int, list] = {}  # row index -> [retry_at, owner run, first deferred at]
+    def __init__(self, concepts: list[PlannedConcept], claiming: bool = False, hold_s: float = 0.0,
+                 clock: Callable[[], float] = time.time):
+        self.concepts = concepts
+        self.clock = clock
+        self.pending: deque[int] = deque(range(len(concepts)))
+        self.leases: dict[int, str] = {}  # concept index -> group token
+        self.attempts = [0] * len(concepts)
+        self.deferred: dict[int, _Deferred] = {}
         self.results: dict[str, dict] = {}
         self.token: str | None = None
         self.groups = 0
-        self.progress: dict[str, dict] = {}
+        self.progress: dict[str, WorkerProgress] = {}
         self.stopping: str | None = None
-        self.seen = time.time()  # the last call from any worker (the driver's watchdog reads it)
+        self.seen = clock()  # the last call from any worker (the driver's watchdog reads it)
         self.claiming = claiming  # another run is active on the output: claim every concept
-        self.hold_until = time.time() + hold_s  # hand nothing out before (so the other run can start claiming)
+        self.hold_until = self.seen + hold_s  # hand nothing out before (so the other run can start claiming)
         self.events: list[str] = []  # for the driver's log: worker groups starting, first leases
         self.leasing: set[str] = set()  # workers of the current group that have leased
+        self._controller = None
 
     # ---- worker groups -----------------------------------------------------------------------
     def join(self, token: str) -> int:
         """A worker of group ``token`` starts; a new token means the previous group is gone."""
-        self.seen = time.time()
+        self.seen = self.clock()
         if token != self.token:
             requeued = sorted(i for i, t in self.leases.items() if t != token)
             for i in reversed(requeued):
@@ -55,51 +69,46 @@ class Dispatcher:
         return self.groups
 
     # ---- leasing ----------------------------------------------------------------------------
-    def lease(self, token: str, n: int, worker: str = "") -> dict:
-        """Up to ``n`` concepts for a worker of group ``token``.
-
-        Returns {"rows": [...]} with each row's index, attempt and deferral facts; an empty list
-        means nothing is left for this worker. {"rows": [], "wait": s} asks it to come back later
-        (only concepts claimed by another run remain, and it is not their time yet).
-        """
-        now = self.seen = time.time()
+    def lease(self, token: str, n: int, worker: str = "") -> LeaseAnswer:
+        """Up to ``n`` concepts for a worker of group ``token``: pending ones first, then deferred ones
+        whose time has come. No leases and a ``wait_s`` ask the worker to come back later (only concepts
+        held by another run remain, or the run holds back at its start)."""
+        now = self.seen = self.clock()
         if token != self.token or self.stopping:
-            return {"rows": [], "claiming": self.claiming}
+            return LeaseAnswer([], self.claiming)
         if now < self.hold_until:
-            return {"rows": [], "wait": self.hold_until - now, "claiming": self.claiming}
+            return LeaseAnswer([], self.claiming, wait_s=self.hold_until - now)
         if worker and worker not in self.leasing:
             self.leasing.add(worker)
             self.events.append(f"worker {worker} of group {self.groups} is training (model loaded)")
         taken = []
         while len(taken) < n and self.pending:
             taken.append(self.pending.popleft())
-        for i, (retry_at, _, _) in list(self.deferred.items()):
+        for i, deferred in list(self.deferred.items()):
             if len(taken) >= n:
                 break
-            if retry_at <= now:
+            if deferred.retry_at <= now:
                 taken.append(i)
-        rows = []
+        leases = []
         for i in taken:
             self.leases[i] = token
-            defer = self.deferred.pop(i, None)
-            rows.append({**self.rows[i], "index": i, "attempt": self.attempts[i],
-                         "deferred_owner": defer[1] if defer else None,
-                         "deferred_for_s": now - defer[2] if defer else 0.0,
-                         "claim_wait_s": self.claim_wait_s})
-        if not rows and self.deferred:
-            return {"rows": [], "wait": max(0.2, min(5.0, min(d[0] for d in self.deferred.values()) - now)),
-                    "claiming": self.claiming}
-        return {"rows": rows, "claiming": self.claiming}
+            deferred = self.deferred.pop(i, None)
+            leases.append(Lease(i, self.concepts[i], self.attempts[i],
+                                Deferral(deferred.owner, now - deferred.since) if deferred else None))
+        if not leases and self.deferred:
+            soonest = min(d.retry_at for d in self.deferred.values())
+            return LeaseAnswer([], self.claiming, wait_s=max(0.2, min(5.0, soonest - now)))
+        return LeaseAnswer(leases, self.claiming)
 
     def defer(self, index: int, owner: str, retry_in_s: float, first_deferred_at: float | None = None) -> None:
         """Another run holds this concept's claim: offer it again in ``retry_in_s`` seconds."""
         self.leases.pop(index, None)
-        now = self.seen = time.time()
-        self.deferred[index] = [now + retry_in_s, owner, first_deferred_at or now]
+        now = self.seen = self.clock()
+        self.deferred[index] = _Deferred(now + retry_in_s, owner, first_deferred_at or now)
 
     def finish(self, index: int, row: dict) -> None:
         """The outcome of one concept (ok, skipped or failed). An "ok" is never overwritten."""
-        self.seen = time.time()
+        self.seen = self.clock()
         self.leases.pop(index, None)
         self.deferred.pop(index, None)
         if self.results.get(row["concept_id"], {}).get("status") != "ok":
@@ -117,22 +126,22 @@ class Dispatcher:
             ray_metric(telemetry.CONCEPTS_SKIPPED).inc(skipped, tags)
 
     # ---- progress and stopping ---------------------------------------------------------------
-    def report(self, worker: str, info: dict) -> dict:
-        """Live progress from a worker; returns {"stop": why or None, "claiming": bool}."""
-        self.seen = time.time()
-        self.progress[worker] = info
-        return {"stop": self.stopping, "claiming": self.claiming}
+    def report(self, worker: str, progress: WorkerProgress) -> Control:
+        """Live progress from a worker; the answer says whether to stop and whether to claim."""
+        self.seen = self.clock()
+        self.progress[worker] = progress
+        return Control(self.stopping, self.claiming)
 
     def set_controller(self, controller) -> None:
         """The Ray Train controller's handle (registered from inside it), so the driver can abort it."""
         self._controller = controller
 
     def controller(self):
-        return getattr(self, "_controller", None)
+        return self._controller
 
     def alive(self) -> None:
         """A worker's keep-alive (sent while it loads the model, and throughout)."""
-        self.seen = time.time()
+        self.seen = self.clock()
 
     def start_claiming(self, others: list[str]) -> None:
         if not self.claiming:
@@ -143,7 +152,6 @@ class Dispatcher:
     def stop(self, reason: str) -> None:
         self.stopping = reason
 
-    def snapshot(self) -> dict:
-        return {"results": self.results, "progress": self.progress, "pending": len(self.pending),
-                "leased": len(self.leases), "deferred": len(self.deferred), "groups": self.groups,
-                "idle_s": time.time() - self.seen, "events": list(self.events)}
+    def snapshot(self) -> Snapshot:
+        return Snapshot(dict(self.results), dict(self.progress), len(self.pending), len(self.leases),
+                        len(self.deferred), self.groups, self.clock() - self.seen, list(self.events))

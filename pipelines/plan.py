@@ -33,8 +33,10 @@ from .manifest import ConceptSpec, ImageRef
 # problem: why the image cannot be used (it does not decode), so a rerun rejects it without fetching it again.
 IMAGE_INDEX_SCHEMA = pa.schema([("uri", pa.string()), ("stamp", pa.string()), ("sha256", pa.string()),
                                 ("problem", pa.string())])
+# run_id: the run that trained the residual (absent from indexes written before it was recorded).
 RESIDUAL_INDEX_SCHEMA = pa.schema([("concept_id", pa.string()), ("stamp", pa.string()), ("fingerprint", pa.string()),
-                                   ("sha256", pa.string()), ("steps", pa.int64()), ("final_loss", pa.float64())])
+                                   ("sha256", pa.string()), ("steps", pa.int64()), ("final_loss", pa.float64()),
+                                   ("run_id", pa.string())])
 
 
 @dataclass
@@ -149,6 +151,18 @@ def _read_index(uri: str, budget: storage.RetryBudget, listing: Listing) -> list
         return []
 
 
+def up_to_date_row(output: str, concept_id: str, listing: Listing, fingerprint: str) -> dict:
+    """The result row of a concept planning found up to date (its residual's index entry matches)."""
+    from .results import result_row
+
+    entry = listing.residual_index[concept_id]
+    trained_by = entry.get("run_id")
+    return result_row(concept_id, "skipped", detail=f"up to date (trained by run {trained_by})" if trained_by else
+                      "up to date", residual_uri=layout.residual_uri(output, concept_id), sha256=entry["sha256"],
+                      fingerprint=fingerprint, steps=entry["steps"], final_loss=entry["final_loss"],
+                      residual_stamp=entry["stamp"])
+
+
 def fingerprint_of(concept, spec: ConceptSpec, listing: Listing, target: TrainingTarget) -> str | None:
     """The concept's training fingerprint when every image's sha256 is known without fetching it."""
     digests = [listing.image_sha256(ref) for ref in spec.images]
@@ -160,8 +174,9 @@ def fingerprint_of(concept, spec: ConceptSpec, listing: Listing, target: Trainin
 # ---- writing the indexes -----------------------------------------------------------------------
 
 
-def update_indexes(output: str, listing: Listing, rows: list[dict], budget: storage.RetryBudget) -> None:
-    """Merge what this run learned (image hashes, residual fingerprints) into the index files.
+def update_indexes(output: str, listing: Listing, rows: list[dict], budget: storage.RetryBudget,
+                   run_id: str | None = None) -> None:
+    """Merge what this run (``run_id``) learned (image hashes, residual fingerprints) into the index files.
 
     Two runs finishing at once may each drop the other's new entries: those become cache misses.
     """
@@ -174,9 +189,12 @@ def update_indexes(output: str, listing: Listing, rows: list[dict], budget: stor
             if uri and stamp and sha:
                 images[uri] = (stamp, sha, problem)
         if row["status"] in ("ok", "skipped") and row.get("residual_stamp") and row.get("fingerprint"):
+            known = residuals.get(row["concept_id"]) or {}
+            trained_by = run_id if row["status"] == "ok" else (
+                known.get("run_id") if known.get("stamp") == row["residual_stamp"] else None)
             residuals[row["concept_id"]] = {
                 "concept_id": row["concept_id"], "stamp": row["residual_stamp"], "fingerprint": row["fingerprint"],
-                "sha256": row["sha256"], "steps": row["steps"], "final_loss": row["final_loss"],
+                "sha256": row["sha256"], "steps": row["steps"], "final_loss": row["final_loss"], "run_id": trained_by,
             }
     if images != listing.image_index:
         table = pa.Table.from_pylist([{"uri": u, "stamp": s, "sha256": h, "problem": p}

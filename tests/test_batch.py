@@ -59,6 +59,8 @@ def test_rerun_skips_up_to_date_concepts_and_retrains_changed_ones(batch_run):
     assert {r["concept_id"]: r["status"] for r in again.results} == {**dict.fromkeys(GOOD, "skipped"), "broken": "failed",
                                                                      "missing": "failed"}
     assert any("0 to train or check, 4 up to date" in line for line in lines), lines  # decided from listings
+    # ... and named for the run that trained them (so is a concurrent run that plans after this one's index)
+    assert {r["detail"] for r in again.results if r["status"] == "skipped"} == {"up to date (trained by run first)"}
     for concept_id in GOOD:
         assert len(versions(bucket, f"run1/residuals/{concept_id}.safetensors")) == 1
 
@@ -87,6 +89,11 @@ def test_a_worker_killed_mid_training_resumes_from_its_saved_state_exactly(batch
     assert main(argv) == 3  # two concepts in the manifest are bad: status 3, but everything else is done
     assert "after 1 state writes" in marker.read_text(), "the fault hook must really have killed a worker"
     results = {r["concept_id"]: r for r in read_results(f"s3://{bucket}/run2/runs/faulty/results.parquet")}
+    # Training is seeded: starting over would end with the same tensor, so equality alone cannot tell a
+    # resume from a restart. The result row says which happened: the concept whose state was saved at
+    # step 2 before the kill continued from it (and so ran 1 of its 3 steps in the restarted group).
+    resumed = {c: results[c]["detail"] for c in GOOD if results[c]["detail"]}
+    assert resumed and set(resumed.values()) == {"resumed from step 2"}, resumed
     for concept_id in GOOD:
         assert results[concept_id]["status"] == "ok" and results[concept_id]["steps"] == 3
         key = f"run2/residuals/{concept_id}.safetensors"

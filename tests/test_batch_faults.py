@@ -5,6 +5,7 @@ front of it that the test takes down and brings back.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,13 +146,24 @@ def test_ctrl_c_writes_results_and_a_rerun_resumes_the_unfinished(ray_session, s
     assert process.returncode == 130, out[-2000:] + "\n".join(l for l in err.splitlines() if "concepts finished" not in l)[-6000:]
     rows = {r["concept_id"]: r for r in read_results(layout.results_uri(output, "stopped"))}
     assert set(rows) == set(concepts) and "interrupted" in {r["status"] for r in rows.values()}, rows
-    assert storage.list_uris(layout.state_folder(output)), "unfinished concepts keep their saved state"
+    saved = {layout.state_concept(output, uri) for uri in storage.list_uris(layout.state_folder(output))}
+    assert saved, "unfinished concepts keep their saved state"
     assert not storage.list_uris(layout.claims_folder(output)), "an interrupted run leaves no claim behind"
     again = run_batch(BatchConfig(manifest=manifest, output=output, model="tiny", workers=1, pack=2, steps=150,
                                   state_every=10, run_id="resumed", storage_path=str(tmp_path / "ray-train")),
                       log=lambda _: None)
-    statuses = {r["concept_id"]: r["status"] for r in again.results}
+    rerun = {r["concept_id"]: r for r in again.results}
+    statuses = {c: r["status"] for c, r in rerun.items()}
     assert all(statuses[c] == ("skipped" if rows[c]["status"] == "ok" else "ok") for c in concepts), statuses
+    # The rerun continued each saved concept from its state (a restart from step 0 would end the same:
+    # training is seeded), and started the others fresh.
+    for concept_id in concepts:
+        detail = rerun[concept_id]["detail"] or ""
+        if concept_id in saved:
+            step = re.fullmatch(r"resumed from step (\d+)", detail)
+            assert step and int(step.group(1)) % 10 == 0 and 0 < int(step.group(1)) < 150, (concept_id, detail)
+        elif rows[concept_id]["status"] != "ok":
+            assert "resumed" not in detail, (concept_id, detail)
     assert not storage.list_uris(layout.state_folder(output)), "states are removed once their residual is written"
 
 
