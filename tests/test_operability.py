@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from catversion.errors import InsufficientResources
 from catversion.recipe import Concept
 from catversion.residual import Residual
 from catversion.samples import concept_jpegs
+
+from polling import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,26 +82,23 @@ def test_a_missing_required_input_is_a_usage_error(tmp_path, capsys):
 
 
 def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path):
-    """`catversion train` under SIGTERM (what `kill`, Kubernetes and `ray job stop` send): status 130,
-    'interrupted', no traceback, no residual half-written."""
+    """`catversion train` under SIGTERM (what `kill`, Kubernetes and `ray job stop` send) in the middle of
+    training: status 130, 'interrupted', no traceback, no residual half-written."""
     images = tmp_path / "photos"
     images.mkdir()
     for i, data in enumerate(concept_jpegs("red-teapot", n=3, size=64)):
         (images / f"{i}.jpg").write_bytes(data)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    # A checkpoint at step 1 is the sign that the training loop is running.
     process = subprocess.Popen(
         [sys.executable, "-m", "catversion.cli", "train", "--images", str(images), "--class-word", "teapot",
-         "--out", str(tmp_path / "t.safetensors"), "--model", "tiny", "--steps", "100000", "--save-steps", "",
+         "--out", str(tmp_path / "t.safetensors"), "--model", "tiny", "--steps", "100000", "--save-steps", "1",
          "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        line = ""
-        while "training 't'" not in line:  # the first line comes after the model is loaded
-            line = process.stderr.readline()
-            assert line or process.poll() is None, "train ended before it started"
-            assert time.monotonic() < deadline, "train did not start"
-        time.sleep(1.0)
+        started = wait_until(lambda: (tmp_path / "t.step1.safetensors").exists() or process.poll() is not None,
+                             120, "training's first step")
+        assert started and process.poll() is None, "train ended before it took a step"
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=60)
     finally:
@@ -175,6 +173,15 @@ def test_worker_warnings_and_errors_reach_the_terminal_through_a_real_ray(tmp_pa
     script.write_text(
         "import sys, time, traceback, ray\n"
         "from catversion.cluster import connect\n"
+        "class Tee:\n"  # remembers what reaches this driver's stderr
+        "    def __init__(self, stream):\n"
+        "        self.stream, self.text = stream, ''\n"
+        "    def write(self, text):\n"
+        "        self.text += text\n"
+        "        return self.stream.write(text)\n"
+        "    def __getattr__(self, name):\n"
+        "        return getattr(self.stream, name)\n"
+        "sys.stderr = Tee(sys.stderr)\n"
         "assert connect(None, None, num_cpus=1, include_dashboard=False)\n"
         "@ray.remote\n"
         "def noisy():\n"
@@ -185,7 +192,10 @@ def test_worker_warnings_and_errors_reach_the_terminal_through_a_real_ray(tmp_pa
         "    except ValueError:\n"
         "        traceback.print_exc()\n"
         "ray.get(noisy.remote())\n"
-        "time.sleep(3)\n"  # the log monitor publishes within ~1 s
+        # Wait until the log monitor has published the task's last line to this driver (within ~1 s).
+        "deadline = time.monotonic() + 60\n"
+        "while 'decodable image' not in sys.stderr.text and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
         "ray.shutdown()\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
