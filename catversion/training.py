@@ -1,15 +1,18 @@
 """Residual optimization for one or many concepts: the reference recipe, packed into one UNet batch.
 
 Read top to bottom (the recipe, TrainConfig, is in recipe.py): a concept's cached data (latents of each image and
-its flip, encoded once) and its resumable state, the background preparation of concepts, then the packed
-loop. Packing is exact: a concept's loss depends only on its own residual and its own random stream, so
-training it in a pack or alone, joining the pack early or late, gives the same result.
+its flip, encoded once) and its resumable state, the background preparation of concepts, the trainer (sizing,
+preparation, one packed step), then ``_PackedRun``, the loop of one ``train()`` call. Packing is exact: a
+concept's loss depends only on its own residual and its own random stream, so training it in a pack or alone,
+joining the pack early or late, gives the same result.
 
 Resuming: ``_ConceptState.state_bytes()`` is everything a concept needs to continue exactly where it
 stopped (residual, AdamW moments, step, losses, its RNG and its shuffled image order), tied to its concept
 id and training fingerprint. ``train(state_every=k, on_state=...)`` hands it out every k of a concept's own
 steps; ``train(resume=...)`` (or ``prepare(concept, resume=bytes)``) continues from it. A state that does
-not belong to the concept (other fingerprint or id, other format, unreadable) is a ``StateMismatchError``.
+not belong to the concept (other fingerprint or id, other format, unreadable) is a ``StateMismatchError``;
+``train()`` then starts that concept at step 0. Each ``TrainResult`` says which happened:
+``resumed_from_step`` (0 = started fresh) and ``resume_problem`` (why an offered state was not used).
 
 Prefetch: ``train(prefetch=n)`` reads, decodes and VAE-encodes up to n concepts ahead on a background
 thread (a CUDA side stream on GPUs), so the packed loop refills from ready concepts and never waits for
@@ -84,6 +87,8 @@ class TrainResult:
     steps: int = 0
     final_loss: float | None = None
     seconds: float = 0.0
+    resumed_from_step: int = 0  # the step its restored training state was at; 0 = started fresh
+    resume_problem: str | None = None  # why a saved state offered by resume() was not used (it started at step 0)
 
 
 @dataclass
@@ -133,6 +138,8 @@ class _ConceptState:
         self.order = torch.empty(0, dtype=torch.long, device=self.generator.device)
         self.started = time.perf_counter()
         self.ready: torch.cuda.Event | None = None  # set when prepared on a CUDA side stream (prefetch)
+        self.resumed_from = 0  # the step train() continued this concept from (set by _prepare_to_train)
+        self.resume_problem: str | None = None  # why an offered saved state was not used
 
     def sample(self, scheduler: DDPMScheduler, scaling: float):
         """This step's rows: noisy latents, timesteps and target noise, all from this concept's RNG."""
@@ -150,6 +157,13 @@ class _ConceptState:
         noise = torch.randn(latents.shape, generator=g, device=g.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g, device=g.device)
         return scheduler.add_noise(latents, noise, timesteps), timesteps, noise
+
+    def result(self, status: str, residual: Residual | None = None, error: str | None = None) -> TrainResult:
+        """This concept's outcome as train() reports it, at its current step."""
+        return TrainResult(self.concept.concept_id, status, residual=residual, error=error, steps=self.step,
+                           final_loss=residual.meta["final_loss"] if residual is not None else None,
+                           seconds=time.perf_counter() - self.started, resumed_from_step=self.resumed_from,
+                           resume_problem=self.resume_problem)
 
     @property
     def optimizer_group(self) -> tuple:
@@ -496,7 +510,8 @@ class ResidualTrainer:
         return state
 
     def _prepare_to_train(self, concept: Concept, resume: Callable[[Concept, str], bytes | None] | None) -> _ConceptState:
-        """``prepare`` with the state ``resume`` returns for it; a state that does not fit is ignored."""
+        """``prepare`` with the state ``resume`` returns for it; a state that does not fit is reported in
+        ``resume_problem`` (and logged), and the concept starts at step 0."""
         state = self._fresh_state(concept)
         data = resume(concept, state.fingerprint) if resume is not None else None
         if data is not None:
@@ -504,6 +519,8 @@ class ResidualTrainer:
                 state.restore(data)
             except StateMismatchError as exc:  # restore() left the fresh state untouched
                 log.warning("concept %r: not resuming its saved training state: %s", concept.concept_id, exc)
+                state.resume_problem = str(exc)
+        state.resumed_from = state.step
         return state
 
     def _prepare_in_background(self, concept: Concept,
@@ -551,7 +568,8 @@ class ResidualTrainer:
         state. ``resume(concept, fingerprint)`` is asked for a saved state while preparing a concept
         (None: start at step 0); a state that does not match is logged and ignored, and the concept
         starts at step 0 (its next state replaces it). A resumed concept ends exactly as an
-        uninterrupted one would.
+        uninterrupted one would. Each result says which happened: ``resumed_from_step`` is the step
+        its restored state was at (0: started fresh), ``resume_problem`` why an offered state was not used.
 
         ``prefetch`` > 0: a background thread pulls concepts from ``concepts`` and prepares them (images,
         VAE latents, fingerprint, ``resume``), at most ``prefetch`` ahead; the loop takes ready ones
@@ -563,104 +581,8 @@ class ResidualTrainer:
             raise ValueError(f"state_every must be an integer >= 0, got {state_every!r}")
         if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
             raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
-        pending: Iterator[Concept] = iter(concepts)
-        total = sum(c.config.steps for c in concepts) if isinstance(concepts, Sequence) else None
-        results: list[TrainResult] = []
-        active: list[_ConceptState] = []
-        steps_done, rows_done, started = 0, 0, time.perf_counter()
-        saving = state_every if on_state is not None else 0
-        feed = _Prefetcher(pending, lambda c: self._prepare_in_background(c, resume), prefetch) if prefetch else None
-
-        def finish(result: TrainResult) -> None:
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
-
-        def join(state: _ConceptState) -> None:
-            nonlocal total
-            active.append(state)
-            if total is not None:
-                total -= state.step  # a resumed concept's earlier steps are not done by this run
-
-        def refill() -> None:
-            while len(active) < self.pack:
-                if feed is not None:
-                    # Take what is ready; wait only when nothing is left to train meanwhile.
-                    item = feed.take(block=not active)
-                    if item is None:
-                        return
-                    if isinstance(item, TrainResult):
-                        finish(item)
-                    else:
-                        self._adopt(item)
-                        join(item)
-                    continue
-                concept = next(pending, None)
-                if concept is None:
-                    return
-                try:
-                    join(self._prepare_to_train(concept, resume))
-                except (ImageError, ValueError) as exc:
-                    finish(TrainResult(concept.concept_id, "failed", error=str(exc)))
-
-        try:
-            refill()
-            iteration = 0
-            while active:
-                losses = self._step(active)
-                iteration += 1
-                rows_done += sum(s.cfg.batch_size for s in active)
-                for state, loss in zip(active, losses):
-                    state.step += 1
-                    state.unread.append(loss)
-                    steps_done += 1
-                # Losses stay on the device until something needs them (a concept's end, checkpoint or
-                # state, or every SYNC_EVERY steps for progress and divergence), so the GPU never waits
-                # for the host.
-                due = any(s.step >= s.cfg.steps or s.step in s.cfg.save_steps or (saving and s.step % saving == 0)
-                          for s in active)
-                if not due and iteration % SYNC_EVERY:
-                    if feed is not None and len(active) < self.pack:
-                        refill()  # a concept prepared since the last refill joins now (no host sync)
-                    continue
-                latest = self._read_losses(active)
-                for state in list(active):
-                    bad = next((i for i, x in enumerate(state.losses) if not math.isfinite(x)), None)
-                    if bad is not None:
-                        active.remove(state)
-                        finish(TrainResult(
-                            state.concept.concept_id, "failed", steps=state.step,
-                            error=f"loss became non-finite at step {bad + 1} (learning rate "
-                            f"{state.cfg.learning_rate} too high?)", seconds=time.perf_counter() - state.started,
-                        ))
-                        continue
-                    if state.step >= state.cfg.steps:
-                        active.remove(state)
-                        residual = state.snapshot(self.base, self.encoder.layers, True)
-                        finish(TrainResult(state.concept.concept_id, "ok", residual=residual, steps=state.step,
-                                           final_loss=residual.meta["final_loss"],
-                                           seconds=time.perf_counter() - state.started))
-                        continue
-                    if state.step in state.cfg.save_steps and on_checkpoint:
-                        on_checkpoint(state.concept.concept_id, state.step,
-                                      state.snapshot(self.base, self.encoder.layers, False))
-                    if saving and state.step % saving == 0:
-                        on_state(state.concept.concept_id, state.fingerprint, state.step, state.state_bytes())
-                refill()
-                if on_progress is not None:
-                    elapsed = max(time.perf_counter() - started, 1e-9)
-                    finite = [x for x in latest if math.isfinite(x)]
-                    on_progress(Progress(
-                        steps_done=steps_done, steps_total=total,
-                        concepts_done=sum(r.status == "ok" for r in results),
-                        concepts_failed=sum(r.status == "failed" for r in results),
-                        active=len(active), loss=sum(finite) / len(finite) if finite else math.nan,
-                        images_per_s=rows_done / elapsed,
-                    ))
-        finally:
-            if feed is not None:
-                feed.close()
-        return results
+        callbacks = _Callbacks(on_result, on_progress, on_checkpoint, on_state, resume)
+        return _PackedRun(self, concepts, callbacks, state_every, prefetch).run()
 
     @staticmethod
     def _read_losses(active: list["_ConceptState"]) -> list[float]:
@@ -779,6 +701,141 @@ class ResidualTrainer:
                        eps=eps, maximize=False)
             for param in params:
                 param.grad = None
+
+
+@dataclass(frozen=True)
+class _Callbacks:
+    """What one train() call reports to and asks for saved states (see ResidualTrainer.train)."""
+
+    on_result: Callable[[TrainResult], None] | None
+    on_progress: Callable[[Progress], None] | None
+    on_checkpoint: Callable[[str, int, Residual], None] | None
+    on_state: Callable[[str, str, int, bytes], None] | None
+    resume: Callable[[Concept, str], bytes | None] | None
+
+
+class _PackedRun:
+    """One train() call: keep the pack full, step it, and at due steps settle each concept and report.
+
+    Each iteration is one packed step (``_advance``). The host reads the losses back only at a due step
+    (``_due``: a concept ends, checkpoints or saves its state) or every SYNC_EVERY steps; it then settles
+    each concept (``_settle``: failed, finished, checkpoint, state), refills the pack and reports progress.
+    """
+
+    def __init__(self, trainer: ResidualTrainer, concepts: Iterable[Concept], callbacks: _Callbacks,
+                 state_every: int, prefetch: int):
+        self.trainer, self.callbacks = trainer, callbacks
+        self.pending: Iterator[Concept] = iter(concepts)
+        # None while concepts are still arriving; a resumed concept's earlier steps are taken off as it joins.
+        self.total = sum(c.config.steps for c in concepts) if isinstance(concepts, Sequence) else None
+        self.saving = state_every if callbacks.on_state is not None else 0
+        self.results: list[TrainResult] = []
+        self.active: list[_ConceptState] = []
+        self.steps_done, self.rows_done, self.started = 0, 0, time.perf_counter()
+        self.feed = (_Prefetcher(self.pending, lambda c: trainer._prepare_in_background(c, callbacks.resume), prefetch)
+                     if prefetch else None)
+
+    def run(self) -> list[TrainResult]:
+        try:
+            self._refill()
+            iteration = 0
+            while self.active:
+                self._advance()
+                iteration += 1
+                # Losses stay on the device until something needs them (a concept's end, checkpoint or
+                # state, or every SYNC_EVERY steps for progress and divergence), so the GPU never waits
+                # for the host.
+                if not self._due() and iteration % SYNC_EVERY:
+                    if self.feed is not None and len(self.active) < self.trainer.pack:
+                        self._refill()  # a concept prepared since the last refill joins now (no host sync)
+                    continue
+                latest = self.trainer._read_losses(self.active)
+                self._settle()
+                self._refill()
+                self._report(latest)
+        finally:
+            if self.feed is not None:
+                self.feed.close()
+        return self.results
+
+    def _finish(self, result: TrainResult) -> None:
+        self.results.append(result)
+        if self.callbacks.on_result is not None:
+            self.callbacks.on_result(result)
+
+    def _join(self, state: _ConceptState) -> None:
+        self.active.append(state)
+        if self.total is not None:
+            self.total -= state.step  # a resumed concept's earlier steps are not done by this run
+
+    def _refill(self) -> None:
+        """Fill the pack's free slots from the prefetcher (what is ready) or the source (prepared here)."""
+        while len(self.active) < self.trainer.pack:
+            if self.feed is not None:
+                # Take what is ready; wait only when nothing is left to train meanwhile.
+                item = self.feed.take(block=not self.active)
+                if item is None:
+                    return
+                if isinstance(item, TrainResult):
+                    self._finish(item)
+                else:
+                    self.trainer._adopt(item)
+                    self._join(item)
+                continue
+            concept = next(self.pending, None)
+            if concept is None:
+                return
+            try:
+                self._join(self.trainer._prepare_to_train(concept, self.callbacks.resume))
+            except (ImageError, ValueError) as exc:
+                self._finish(TrainResult(concept.concept_id, "failed", error=str(exc)))
+
+    def _advance(self) -> None:
+        """One packed step; each concept's loss stays on the device, in its ``unread``."""
+        losses = self.trainer._step(self.active)
+        self.rows_done += sum(s.cfg.batch_size for s in self.active)
+        for state, loss in zip(self.active, losses):
+            state.step += 1
+            state.unread.append(loss)
+            self.steps_done += 1
+
+    def _due(self) -> bool:
+        """Whether a concept ends, checkpoints or saves its state at this step (its losses are needed)."""
+        saving = self.saving
+        return any(s.step >= s.cfg.steps or s.step in s.cfg.save_steps or (saving and s.step % saving == 0)
+                   for s in self.active)
+
+    def _settle(self) -> None:
+        """With the losses on the host: drop diverged concepts, finish complete ones, hand out checkpoints and states."""
+        base, layers, callbacks = self.trainer.base, self.trainer.encoder.layers, self.callbacks
+        for state in list(self.active):
+            bad = next((i for i, x in enumerate(state.losses) if not math.isfinite(x)), None)
+            if bad is not None:
+                self.active.remove(state)
+                self._finish(state.result("failed", error=f"loss became non-finite at step {bad + 1} (learning rate "
+                                                          f"{state.cfg.learning_rate} too high?)"))
+                continue
+            if state.step >= state.cfg.steps:
+                self.active.remove(state)
+                self._finish(state.result("ok", residual=state.snapshot(base, layers, True)))
+                continue
+            if state.step in state.cfg.save_steps and callbacks.on_checkpoint:
+                callbacks.on_checkpoint(state.concept.concept_id, state.step, state.snapshot(base, layers, False))
+            if self.saving and state.step % self.saving == 0:
+                callbacks.on_state(state.concept.concept_id, state.fingerprint, state.step, state.state_bytes())
+
+    def _report(self, latest: list[float]) -> None:
+        if self.callbacks.on_progress is None:
+            return
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        finite = [x for x in latest if math.isfinite(x)]
+        self.callbacks.on_progress(Progress(
+            steps_done=self.steps_done, steps_total=self.total,
+            concepts_done=sum(r.status == "ok" for r in self.results),
+            concepts_failed=sum(r.status == "failed" for r in self.results),
+            active=len(self.active), loss=sum(finite) / len(finite) if finite else math.nan,
+            images_per_s=self.rows_done / elapsed,
+        ))
 
 
 def train_residual(base: BaseModel, images: Sequence[ImageSource], class_word: str, config: TrainConfig | None = None,
