@@ -1,5 +1,6 @@
 """Packed multi-concept training: exact against training alone, cached work, per-concept failures."""
 
+import contextlib
 import io
 import math
 import struct
@@ -34,10 +35,16 @@ def base():
 
 
 def concepts():
+    # lr 1e-3: packed and alone differ only by float rounding in the batched UNet, which Adam's first
+    # step turns into up to ~lr * 1e-3 for near-zero gradients (measured on 2 CPU threads: 1.5e-5 at the
+    # default lr 1e-2, 1.5e-6 at 1e-3), so the 1e-5 compared below holds only at 1e-3. A packing bug
+    # (rows mixed between concepts, a loss scaled by the pack) moves a residual by about lr per step.
     return [
-        Concept("teapot-1", [png_bytes(1), png_bytes(2)], "teapot", config=TrainConfig(steps=6, seed=3)),
-        Concept("dog-2", [png_bytes(3), png_bytes(4), png_bytes(5)], "dog", "a dog", TrainConfig(steps=4, seed=7, batch_size=3)),
-        Concept("cat-3", [png_bytes(6)], "cat", config=TrainConfig(steps=5, seed=11, batch_size=1, prefix_logit_bias=1.0)),
+        Concept("teapot-1", [png_bytes(1), png_bytes(2)], "teapot", config=TrainConfig(steps=6, seed=3, learning_rate=1e-3)),
+        Concept("dog-2", [png_bytes(3), png_bytes(4), png_bytes(5)], "dog", "a dog",
+                TrainConfig(steps=4, seed=7, batch_size=3, learning_rate=1e-3)),
+        Concept("cat-3", [png_bytes(6)], "cat",
+                config=TrainConfig(steps=5, seed=11, batch_size=1, prefix_logit_bias=1.0, learning_rate=1e-3)),
     ]
 
 
@@ -204,27 +211,45 @@ def assert_same_result(a, b):
     assert abs(a.final_loss - b.final_loss) <= 1e-6
 
 
+@contextlib.contextmanager
+def unet_forward_calls(base):
+    """Counts the real UNet's forward calls while the block runs: one per packed training step."""
+    calls = []
+    hook = base.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
 def test_a_resumed_concept_ends_exactly_as_an_uninterrupted_one(base):
     # batch 3 over 2 images: the state is saved mid-epoch, so the remaining shuffled order must carry over
     concept = Concept("teapot-1", [png_bytes(1), png_bytes(2)], "teapot",
                       config=TrainConfig(steps=6, seed=3, batch_size=3, save_steps=()))
     states = []
-    straight = ResidualTrainer(base, pack=1).train(
-        [concept], state_every=3, on_state=lambda *args: states.append(args[:3]))[0]
+    with unet_forward_calls(base) as straight_calls:
+        straight = ResidualTrainer(base, pack=1).train(
+            [concept], state_every=3, on_state=lambda *args: states.append(args[:3]))[0]
+    assert len(straight_calls) == 6 and straight.resumed_from_step == 0
     assert states == [("teapot-1", straight.residual.meta["training_fingerprint"], 3)]  # none at the last step
     alone = ResidualTrainer(base, pack=1).train([concept])[0]
     assert torch.equal(straight.residual.tensor, alone.residual.tensor)  # saving changes nothing
 
     fingerprint, step, data = train_until_first_state(base, [concept], every=3)["teapot-1"]
     assert step == 3
-    asked = []
+    asked, progress = [], []
 
     def resume(c, fp):
         asked.append((c.concept_id, fp))
         return data
 
-    resumed = ResidualTrainer(base, pack=1).train([concept], resume=resume)[0]  # a new trainer, as after a restart
+    with unet_forward_calls(base) as resumed_calls:  # a new trainer, as after a restart
+        resumed = ResidualTrainer(base, pack=1).train([concept], resume=resume, on_progress=progress.append)[0]
     assert asked == [("teapot-1", fingerprint)]
+    # It continued from the saved state: only steps 4..6 ran, and the result says where it started.
+    assert resumed.resumed_from_step == 3 and resumed.resume_problem is None
+    assert len(resumed_calls) == 3
+    assert (progress[-1].steps_done, progress[-1].steps_total) == (3, 3)
     assert_same_result(resumed, straight)
 
 
@@ -244,18 +269,25 @@ def test_state_bytes_are_weights_only_and_restore_everything(base):
     assert torch.equal(state.generator.get_state(), payload["generator"])
 
 
-def test_resuming_one_concept_inside_a_pack(base):
+@pytest.mark.parametrize("prefetch", [0, 2])  # the batch worker resumes through the prefetch thread
+def test_resuming_one_concept_inside_a_pack(base, prefetch):
     batch = concepts()
     straight = {r.concept_id: r for r in ResidualTrainer(base, pack=3).train(batch)}
     # dog-2 alone was stopped after its step-2 state; it now rejoins a pack with the other two.
     _, _, data = train_until_first_state(base, [batch[1]], every=2)["dog-2"]
+    progress = []
     resumed = {r.concept_id: r for r in ResidualTrainer(base, pack=3).train(
-        batch, resume=lambda c, fp: data if c.concept_id == "dog-2" else None)}
+        batch, resume=lambda c, fp: data if c.concept_id == "dog-2" else None, on_progress=progress.append,
+        prefetch=prefetch)}
+    assert {k: r.resumed_from_step for k, r in resumed.items()} == {"teapot-1": 0, "dog-2": 2, "cat-3": 0}
+    # 6 + 5 steps of the fresh concepts and only the last 2 of dog-2's 4.
+    assert (progress[-1].steps_done, progress[-1].steps_total) == (13, 13)
     for concept_id in straight:
+        assert resumed[concept_id].resume_problem is None
         assert_same_result(resumed[concept_id], straight[concept_id])
 
 
-def test_a_state_of_another_concept_or_recipe_is_refused(base, caplog):
+def test_a_state_of_another_concept_or_recipe_is_refused(base):
     images = [png_bytes(1), png_bytes(2)]
     concept = Concept("teapot-1", images, "teapot", config=TrainConfig(steps=4, save_steps=()))
     _, _, data = train_until_first_state(base, [concept], every=2)["teapot-1"]
@@ -269,12 +301,26 @@ def test_a_state_of_another_concept_or_recipe_is_refused(base, caplog):
     with pytest.raises(StateMismatchError, match="unreadable"):
         trainer.prepare(concept, resume=b"not a state")
     assert issubclass(StateMismatchError, ValueError)
-    # train() ignores a state that does not fit: the concept starts over and still ends as it should.
+
+
+def test_an_unusable_state_is_reported_and_the_concept_trains_from_step_0(base, caplog):
+    images = [png_bytes(1), png_bytes(2)]
+    concept = Concept("teapot-1", images, "teapot", config=TrainConfig(steps=4, save_steps=()))
+    # A real state of the same concept under another recipe (6 steps): its fingerprint no longer matches.
+    _, _, other_recipe = train_until_first_state(
+        base, [replace(concept, config=TrainConfig(steps=6, save_steps=()))], every=2)["teapot-1"]
+    trainer = ResidualTrainer(base, pack=1)
     fresh = trainer.train([concept])[0]
-    with caplog.at_level("WARNING", logger="catversion.training"):
-        ignored = trainer.train([concept], resume=lambda c, fp: b"not a state")[0]
-    assert torch.equal(ignored.residual.tensor, fresh.residual.tensor) and ignored.steps == 4
-    assert "'teapot-1': not resuming its saved training state: unreadable" in caplog.text
+    assert fresh.resumed_from_step == 0 and fresh.resume_problem is None  # nothing offered, nothing to report
+    for data, problem in [(b"not a state", "unreadable training state"), (other_recipe, "fingerprint")]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="catversion.training"), unet_forward_calls(base) as calls:
+            ignored = trainer.train([concept], resume=lambda c, fp: data)[0]
+        assert ignored.status == "ok" and ignored.resumed_from_step == 0
+        assert problem in ignored.resume_problem
+        assert len(calls) == 4  # every step ran: it started over
+        assert torch.equal(ignored.residual.tensor, fresh.residual.tensor) and ignored.steps == 4
+        assert f"'teapot-1': not resuming its saved training state: {ignored.resume_problem}" in caplog.text
 
 
 # ---- background preparation (prefetch) ----------------------------------------------------
