@@ -333,11 +333,10 @@ def _plan(config: BatchConfig, report: ManifestReport, results: dict[str, dict],
           log: Callable[[str], None]) -> tuple[list[PlannedConcept], planning.Listing]:
     """Settle what listings and indexes can (missing or known-bad images, up-to-date residuals) into
     ``results``; the rest is planned for the workers."""
-    from catversion.models import load_base_model
-    from catversion.training import training_target
+    from catversion.modelinfo import training_target_for
 
-    target = training_target(load_base_model(config.model, device="cpu", components=("text_encoder",)),
-                             config.resolution, precision=config.training_precision)
+    # The base model's fingerprint from its files (cached by their stamps): planning loads no model.
+    target = training_target_for(config.model, config.resolution, precision=config.training_precision)
     listing = planning.gather(config.output, report.concepts, budget, log)
     planned = []
     for spec in report.concepts:

@@ -75,6 +75,8 @@ class _BatchBar:
 def run_batch_command(args: argparse.Namespace) -> None:
     import json
 
+    from catversion.modelsource import ModelNotAvailableError
+
     from .batch import run_batch
     from .manifest import ManifestError
     from .options import BatchConfigError, from_args
@@ -100,7 +102,7 @@ def run_batch_command(args: argparse.Namespace) -> None:
             summary = run_batch(config, log=progress.write, progress=bar)
         finally:
             bar.close()
-    except ManifestError as exc:
+    except (ManifestError, ModelNotAvailableError) as exc:
         raise CLIError(str(exc)) from None
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format(), flush=True)
     if summary.interrupted:
