@@ -1,10 +1,10 @@
 """Text-to-image generation with residuals: many concepts in one UNet batch, one seed per sample.
 
-The denoising loop is written out (diffusers' scheduler, UNet and VAE, no pipeline class). The
-conditional branch is encoded with each sample's residual; the unconditional / negative branch
-without it, as the reference code does (METHOD.md). Every UNet call goes through a `UNetRunner`
-(catversion/unetrun.py): batch buckets, channels-last on CUDA and, with ``compile=True``, one
-compile with a CUDA graph per bucket.
+The conditional branch is encoded with each sample's residual; the unconditional / negative branch
+without it, as the reference code does (docs/method.md). The denoising itself is catversion/executor.py's,
+the one loop that `StepBatcher` (catversion/stepbatch.py) also samples through: every UNet call goes
+through a `UNetRunner` (catversion/unetrun.py): batch buckets, channels-last on CUDA and, with
+``compile=True``, one compile with a CUDA graph per bucket.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 
 from .encoder import ResidualTextEncoder
+from .executor import Executor
 from .images import to_pil
 from .limits import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_GUIDANCE, MAX_IMAGE_SIDE, MAX_RESIDUAL_SCALE, MAX_SEED, MAX_STEPS
 from .models import BaseModel
@@ -53,9 +53,10 @@ class ImageGenerator:
 
     Unconditional embeddings are cached per negative prompt (the empty prompt is the usual one),
     so a batch pays the text encoder once for its conditional rows only. ``compile`` and
-    ``buckets`` configure ``self.unet_runner`` (catversion/unetrun.py), which makes every UNet call;
-    call ``warm_up()`` before the first request, on the thread that will sample, to compile and
-    record CUDA graphs then rather than during a request.
+    ``buckets`` configure ``self.unet_runner`` (catversion/unetrun.py), which makes every UNet call
+    for ``self.executor`` (catversion/executor.py), which runs every denoising step; call
+    ``warm_up()`` before the first request, on the thread that will sample, to compile and record
+    CUDA graphs then rather than during a request.
     """
 
     def __init__(self, base: BaseModel, layers: Sequence[int] | None = None, tokens: int = 1, uncond_cache_size: int = 64,
@@ -70,7 +71,13 @@ class ImageGenerator:
         unet_levels = len(base.unet.config.block_out_channels) - 1
         self.size_multiple = base.vae_scale_factor * 2**unet_levels
         native = base.resolution // base.vae_scale_factor
-        self.unet_runner = UNetRunner(base.unet, compile=compile, buckets=buckets, latent_size=(native, native))
+        self.executor = Executor(base, UNetRunner(base.unet, compile=compile, buckets=buckets,
+                                                  latent_size=(native, native)))
+
+    @property
+    def unet_runner(self) -> UNetRunner:
+        """The runner that makes every UNet call (the executor's)."""
+        return self.executor.runner
 
     def warm_up(self) -> float:
         """Compile and record the UNet's buckets at the native size now (see UNetRunner.warm_up); seconds."""
@@ -146,41 +153,29 @@ class ImageGenerator:
 
     @torch.no_grad()
     def generate_tensors(self, requests: Sequence[GenerationRequest], steps: int = DEFAULT_STEPS,
-                         guidance: float = DEFAULT_GUIDANCE, size: Size | None = None, eta: float = 0.0,
+                         guidance: float = DEFAULT_GUIDANCE, size: Size | None = None,
                          on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] (float32, CPU) for a batch of requests sharing one UNet batch.
 
+        DDIM with eta 0, so an image depends only on its request, steps, guidance and size.
         ``size`` is a square side or (height, width) in pixels; None is the model's native resolution.
         ``on_step(done, total)`` is called after each denoising step (for progress bars).
         """
         size = size or self.base.resolution
         self.check(requests, steps, guidance, size)
-        base = self.base
         cond, uncond = self.encode(requests)
-        use_cfg = guidance != 1.0
-        embeddings = torch.cat([uncond, cond]) if use_cfg else cond
-
-        scheduler = DDIMScheduler.from_config(base.scheduler_config)
-        scheduler.set_timesteps(steps, device=base.device)
-        latents = self.initial_latents([r.seed for r in requests], size) * scheduler.init_noise_sigma
-        for i, t in enumerate(scheduler.timesteps):
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
-            model_in = scheduler.scale_model_input(model_in, t)
-            eps = self.unet_runner(model_in, t.reshape(1).repeat(model_in.shape[0]), embeddings)
-            if use_cfg:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            latents = scheduler.step(eps, t, latents, eta=eta).prev_sample
+        noise = self.initial_latents([r.seed for r in requests], size)
+        executor = self.executor
+        samples = [executor.sample(noise[i : i + 1], cond[i : i + 1], uncond[i : i + 1], guidance, steps)
+                   for i in range(len(requests))]
+        for done in range(1, steps + 1):
+            executor.step(samples)
             if on_step is not None:
-                on_step(i + 1, len(scheduler.timesteps))
-
-        images = []
-        vae = base.vae
-        for chunk in (latents / base.vae_scaling_factor).split(4):
-            images.append(vae.decode(chunk.to(vae.dtype)).sample.float().cpu())
-        return torch.cat(images).clamp(-1, 1)
+                on_step(done, steps)
+        return executor.decode(torch.cat([sample.latents for sample in samples]))
 
     def generate(self, requests: Sequence[GenerationRequest], steps: int = DEFAULT_STEPS,
-                 guidance: float = DEFAULT_GUIDANCE, size: Size | None = None, eta: float = 0.0,
+                 guidance: float = DEFAULT_GUIDANCE, size: Size | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
-        return to_pil(self.generate_tensors(requests, steps, guidance, size, eta, on_step))
+        """``generate_tensors`` as PIL images."""
+        return to_pil(self.generate_tensors(requests, steps, guidance, size, on_step))

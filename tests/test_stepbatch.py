@@ -1,10 +1,12 @@
-"""Step-level batching: a job's image does not depend on when it joined or what shared its UNet calls."""
+"""Step-level batching: a job's image does not depend on when it joined or what shared its UNet calls; it
+equals what a plain diffusers sampling loop makes (tests/reference_sampling.py)."""
 
 import dataclasses
 import threading
 
 import pytest
 import torch
+from reference_sampling import reference_images
 
 from catversion.generation import GenerationRequest, ImageGenerator
 from catversion.models import load_base_model
@@ -33,11 +35,14 @@ def residual(generator, seed, tokens=1, layers=None, **meta):
                     meta=meta or {"base_model": base.model_id, "base_fingerprint": base.fingerprint})
 
 
-def reference(generator, job):
-    """The image ImageGenerator.generate_tensors makes for the same request."""
+def reference(generator, job, previews_at=()):
+    """The image the plain reference loop makes for the same request (with ``previews_at``: and its previews)."""
     request = GenerationRequest(job.prompt, job.residual, job.seed, job.residual_scale, job.negative_prompt)
     size = (job.height or generator.base.resolution, job.width or generator.base.resolution)
-    return generator.generate_tensors([request], steps=job.steps, guidance=job.guidance, size=size)[0]
+    out = reference_images(generator, [request], job.steps, job.guidance, size, previews_at)
+    if previews_at:
+        return out[0][0], {step: images[0] for step, images in out[1].items()}
+    return out[0]
 
 
 def assert_same_image(a, b):
@@ -230,6 +235,11 @@ def test_previews_come_before_the_image_with_their_indexes(generator):
     assert kinds == [("partial", 0), ("partial", 1), ("done",)]
     assert events[0][3].shape == (3, 64, 64)
     assert_same_image(events[2][2], reference(generator, job))
+    # previews 0 and 1 of 2 over 6 steps come after steps 2 and 4, from the predicted clean latent
+    image, previews = reference(generator, job, previews_at=(2, 4))
+    assert_same_image(events[0][3], previews[2])
+    assert_same_image(events[1][3], previews[4])
+    assert (events[0][3] - events[1][3]).abs().mean() > 1e-3
 
 
 def test_cancel_fails_only_that_job(generator):

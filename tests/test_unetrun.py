@@ -8,7 +8,8 @@ from diffusers import DDIMScheduler
 from catversion.generation import GenerationRequest, ImageGenerator
 from catversion.models import load_base_model
 from catversion.sd_v1 import SD_SCHEDULER_CONFIG
-from catversion.stepbatch import Job, StepBatcher, ddim_step, vectorizable
+from catversion.executor import ddim_step, vectorizable
+from catversion.stepbatch import Job, StepBatcher
 from catversion.unetrun import DEFAULT_BUCKETS, UNetRunner, buckets_for
 
 
@@ -90,7 +91,7 @@ def test_buckets_follow_max_batch_size_and_the_batcher_refuses_batches_over_the_
 def test_step_level_unet_calls_are_the_runners_buckets_and_images_do_not_change(base):
     generator = ImageGenerator(base)
     padded = ImageGenerator(base)
-    padded.unet_runner = UNetRunner(base.unet, latent_size=(8, 8), pad=True)
+    padded.executor.runner = UNetRunner(base.unet, latent_size=(8, 8), pad=True)
     jobs = [Job("a teapot", seed=1, steps=4, guidance=7.5), Job("a dog", seed=2, steps=6, guidance=1.0),
             Job("a cat", seed=3, steps=3, guidance=3.0)]
     calls = CallSizes(base.unet)
