@@ -15,18 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .recipe import patched_layers
 from .residual import Residual
 
 ResidualLike = Residual | torch.Tensor | None
-
-
-def patched_layers(depth: int, layers: Sequence[int] | None = None) -> tuple[int, ...]:
-    """The encoder layers a residual patches: ``layers`` checked, or by default the last three
-    of a ``depth``-layer encoder (9, 10, 11 for SD v1's CLIP ViT-L/14, as the method does)."""
-    chosen = tuple(range(depth - 3, depth)) if layers is None else tuple(sorted(int(i) for i in layers))
-    if not chosen or chosen[0] < 0 or chosen[-1] >= depth or len(set(chosen)) != len(chosen):
-        raise ValueError(f"layers {chosen} are not distinct indices of this {depth}-layer text encoder")
-    return chosen
 
 
 class ResidualTextEncoder(nn.Module):
