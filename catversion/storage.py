@@ -174,14 +174,29 @@ def s3_client():
     client = getattr(_local, "client", None)
     if client is None or getattr(_local, "key", None) != key:
         import boto3
+        import botocore.session
         from botocore.config import Config
 
         # total_max_attempts counts the first attempt too (Config's "max_attempts" would count retries only).
         config = Config(retries={"mode": "standard", "total_max_attempts": S3_RETRY_ATTEMPTS},
                         connect_timeout=S3_CONNECT_TIMEOUT, read_timeout=S3_READ_TIMEOUT)
-        client = boto3.session.Session().client("s3", config=config)
+        session = botocore.session.get_session()
+        # botocore parses each listed object's LastModified with dateutil (~0.3 ms each); S3 sends
+        # ISO 8601 there, which datetime.fromisoformat reads directly.
+        session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_s3_timestamp)
+        client = boto3.session.Session(botocore_session=session).client("s3", config=config)
         _local.client, _local.key = client, key
     return client
+
+
+def _s3_timestamp(value: str) -> datetime:
+    """A timestamp of an S3 response: ISO 8601 in listings (read fast), RFC 1123 in headers (botocore's parser)."""
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        from botocore.utils import parse_timestamp
+
+        return parse_timestamp(value)
 
 
 def reset_clients() -> None:

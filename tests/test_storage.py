@@ -351,3 +351,14 @@ def test_listing_versions_rides_out_a_short_outage_and_names_the_uri_after_a_lon
         storage.read_object(uri, version_id=versions[1].version_id, budget=storage.RetryBudget(0.5))
     proxy.up()
     assert storage.read_bytes(uri, version_id=versions[1].version_id) == b"one"
+
+
+def test_s3_timestamps_read_fast_are_the_timestamps_botocore_reads():
+    """Listings parse each object's LastModified with the fast ISO reader; every form S3 sends (ISO 8601 in
+    XML bodies, RFC 1123 in headers, epoch seconds) gives botocore's own (timezone-aware) result."""
+    from botocore.utils import parse_timestamp
+
+    for text in ("2026-12-03T18:15:32.000Z", "2026-12-03T18:15:32Z", "2026-12-03T18:15:32.123456+02:00",
+                 "Thu, 03 Dec 2026 18:15:32 GMT", "1733250932"):
+        fast = storage._s3_timestamp(text)
+        assert fast == parse_timestamp(text) and fast.utcoffset() is not None, text
