@@ -3,8 +3,8 @@
 `Holdings` is the one record of what a worker holds (concepts handed to the trainer, residuals being
 written) together with the claim mode, an explicit state machine (see its docstring). `WorkerControl`
 sends the keep-alive and the progress reports, and follows the dispatcher's answers: switch to
-claiming, stop. Both talk to the dispatcher through `DispatcherCalls` (pipelines/calls.py), so tests
-run them without Ray.
+claiming, stop. It calls the dispatcher through pipelines/calls.py (`RayCalls` in a run, `LocalCalls`
+in tests), so both run without Ray in tests/test_supervisor.py.
 """
 
 from __future__ import annotations
