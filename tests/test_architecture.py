@@ -176,3 +176,19 @@ def test_help_loads_neither_torch_nor_ray():
     )
     heavy = [m for m in HEAVY if m in loaded]
     assert not heavy, f"`catversion --help` loaded {heavy}"
+
+
+MAX_FUNCTION_LINES = 100
+
+
+def test_no_function_is_longer_than_a_reader_can_hold():
+    """A function in the product packages is at most MAX_FUNCTION_LINES lines, counting the functions
+    nested in it (they share its state): split one that grows past that into parts with names."""
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, f"functions longer than {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)

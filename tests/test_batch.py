@@ -73,6 +73,36 @@ def test_rerun_skips_up_to_date_concepts_and_retrains_changed_ones(batch_run):
     assert len(versions(bucket, "run1/residuals/red-teapot.safetensors")) == 1
 
 
+def test_an_up_to_date_rerun_from_the_command_line_loads_no_model_and_starts_no_ray(batch_run, tmp_path):
+    """What a user waits for when nothing needs training: planning needs the base model's fingerprint, not the
+    model (catversion.modelinfo caches it by its files' stamps), so torch, diffusers, transformers and Ray
+    are never imported."""
+    import os
+    import subprocess
+    import sys
+
+    from catversion import modelinfo
+
+    bucket, manifest, _, _ = batch_run
+    env = {**os.environ, "CATVERSION_CACHE_DIR": str(tmp_path / "cache")}
+    os.environ["CATVERSION_CACHE_DIR"] = env["CATVERSION_CACHE_DIR"]
+    try:
+        modelinfo.describe("tiny")  # the first run on a machine computes the fingerprint once
+    finally:
+        del os.environ["CATVERSION_CACHE_DIR"]
+    argv = ["batch", "--manifest", manifest, "--output", f"s3://{bucket}/run1", "--model", "tiny", "--steps", "3",
+            "--workers", "2", "--pack", "2", "--run-id", "cheap", "--json", "--quiet"]
+    probe = (f"import sys\nfrom catversion.cli import main\nstatus = main({argv!r})\n"
+             "print('LOADED', sorted(m for m in ('torch', 'diffusers', 'transformers', 'ray') if m in sys.modules))\n"
+             "sys.exit(status)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 3, done.stderr[-3000:]  # the manifest's two bad concepts: status 3
+    summary, loaded = done.stdout.rsplit("LOADED", 1)
+    assert loaded.strip() == "[]", f"the up-to-date rerun imported {loaded.strip()}"
+    assert json.loads(summary)["counts"] == {"ok": 0, "skipped": 4, "failed": 2, "interrupted": 0}
+
+
 def test_a_worker_killed_mid_training_resumes_from_its_saved_state_exactly(batch_run, tmp_path, monkeypatch, capsys):
     """A worker dies (os._exit, as on a lost node) right after saving a concept's state at step 2 of 3.
 
