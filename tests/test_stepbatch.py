@@ -49,6 +49,10 @@ def assert_same_image(a, b):
     # mean absolute difference on the [0, 1] scale at most one 8-bit level
     assert a.shape == b.shape
     assert (a - b).abs().mean().item() / 2 <= 1 / 255
+    # and, since both sides do the same fp32 arithmetic on the CPU in another order (rows grouped
+    # differently, DDIM vectorized or not), no pixel further apart than float noise: the tiny
+    # model's images barely move with guidance, so a wrong guidance mix can pass the 8-bit bound
+    assert (a - b).abs().max().item() <= 1e-4
 
 
 def collect(batcher, job, events, name):
