@@ -28,14 +28,16 @@ about 2x slower than static batching would have run it. The policy bounds that s
   sample goes first, so a younger one never overtakes a held-back one;
 - a short request joining a long one adds its few steps' cost to the long one's projection and is
   admitted (the join case); where calls cost the same whatever their size (a GPU below its
-  saturation point), a joiner adds nothing to anyone's projection and is always admitted: the
-  policy costs throughput only where joining really slows older work down.
+  saturation point), a joiner adds nothing to anyone's projection and is always admitted.
 
 Why this bound: holding joiners back is the only lever that shortens a running sample's remaining
-time, and it costs throughput; a bound relative to the sample's own ideal time needs no model of
-what static batching would have done, adapts to the device by measurement, and never triggers
-where joining is free. A slack near 1 would hold back nearly every joiner (static batching); a
-large one admits them all (plain step-level batching).
+time, and it costs throughput only as far as bigger calls are cheaper per sample. It triggers only
+where calls get markedly slower with more rows, typically where a call's time grows about in
+proportion to its rows (a CPU; a GPU past its saturation point) and a smaller call costs little
+more per sample. A bound relative to the sample's own ideal time needs no model of what static
+batching would have done and adapts to the device by measurement. A slack near 1 would hold back
+nearly every joiner (static batching), a large one none (plain step-level batching); at 2.0 the
+2-core CPU benchmark (benchmarks/serve_latency.py) held back so much that its throughput fell.
 
 Nothing starves: the gate looks only at running samples older than the waiting one, and running
 samples only leave, so the oldest waiting sample of a bucket is admitted, once its bucket has
@@ -83,8 +85,8 @@ class Entry:
 class Fairness:
     """Step mode's bound on how much joiners may stretch a running sample (see the module docstring).
 
-    ``slack``: a running sample whose projected time exceeds ``slack`` x its ideal time holds back
-    younger joiners.
+    ``slack``: a joiner waits while it would make an older running sample's projected time exceed
+    ``slack`` x that sample's ideal time.
     """
 
     slack: float = 2.5
