@@ -91,7 +91,7 @@ class Fairness:
 
     slack: float = 2.5
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.slack, (int, float)) or not self.slack > 1:
             raise ValueError(f"Fairness slack must be a number > 1 (1 would hold back every joiner), got {self.slack!r}")
 
@@ -109,7 +109,7 @@ class Plan:
 class Pace:
     """Observed step times of one bucket: a moving average per call size (rows), interpolated between sizes."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._seconds: dict[int, float] = {}
         self._sizes: list[int] = []  # the observed sizes, sorted
 
