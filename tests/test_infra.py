@@ -28,6 +28,7 @@ import yaml
 from catversion import telemetry
 from catversion.cli import build_parser
 from conftest import free_port
+from helpers import stop
 from polling import wait_until
 from serve.config import ServeSettings
 
@@ -375,12 +376,7 @@ def prometheus(prometheus_tools, ray_session, tmp_path):
     try:
         yield {"url": f"http://127.0.0.1:{port}", "process": process, "log": tmp_path / "prometheus.log"}
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         log.close()
 
 
@@ -533,12 +529,7 @@ http {{
         wait_until(listening, 30, "nginx answering on 127.0.0.1")
         yield {"url": url, "backend": handler}
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         backend.shutdown()
         backend.server_close()
 

@@ -17,6 +17,7 @@ from transformers import CLIPTextModel
 from catversion import modelinfo
 from catversion.models import ModelNotAvailableError, load_base_model, tiny_base_model
 from catversion.training import training_target
+from helpers import save_components
 
 HUB_ID = "catversion-test/tiny-sd"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -40,11 +41,7 @@ def tiny():
 def component_folder(tiny, tmp_path_factory):
     """The tiny model saved one component at a time (no model_index.json), as test_models does."""
     folder = tmp_path_factory.mktemp("tiny-components")
-    tiny.tokenizer.save_pretrained(folder / "tokenizer")
-    tiny.text_encoder.save_pretrained(folder / "text_encoder")
-    tiny.unet.save_pretrained(folder / "unet")
-    tiny.vae.save_pretrained(folder / "vae")
-    DDIMScheduler.from_config(tiny.scheduler_config).save_pretrained(folder / "scheduler")
+    save_components(tiny, folder)
     return folder
 
 

@@ -16,6 +16,7 @@ from catversion.models import (
     tiny_base_model,
     tiny_tokenizer,
 )
+from helpers import save_components
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +28,7 @@ def tiny():
 def tiny_folder(tiny, tmp_path_factory):
     """The tiny model saved the way a diffusers Stable Diffusion folder is laid out."""
     folder = tmp_path_factory.mktemp("tiny-sd")
-    tiny.tokenizer.save_pretrained(folder / "tokenizer")
-    tiny.text_encoder.save_pretrained(folder / "text_encoder")
-    tiny.unet.save_pretrained(folder / "unet")
-    tiny.vae.save_pretrained(folder / "vae")
-    DDIMScheduler.from_config(tiny.scheduler_config).save_pretrained(folder / "scheduler")
+    save_components(tiny, folder)
     return folder
 
 
