@@ -73,3 +73,16 @@ DEFAULT_RESIZE_INTERVAL_S = 60.0  # elastic groups look for capacity to grow int
 DEFAULT_STORAGE_RETRY_S = 300.0  # batch storage calls retry transient errors (an outage) this long
 DEFAULT_CLAIM_TTL_S = 120.0  # a concept claim not refreshed this long belongs to a dead run
 DEFAULT_CLAIM_WAIT_S = 600.0  # how long a run waits for a concept another run is training
+
+# ---- input images (catversion/images.py; README "The manifest", docs/contracts.md "The manifest") ------
+# A training photo is resized to 512 px, so nothing useful needs more than these; each is checked before
+# the work it bounds: the byte cap before a byte is read (a stat or an S3 HEAD/GET header), the pixel cap
+# from the image header before any pixel is decoded.
+MAX_IMAGE_BYTES = 64 * 1024**2  # a full-resolution 100 MP camera JPEG is 30-50 MB, a 24 MP PNG ~50 MB
+MAX_IMAGE_PIXELS = 120_000_000  # well above any camera (a 100 MP photo is 1e8 px), far below exhausting memory
+# Decodes running at once in one process (validation threads, a worker's prefetch) share this many bytes:
+# a 118 MP image takes 0.5-1.4 GB while it decodes (4-12 bytes per pixel), so the eight threads of one
+# validation task could take 11 GB. Override per process (batch workers get the driver's CATVERSION_*
+# variables) with CATVERSION_DECODE_MEMORY=<bytes>.
+DEFAULT_DECODE_MEMORY_BYTES = 2 * 1024**3
+DECODE_MEMORY_ENV = "CATVERSION_DECODE_MEMORY"

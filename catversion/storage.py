@@ -29,10 +29,20 @@ after its answer was lost recognises its own earlier success (the object's ETag 
 bytes written) instead of reporting a conflict with itself. Local files are meant for one host: creation is atomic
 (``os.link``), but ``if_match`` compares the stamp and then replaces the file, so two processes can
 race between the two steps.
+
+Local files
+-----------
+Every ``OSError`` of a local file (a read-only or full disk, a quota, a path through a file, an I/O
+error) is raised as a StorageError naming the path, the cause and the fix (``_os_error``), never as a
+bare ``OSError``: a batch run fails the concept whose file it is, not the worker. Only regular files
+are read: a FIFO, a device or a socket is refused from a ``stat`` before it is opened (opening a FIFO
+blocks; reading a device never ends), and ``read_object(max_bytes=...)`` refuses a larger object from
+its size (a ``stat``, or an S3 GET's headers) before reading any of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -91,7 +101,11 @@ class NotFoundError(StorageError, FileNotFoundError):
 
 
 class NotAFileError(StorageError, IsADirectoryError):
-    """The path is a folder where a file was expected."""
+    """The path is a folder, a FIFO, a device or a socket where a regular file was expected."""
+
+
+class TooLargeError(StorageError):
+    """The object is larger than the caller's cap (``read_object(max_bytes=...)``); nothing of it was read."""
 
 
 class StorageUnavailableError(StorageError):
@@ -329,23 +343,100 @@ def _file_info(uri: str, st: os.stat_result) -> ObjectInfo:
     return ObjectInfo(uri, st.st_size, f"{st.st_size}-{st.st_mtime_ns}")
 
 
+# What to do about each local file error (the cause itself comes from the OS).
+_OS_FIXES = {
+    errno.EROFS: "the file system is read-only: make it writable, or use another location",
+    errno.ENOSPC: "the device is full: free some space, or use another location",
+    errno.EDQUOT: "the disk quota is used up: free some space or raise the quota, or use another location",
+    errno.EACCES: "give this user access to it, or use another location",
+    errno.EPERM: "the file or its folder may be immutable or locked (chattr, ACLs): allow the change, or use "
+                 "another location",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+    errno.EIO: "the disk or network file system failed: check it, then try again",
+    errno.ENAMETOOLONG: "shorten the path",
+    errno.ELOOP: "the path has a symbolic link loop: fix the links",
+}
+
+
+def _os_error(exc: OSError, uri: str, action: str) -> StorageError:
+    """The StorageError for a local file's OSError: the path, the cause (with its errno name) and the fix."""
+    name = errno.errorcode.get(exc.errno or 0, "")
+    cause = f"{exc.strerror or exc}" + (f" ({name})" if name else "")
+    fix = _OS_FIXES.get(exc.errno or 0)
+    error = NotAFileError if exc.errno == errno.EISDIR else StorageError
+    return error(f"cannot {action} {uri}: {cause}" + (f"; {fix}" if fix else ""))
+
+
+def _file_kind(mode: int) -> str | None:
+    """What a non-regular file is, in words; None for a regular file."""
+    for test, kind in ((statmod.S_ISREG, None), (statmod.S_ISDIR, "a directory"),
+                       (statmod.S_ISFIFO, "a FIFO (named pipe)"), (statmod.S_ISCHR, "a character device"),
+                       (statmod.S_ISBLK, "a block device"), (statmod.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _check_readable(uri: str, st: os.stat_result, max_bytes: int | None) -> None:
+    """Refuse what must not be read: anything but a regular file, or more than ``max_bytes``."""
+    kind = _file_kind(st.st_mode)
+    if kind is not None:
+        raise NotAFileError(f"{uri} is {kind}, not a regular file" + ("" if statmod.S_ISDIR(st.st_mode) else
+                                                                         "; only regular files are read"))
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise TooLargeError(f"{uri} is {st.st_size:,} bytes, over the limit of {max_bytes:,}")
+
+
+def _local_read(uri: str, max_bytes: int | None) -> tuple[bytes, ObjectInfo]:
+    path = local_path(uri)
+    try:
+        # stat before opening: opening a FIFO blocks until a writer comes, and opening a device may act.
+        _check_readable(uri, os.stat(path), max_bytes)
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as handle:
+            st = os.fstat(handle.fileno())  # the opened file: writes replace it, never change it in place
+            _check_readable(uri, st, max_bytes)  # the path may have been swapped since the stat
+            data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFoundError(f"{uri} does not exist") from None
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise _os_error(exc, uri, "read") from None
+    if max_bytes is not None and len(data) > max_bytes:  # it grew in place after the stat
+        raise TooLargeError(f"{uri} is over the limit of {max_bytes:,} bytes")
+    return data, _file_info(uri, st)
+
+
 def _local_stat(uri: str) -> os.stat_result | None:
     try:
         st = os.stat(local_path(uri))
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except PermissionError:
-        raise StorageError(f"cannot read {uri}: permission denied") from None
+    except OSError as exc:
+        raise _os_error(exc, uri, "read") from None
     return st if statmod.S_ISREG(st.st_mode) else None
 
 
 def _local_write(uri: str, data: bytes, if_absent: bool, if_match: str | None) -> ObjectInfo:
     path = local_path(uri)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except PermissionError:
-        raise StorageError(f"cannot write {uri}: permission denied") from None
+        return _write_file(uri, path, data, if_absent, if_match)
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise _os_error(exc, uri, "write") from None
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's answer when a part of the path is a file
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder)) from None
+
+
+def _write_file(uri: str, path: Path, data: bytes, if_absent: bool, if_match: str | None) -> ObjectInfo:
+    _make_folder(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -377,8 +468,9 @@ def _local_write(uri: str, data: bytes, if_absent: bool, if_match: str | None) -
             os.replace(tmp, path)
         return _file_info(uri, os.stat(path))
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with contextlib.suppress(OSError):  # the write's own error, if any, is the one to report
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 # ---- the operations --------------------------------------------------------------------------
@@ -388,11 +480,13 @@ def read_bytes(uri: str, *, budget: RetryBudget | None = None, version_id: str |
     return read_object(uri, budget=budget, version_id=version_id)[0]
 
 
-def read_object(uri: str, *, budget: RetryBudget | None = None,
-                version_id: str | None = None) -> tuple[bytes, ObjectInfo]:
+def read_object(uri: str, *, budget: RetryBudget | None = None, version_id: str | None = None,
+                max_bytes: int | None = None) -> tuple[bytes, ObjectInfo]:
     """The object's bytes and the stamp of exactly those bytes (S3: the GET's ETag).
 
     ``version_id`` (S3 only, from :func:`list_versions`) reads that version instead of the current one.
+    ``max_bytes``: an object larger than this raises TooLargeError, decided from its size before it is read.
+    A local path that is not a regular file (a folder, FIFO, device) raises NotAFileError unopened.
     """
     if is_s3(uri):
         bucket, key = split_s3(uri)
@@ -407,23 +501,17 @@ def read_object(uri: str, *, budget: RetryBudget | None = None,
                 if extra and _code(exc) == "NoSuchVersion":
                     raise NotFoundError(f"{uri} has no version {version_id!r}") from None
                 raise
+            size = int(response.get("ContentLength") or 0)
+            if max_bytes is not None and size > max_bytes:
+                response["Body"].close()  # from the GET's headers: the body is never read
+                raise TooLargeError(f"{uri} is {size:,} bytes, over the limit of {max_bytes:,}")
             data = response["Body"].read()
             return data, ObjectInfo(uri, len(data), _etag(response.get("ETag")))
 
         return _s3_call(uri, "read", budget, get)
     if version_id is not None:
         raise ValueError(f"cannot read version {version_id!r} of {uri}: only S3 objects have versions")
-    path = local_path(uri)
-    try:
-        with open(path, "rb") as handle:
-            st = os.fstat(handle.fileno())  # the opened file: writes replace it, never change it in place
-            return handle.read(), _file_info(uri, st)
-    except FileNotFoundError:
-        raise NotFoundError(f"{uri} does not exist") from None
-    except IsADirectoryError:
-        raise NotAFileError(f"{uri} is a directory, not a file") from None
-    except PermissionError:
-        raise StorageError(f"cannot read {uri}: permission denied") from None
+    return _local_read(uri, max_bytes)
 
 
 def write_bytes(uri: str, data: bytes, *, budget: RetryBudget | None = None, if_absent: bool = False,
@@ -489,9 +577,7 @@ def stat(uri: str, *, budget: RetryBudget | None = None) -> ObjectInfo | None:
 
 
 def exists(uri: str, *, budget: RetryBudget | None = None) -> bool:
-    if is_s3(uri):
-        return stat(uri, budget=budget) is not None
-    return local_path(uri).is_file()
+    return stat(uri, budget=budget) is not None
 
 
 def delete(uri: str, *, budget: RetryBudget | None = None, if_match: str | None = None) -> None:
@@ -527,12 +613,10 @@ def delete(uri: str, *, budget: RetryBudget | None = None, if_match: str | None 
                                        f"{_file_info(uri, st).stamp})")
     try:
         path.unlink()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         pass
-    except IsADirectoryError:
-        raise NotAFileError(f"{uri} is a directory, not a file") from None
-    except PermissionError:
-        raise StorageError(f"cannot delete {uri}: permission denied") from None
+    except OSError as exc:
+        raise _os_error(exc, uri, "delete") from None
 
 
 def list_objects(prefix: str, suffix: str = "", *, budget: RetryBudget | None = None) -> list[ObjectInfo]:
@@ -551,6 +635,13 @@ def list_objects(prefix: str, suffix: str = "", *, budget: RetryBudget | None = 
             return found
 
         return sorted(_s3_call(prefix, "list", budget, listing), key=lambda info: info.uri)
+    try:
+        return _list_files(prefix, suffix)
+    except OSError as exc:
+        raise _os_error(exc, prefix, "list") from None
+
+
+def _list_files(prefix: str, suffix: str) -> list[ObjectInfo]:
     root = local_path(prefix)
     if root.is_file():
         return [_file_info(str(root), root.stat())] if str(root).endswith(suffix) else []

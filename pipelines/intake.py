@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from catversion import layout, storage
+from catversion.images import ImageError, fetch_image
 from catversion.recipe import Concept, TrainingTarget, image_digest, training_fingerprint
 
 from .claims import Claims
@@ -91,12 +92,10 @@ class Intake:
                 images.append(ref.data)
                 stamps.append(None)
                 continue
-            try:
-                data, info = storage.read_object(ref.uri, budget=self.budget)
-            except storage.NotFoundError:
-                raise self._record(lease, "failed", error=f"image {ref.name} does not exist") from None
-            except storage.StorageError as exc:
-                raise self._record(lease, "failed", error=f"image {ref.name}: {exc}") from None
+            try:  # refused unread when it is not a regular file or is over MAX_IMAGE_BYTES
+                data, info = fetch_image(ref.uri, ref.name, budget=self.budget)
+            except ImageError as exc:
+                raise self._record(lease, "failed", error=str(exc)) from None
             images.append(data)
             stamps.append(info.stamp)
         concept = to_concept(spec, config, images)

@@ -362,3 +362,79 @@ def test_s3_timestamps_read_fast_are_the_timestamps_botocore_reads():
                  "Thu, 03 Dec 2026 18:15:32 GMT", "1733250932"):
         fast = storage._s3_timestamp(text)
         assert fast == parse_timestamp(text) and fast.utcoffset() is not None, text
+
+
+# ---- local file errors, files that are not files, and a byte cap -----------------------------
+
+
+def test_a_local_file_error_names_the_path_the_cause_and_the_fix(tmp_path):
+    """Every OSError of a local file is a StorageError (a batch run then fails one concept, not a worker)."""
+    (tmp_path / "file").write_bytes(b"x")
+    through_a_file = str(tmp_path / "file" / "out" / "r.bin")
+    with pytest.raises(storage.StorageError, match=r"cannot write .*/file/out/r\.bin: Not a directory \(ENOTDIR\); "
+                                                    r"a part of the path is a file, not a folder"):
+        storage.write_bytes(through_a_file, b"data")
+    with pytest.raises(storage.NotFoundError):
+        storage.read_bytes(through_a_file)
+    assert storage.stat(through_a_file) is None and not storage.exists(through_a_file)
+    storage.delete(through_a_file)  # absent either way
+    with pytest.raises(storage.NotAFileError, match="is a directory, not a regular file"):
+        storage.read_bytes(str(tmp_path))
+
+
+def test_a_read_only_or_full_file_system_is_a_storage_error_and_leaves_no_temporary_file(tmp_path):
+    from mounts import remount_read_only, tmpfs
+
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as read_only:
+        with pytest.raises(storage.StorageError, match=r"Read-only file system \(EROFS\); the file system is read-only"):
+            storage.write_bytes(str(read_only / "out" / "x.bin"), b"x")
+    with tmpfs(tmp_path / "tiny", "size=64k") as tiny:
+        storage.write_bytes(str(tiny / "small.bin"), b"x" * 1000)
+        with pytest.raises(storage.StorageError, match=r"big\.bin: No space left on device \(ENOSPC\); the device is full"):
+            storage.write_bytes(str(tiny / "big.bin"), b"x" * 200_000)
+        assert [p.name for p in tiny.iterdir()] == ["small.bin"], "no temporary file left behind"
+        remount_read_only(tiny)
+        with pytest.raises(storage.StorageError, match=r"cannot delete .*small\.bin: Read-only file system \(EROFS\)"):
+            storage.delete(str(tiny / "small.bin"))
+        assert storage.read_bytes(str(tiny / "small.bin")) == b"x" * 1000  # reading still works
+
+
+def test_only_regular_files_are_read_and_a_fifo_never_blocks(tmp_path):
+    import os
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    outcome = {}
+
+    def read() -> None:
+        try:
+            outcome["data"] = storage.read_bytes(str(fifo))
+        except storage.StorageError as exc:
+            outcome["error"] = exc
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)  # opening a FIFO blocks until a writer comes: the refusal must come from a stat, before
+    if reader.is_alive():
+        open(fifo, "wb").close()  # let the blocked reader go, so the failure is reported, not hung
+        reader.join(10)
+        pytest.fail("reading a FIFO blocked")
+    assert isinstance(outcome.get("error"), storage.NotAFileError), outcome
+    assert "is a FIFO (named pipe), not a regular file" in str(outcome["error"])
+    with pytest.raises(storage.NotAFileError, match="/dev/null is a character device, not a regular file"):
+        storage.read_bytes("/dev/null")
+    assert storage.stat(str(fifo)) is None and storage.list_uris(str(tmp_path)) == []
+
+
+def test_a_byte_cap_refuses_a_larger_object_from_its_size_before_reading_it(tmp_path, s3_bucket):
+    sparse = tmp_path / "huge.jpg"
+    with open(sparse, "wb") as handle:
+        handle.truncate(3 * 1024**3)  # 3 GiB that use no disk: reading them would take 3 GiB of memory
+    with pytest.raises(storage.TooLargeError, match="huge.jpg is 3,221,225,472 bytes, over the limit of 1,048,576"):
+        storage.read_object(str(sparse), max_bytes=1024**2)
+    uri = f"s3://{s3_bucket}/big.bin"
+    storage.write_bytes(uri, b"x" * (2 * 1024**2))
+    with pytest.raises(storage.TooLargeError, match="big.bin is 2,097,152 bytes, over the limit of 1,048,576"):
+        storage.read_object(uri, max_bytes=1024**2)
+    data, info = storage.read_object(uri, max_bytes=2 * 1024**2)  # at the cap: read whole
+    assert len(data) == info.size == 2 * 1024**2

@@ -456,3 +456,67 @@ def test_oversized_and_undecodable_images_are_named():
         decode_image(png_header_only(40000, 40000), "huge.png")
     with pytest.raises(ImageError, match="notes.txt is not a decodable image"):
         decode_image(b"hello", "notes.txt")
+
+
+def test_image_files_are_refused_unread_when_not_regular_or_over_the_byte_cap(tmp_path):
+    import os
+
+    from catversion.images import fetch_image, read_source
+    from catversion.limits import MAX_IMAGE_BYTES
+
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as handle:
+        handle.truncate(MAX_IMAGE_BYTES + 1)  # sparse: nothing of it would fit the cap, so nothing is read
+    with pytest.raises(ImageError, match=rf"huge\.png is {MAX_IMAGE_BYTES + 1:,} bytes, over the limit of "
+                                         rf"{MAX_IMAGE_BYTES:,} \(MAX_IMAGE_BYTES .*\); downscale or recompress it"):
+        fetch_image(str(huge))
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ImageError, match=r"pipe\.png is a FIFO \(named pipe\), not a regular file"):
+        read_source(str(tmp_path / "pipe.png"))
+    with pytest.raises(ImageError, match="is a directory"):
+        read_source(str(tmp_path))
+    with pytest.raises(ImageError, match=rf"inline\.png is {MAX_IMAGE_BYTES + 1:,} bytes, over the limit"):
+        read_source(bytes(MAX_IMAGE_BYTES + 1), "inline.png")  # inline bytes are held to the same cap
+
+
+def test_a_decode_waits_for_its_share_of_the_decode_memory_budget(monkeypatch):
+    """Decodes running at once are bounded by bytes (width x height x DECODE_BYTES_PER_PIXEL), not by
+    threads; one larger than the whole budget runs alone, once nothing else holds any."""
+    from catversion import images
+
+    budget = images.DecodeMemory(limit=1024)
+    monkeypatch.setattr(images, "_decode_memory", budget)
+    photo = png_bytes(1)  # any real image costs more than the whole budget
+    decoded = []
+    with budget.hold(1):  # something else is decoding
+        decoder = threading.Thread(target=lambda: decoded.append(decode_image(photo, "photo.png")), daemon=True)
+        decoder.start()
+        decoder.join(0.5)
+        assert decoder.is_alive() and not decoded, "the decode did not wait for its share of the budget"
+    decoder.join(30)
+    assert decoded and decoded[0].size == Image.open(io.BytesIO(photo)).size and budget.used == 0
+
+
+def test_the_decode_memory_budget_is_first_come_first_served():
+    """A large decode waiting for room is not overtaken by small ones that would fit now (it would starve)."""
+    from catversion.images import DecodeMemory
+
+    budget, order = DecodeMemory(limit=100), []
+
+    def decode(name: str, nbytes: int) -> threading.Thread:
+        def run() -> None:
+            with budget.hold(nbytes):
+                order.append(name)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    with budget.hold(10):
+        large = decode("large", 95)
+        large.join(0.2)
+        small = decode("small", 10)  # fits next to the 10 held (not next to the large one), but comes after it
+        small.join(0.5)
+        assert order == [] and large.is_alive() and small.is_alive()
+    large.join(30)
+    small.join(30)
+    assert order == ["large", "small"] and budget.used == 0
