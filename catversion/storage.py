@@ -16,6 +16,18 @@ own retries are turned down to one retry with short timeouts, so the budget gove
 When the budget is spent the call raises :class:`StorageUnavailableError`, whose message names the
 URI, the action and the root cause. Local file errors are never retried.
 
+Deadlines
+---------
+A budget bounds when retries stop, not how long one attempt may hang: a black-holed endpoint
+(connections accepted, never answered) holds an attempt for botocore's read timeout, twice. A call
+on a request path needs an end it cannot overrun, so :func:`deadline` makes a budget whose seconds
+bound the whole call, connects, reads, retries and backoff together. Each attempt runs on a storage
+thread whose client has socket timeouts of half the deadline and makes one attempt (so one hung
+attempt still leaves time to retry), and the caller waits for it only until the deadline: an attempt
+still running then is abandoned (it ends on its thread at its socket timeout) and the call raises
+StorageUnavailableError. Serving uses these (serve/config.py ``storage_deadline_s``); batch jobs keep
+their long budgets. Local files take no deadline: a thread cannot end a hung file system call.
+
 Stamps and conditional writes
 -----------------------------
 Every object has a stamp (:class:`ObjectInfo`): the ETag for S3 (quotes stripped), and
@@ -66,6 +78,10 @@ S3_READ_TIMEOUT = 30
 
 _local = threading.local()
 _generation = 0  # bumped by reset_clients(): every thread then builds a fresh client
+DEADLINE_THREADS = 32  # storage threads: deadline attempts running at once (more wait, and time out, in a queue)
+_deadline_clients: dict[tuple, object] = {}  # (generation, endpoint, attempt_s) -> the storage threads' client
+_deadline_pool = None  # the storage threads (a ThreadPoolExecutor), started on the first deadline call
+_deadline_lock = threading.Lock()
 
 T = TypeVar("T")
 
@@ -77,6 +93,14 @@ class RetryBudget:
     seconds: float  # keep retrying transient errors for this long in total
     first_delay: float = 0.2  # exponential backoff with jitter, capped at max_delay
     max_delay: float = 5.0
+    hard: bool = False  # True: `seconds` is a deadline for the whole call, a hung attempt included (see deadline())
+
+
+def deadline(seconds: float) -> RetryBudget:
+    """A budget for a request path: the call returns or raises within ``seconds``, whatever the endpoint does."""
+    if not seconds > 0:
+        raise ValueError(f"a storage deadline must be > 0 s, got {seconds}")
+    return RetryBudget(seconds, first_delay=min(0.1, seconds / 20), max_delay=seconds / 4, hard=True)
 
 
 SHORT_BUDGET = RetryBudget(10.0)  # the default when a caller passes none (serving uses this)
@@ -182,25 +206,51 @@ def resolve(uri: str, relative_to: str) -> str:
 def s3_client():
     """One boto3 client per thread (clients are thread-safe, sessions are not).
 
-    A thread's client is rebuilt after :func:`reset_clients` or when AWS_ENDPOINT_URL changed.
+    A thread's client is rebuilt after :func:`reset_clients` or when AWS_ENDPOINT_URL changed. On a
+    deadline's storage thread (``_local.attempt_s`` set) it is the deadline client (:func:`_deadline_client`).
     """
+    attempt_s = getattr(_local, "attempt_s", None)
+    if attempt_s is not None:
+        return _deadline_client(attempt_s)
     key = (_generation, os.environ.get("AWS_ENDPOINT_URL"))
     client = getattr(_local, "client", None)
     if client is None or getattr(_local, "key", None) != key:
-        import boto3
-        import botocore.session
         from botocore.config import Config
 
         # total_max_attempts counts the first attempt too (Config's "max_attempts" would count retries only).
-        config = Config(retries={"mode": "standard", "total_max_attempts": S3_RETRY_ATTEMPTS},
-                        connect_timeout=S3_CONNECT_TIMEOUT, read_timeout=S3_READ_TIMEOUT)
-        session = botocore.session.get_session()
-        # botocore parses each listed object's LastModified with dateutil (~0.3 ms each); S3 sends
-        # ISO 8601 there, which datetime.fromisoformat reads directly.
-        session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_s3_timestamp)
-        client = boto3.session.Session(botocore_session=session).client("s3", config=config)
+        client = _new_client(Config(retries={"mode": "standard", "total_max_attempts": S3_RETRY_ATTEMPTS},
+                                    connect_timeout=S3_CONNECT_TIMEOUT, read_timeout=S3_READ_TIMEOUT))
         _local.client, _local.key = client, key
     return client
+
+
+def _deadline_client(attempt_s: float):
+    """The client every storage thread shares for attempts of ``attempt_s``: socket timeouts of ``attempt_s``,
+    one attempt per call, a connection per storage thread. Built once (under a lock), so a deadline is not
+    spent building it: :func:`_s3_call` gets it before its clock starts."""
+    key = (_generation, os.environ.get("AWS_ENDPOINT_URL"), attempt_s)
+    with _deadline_lock:
+        client = _deadline_clients.get(key)
+        if client is None:
+            from botocore.config import Config
+
+            for old in [k for k in _deadline_clients if k[:2] != key[:2]]:  # after reset_clients() or a new endpoint
+                del _deadline_clients[old]
+            client = _deadline_clients[key] = _new_client(Config(
+                retries={"mode": "standard", "total_max_attempts": 1}, max_pool_connections=DEADLINE_THREADS,
+                connect_timeout=min(attempt_s, S3_CONNECT_TIMEOUT), read_timeout=attempt_s))
+    return client
+
+
+def _new_client(config):
+    import boto3
+    import botocore.session
+
+    session = botocore.session.get_session()
+    # botocore parses each listed object's LastModified with dateutil (~0.3 ms each); S3 sends
+    # ISO 8601 there, which datetime.fromisoformat reads directly.
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_s3_timestamp)
+    return boto3.session.Session(botocore_session=session).client("s3", config=config)
 
 
 def _s3_timestamp(value: str) -> datetime:
@@ -308,13 +358,15 @@ def _s3_call(uri: str, action: str, budget: RetryBudget | None, call: Callable[[
     A StorageError raised by ``call`` passes through; other permanent errors become one (_s3_error).
     """
     budget = budget or SHORT_BUDGET
+    if budget.hard:
+        _deadline_client(budget.seconds / 2)  # built before the deadline's clock starts (local work, once)
     start = time.monotonic()
     delay = budget.first_delay
     attempt = 0
     while True:
         attempt += 1
         try:
-            return call(attempt)
+            return _bounded(call, attempt, budget, start + budget.seconds) if budget.hard else call(attempt)
         except StorageError:
             raise
         except Exception as exc:
@@ -322,14 +374,47 @@ def _s3_call(uri: str, action: str, budget: RetryBudget | None, call: Callable[[
             if transient is None:
                 raise _s3_error(exc, uri, action) from None
             left = budget.seconds - (time.monotonic() - start)
-            if left <= 0:
+            pause = random.uniform(delay / 2, delay)
+            if left <= 0 or (budget.hard and pause >= left):  # a deadline: no attempt that could not even start
                 cause, hint = transient
+                within = "within its deadline of" if budget.hard else "after retrying for"
                 raise StorageUnavailableError(
-                    f"cannot {action} {uri}: {cause}; still failing after retrying for {budget.seconds:g} s "
+                    f"cannot {action} {uri}: {cause}; still failing {within} {budget.seconds:g} s "
                     f"({attempt} attempts); {hint}"
                 ) from None
-        time.sleep(min(left, random.uniform(delay / 2, delay)))
+        time.sleep(min(left, pause))
         delay = min(delay * 2, budget.max_delay)
+
+
+class _NoAnswer(TimeoutError):
+    """A deadline's attempt that had not ended when the deadline came (transient: _transient_cause)."""
+
+
+def _bounded(call: Callable[[int], T], attempt: int, budget: RetryBudget, end: float) -> T:
+    """``call(attempt)`` on a storage thread, waited for until ``end`` (time.monotonic()) at the latest."""
+    global _deadline_pool
+    from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+
+    with _deadline_lock:
+        if _deadline_pool is None:
+            _deadline_pool = ThreadPoolExecutor(DEADLINE_THREADS, thread_name_prefix="catversion-storage")
+    attempt_s = budget.seconds / 2
+
+    def run() -> T:
+        _local.attempt_s = attempt_s  # s3_client() on this thread: short socket timeouts, one attempt
+        return call(attempt)
+
+    left = end - time.monotonic()
+    if left <= 0:
+        raise _NoAnswer(f"no time left for attempt {attempt} within {budget.seconds:g} s")
+    future = _deadline_pool.submit(run)
+    try:
+        return future.result(timeout=left)
+    except FutureTimeout:
+        if future.done():
+            raise  # the attempt's own error (a socket's timeout), not the deadline
+        future.cancel()  # still queued: it never runs; running: it ends at its socket timeout, unheard
+        raise _NoAnswer(f"no answer within {budget.seconds:g} s") from None
 
 
 def _etag(value: str | None) -> str:
