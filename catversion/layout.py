@@ -143,11 +143,12 @@ def residual_concept(prefix: str, uri: str) -> str | None:
     return None
 
 
-def list_concepts(prefix: str) -> list[str]:
-    """Concept ids that have a residual directly under PREFIX/residuals/, sorted.
+def list_concepts(prefix: str, *, budget: storage.RetryBudget | None = None) -> list[str]:
+    """Concept ids that have a residual directly under PREFIX/residuals/, sorted (``budget``: storage.list_uris's).
 
     Files whose names are not valid concept ids, and files in nested folders, are not residuals
     of this prefix and are left out.
     """
-    found = [residual_concept(prefix, uri) for uri in storage.list_uris(residuals_folder(prefix), RESIDUAL_SUFFIX)]
+    found = [residual_concept(prefix, uri)
+             for uri in storage.list_uris(residuals_folder(prefix), RESIDUAL_SUFFIX, budget=budget)]
     return sorted(c for c in found if c)

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from catversion import __version__, layout, limits, storage, telemetry
 from catversion.cluster import ray_metric
 
-from .cache import CacheEvents, ResidualCache
+from .cache import LISTING_DEADLINE_S, CacheEvents, ListingUnavailableError, ModelListing, ResidualCache
 from .config import ServeSettings
 from .errors import (GenerationFailedError, InvalidParameterError, OverloadedError, RequestError,
                      UnusableResidualError, openai_error, request_error)
@@ -240,6 +240,7 @@ class Generator:
             replica = "local"
         self.cache = ResidualCache(
             self.settings.residuals, self.settings.cache_capacity, ttl_s=self.settings.residual_ttl_s,
+            max_stale_s=self.settings.residual_max_stale_s, budget=storage.deadline(self.settings.storage_deadline_s),
             check=lambda r: r.check_compatible(self.base.text_encoder, fingerprint=self.base.fingerprint,
                                                layers=encoder.layers, tokens=encoder.tokens, base_model=self.base.model_id),
             events=_CacheMetrics(replica),
@@ -280,9 +281,10 @@ class Generator:
                 "device": str(self.base.device), "precision": self.base.precision, "compiled": runner.compiled,
                 "unet_buckets": list(runner.buckets), "warm_up_seconds": self.warm_up_seconds}
 
-    def describe(self, model: str) -> dict:
-        """Metadata of a concept's residual, checked against storage now; raises a RequestError."""
-        residual = self.cache.revalidate(model)
+    async def describe(self, model: str) -> dict:
+        """Metadata of a concept's residual, checked against storage now (within storage_deadline_s; a cached
+        copy when the store cannot answer); raises a RequestError."""
+        residual = await asyncio.to_thread(self.cache.revalidate, model)
         keys = ("class_word", "caption", "base_model", "steps", "final_loss")
         return {**{k: residual.meta.get(k) for k in keys}, "sha256": residual.sha256}
 
@@ -455,7 +457,8 @@ class Ingress:
         self.stored = ImageStore(prefix, ttl_s=s.image_url_ttl_s, secret=secret, links=s.image_links)
         self._info: dict | None = None
         self._info_lock = asyncio.Lock()
-        self._models: tuple[float, list[str]] = (0.0, [])
+        self._models = ModelListing(lambda: layout.list_concepts(s.residuals, budget=storage.deadline(LISTING_DEADLINE_S)),
+                                    ttl_s=s.models_ttl_s, wait_s=s.storage_deadline_s)
         self.requests = ray_metric(telemetry.REQUESTS)
         self.latency = ray_metric(telemetry.REQUEST_SECONDS)
 
@@ -466,11 +469,8 @@ class Ingress:
         return self._info
 
     async def _concepts(self) -> list[str]:
-        fetched, names = self._models
-        if time.monotonic() - fetched > self.settings.models_ttl_s:
-            names = await asyncio.to_thread(layout.list_concepts, self.settings.residuals)
-            self._models = (time.monotonic(), names)
-        return names
+        """The concept ids: the last good listing at once; ListingUnavailableError (503) only before the first."""
+        return await self._models.get()
 
     def _record(self, started: float, status: int) -> None:
         labels = {"route": GENERATIONS, "status": str(status)}
@@ -486,7 +486,10 @@ class Ingress:
     @api.get("/v1/models", dependencies=[Depends(bearer)], response_model=ModelList, responses=_errors(401, 503))
     async def list_models(self) -> JSONResponse:
         created = int(time.time())
-        ids = [BASE_MODEL_ID] + await self._concepts()
+        try:
+            ids = [BASE_MODEL_ID] + await self._concepts()
+        except ListingUnavailableError as exc:  # never listed yet and the store does not answer
+            return request_error_response(exc)
         return JSONResponse({"object": "list", "data": [{"id": i, "object": "model", "created": created,
                                                          "owned_by": "catversion"} for i in ids]})
 

@@ -1,33 +1,52 @@
-"""Residuals read from the residual prefix, verified, and kept in an LRU cache that stays fresh.
+"""Residuals read from the residual prefix, verified, and kept in an LRU cache that stays fresh
+without making a request wait on storage for what it holds; and the cached listing of models.
 
 A model is ``<concept_id>`` (the current residual) or ``<concept_id>@<sha256 hex prefix>`` (one
-version of it). A current residual is served from memory for ``ttl_s`` after it was last checked;
-after that one HEAD (``storage.stat``) tells whether it changed. Pinned versions are content-addressed
-and never rechecked; older versions are found only in a versioned S3 bucket.
+version of it). A cached current residual is served from memory at once (stale-while-revalidate):
+once ``ttl_s`` has passed since it was last checked, the request that finds it so is served the
+cached copy and starts one background check, a HEAD (``storage.stat``) that tells whether it
+changed; a changed one is reloaded and verified, a deleted one dropped (then 404), a corrupted one
+dropped (then 422), each for the requests that come after the check. While the store cannot be
+reached the verified copy keeps serving, with a warning logged at each failed check, for at most
+``max_stale_s`` since storage last confirmed it; past that the copy is refused with 503 until the
+store answers (a residual deleted or replaced during a long outage is not served for ever), though
+it stays cached and is served again the moment a check confirms it. A model with nothing cached is
+loaded by the request (one load per concept however many requests wait for it), within the
+storage ``budget`` (serving passes a ``storage.deadline``): past it, 503; and for one deadline after
+that, other cold loads are 503 at once instead of each holding a thread for a deadline of its own.
+Pinned versions are content-addressed and never rechecked; older versions are found only in a
+versioned S3 bucket.
 
 Messages for clients never name storage paths: those go to the ``catversion.serve`` log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from catversion import layout, storage
 from catversion.residual import IncompatibleResidualError, Residual, ResidualFormatError
 
-from .errors import InvalidParameterError, ServiceUnavailableError, UnknownConceptError, UnusableResidualError
+from .errors import (InvalidParameterError, RequestError, ServiceUnavailableError, UnknownConceptError,
+                     UnusableResidualError)
 
 log = logging.getLogger("catversion.serve")
 
 PIN_RE = re.compile(r"[0-9a-f]{4,64}\Z")
 PIN_FORM = "concept@<sha256 hex prefix, 4..64 chars>"  # "sha256:" before the hex is accepted too
 MAX_VERSIONS_SCANNED = 50
+REVALIDATION_THREADS = 8  # background checks running at once (each bounded by the storage budget)
+# A listing reads 1,000 names per request: a background refresh may take this long (100,000 residuals
+# from a slow store); requests never wait for it beyond the storage deadline.
+LISTING_DEADLINE_S = 30.0
 
 
 class CacheEvents:
@@ -44,7 +63,8 @@ class CacheEvents:
         """The least recently used entry was dropped to stay within capacity."""
 
     def revalidation(self, result: str) -> None:
-        """A cached residual checked against storage: unchanged, changed, deleted, invalid or unreachable."""
+        """A cached residual checked against storage: unchanged, changed, deleted, invalid or unreachable
+        (served stale while it is younger than max_stale_s, refused past it)."""
 
     def size(self, entries: int) -> None:
         """The number of entries, after it may have changed."""
@@ -54,7 +74,8 @@ class CacheEvents:
 class _Entry:
     residual: Residual
     stamp: str | None = None  # the object's stamp when loaded; None for a pinned version
-    checked_at: float = 0.0
+    checked_at: float = 0.0  # when storage last confirmed this copy (how stale it is)
+    tried_at: float = 0.0  # when it was last checked, confirmed or not (the next check comes ttl_s later)
 
 
 @dataclass
@@ -70,31 +91,49 @@ def _hex(residual: Residual) -> str:
     return residual.sha256.split(":")[-1]
 
 
+def _unavailable(concept: str) -> ServiceUnavailableError:
+    return ServiceUnavailableError(f"the residual store is unreachable, so model {concept!r} cannot be loaded now; "
+                                   "retry in a few seconds")
+
+
 class ResidualCache:
     """Thread-safe LRU of verified residuals; ``check`` raises IncompatibleResidualError for one that does not fit.
 
     Entries are keyed ``(concept, None)`` for a current residual and ``(concept, sha256 hex)`` for a
     pinned version; ``capacity`` counts both. Storage is never touched while the lock is held.
+    ``background(task)`` runs a revalidation off the request's thread (default: a pool of
+    REVALIDATION_THREADS threads).
     """
 
     def __init__(self, prefix: str, capacity: int, check: Callable[[Residual], None], *, ttl_s: float = 5.0,
-                 budget: storage.RetryBudget = storage.SHORT_BUDGET, events: CacheEvents | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 max_stale_s: float = 300.0, budget: storage.RetryBudget = storage.SHORT_BUDGET,
+                 events: CacheEvents | None = None, clock: Callable[[], float] = time.monotonic,
+                 background: Callable[[Callable[[], None]], object] | None = None):
         if capacity < 1:
             raise ValueError(f"cache capacity must be at least 1, got {capacity}")
+        if not max_stale_s >= ttl_s:
+            raise ValueError(f"max_stale_s ({max_stale_s}) must be at least ttl_s ({ttl_s})")
         self.prefix, self.capacity, self.ttl_s, self.budget = prefix, capacity, ttl_s, budget
+        self.max_stale_s = max_stale_s
         self._check, self._clock = check, clock
         self._events = events or CacheEvents()
         self._entries: OrderedDict[tuple[str, str | None], _Entry] = OrderedDict()
         self._flights: dict[tuple, _Flight] = {}
+        self._queued: set[tuple] = set()  # keys whose background check waits for a thread
+        self._down_until = float("-inf")  # until then a cold load is 503 at once (the store just failed one)
         self._lock = threading.Lock()
+        if background is None:
+            pool = ThreadPoolExecutor(REVALIDATION_THREADS, thread_name_prefix="catversion-revalidate")
+            background = pool.submit
+        self._background = background
 
     def get(self, model: str) -> Residual:
-        """The residual for ``model``; checks storage only when the cached copy is older than ``ttl_s``."""
+        """The residual for ``model``: a cached copy at once (checked in the background once ``ttl_s`` old),
+        else loaded from storage within the budget."""
         return self._resolve(model, force=False)
 
     def revalidate(self, model: str) -> Residual:
-        """Like :meth:`get`, but checks storage now whatever the TTL."""
+        """Like :meth:`get`, but checks storage now (within the budget) whatever the TTL."""
         return self._resolve(model, force=True)
 
     def __len__(self) -> int:
@@ -112,6 +151,11 @@ class ResidualCache:
             raise InvalidParameterError(f"model {model!r}: pin a version as {PIN_FORM}", param="model")
         if not at:
             return self._current(concept, force)
+        with self._lock:  # a cached version of a concept whose current residual is not cached: no storage
+            pinned = None if force or (concept, None) in self._entries else self._cached_pin(concept, pin)
+            if pinned is not None:
+                self._events.hit()
+                return pinned
         current, unreachable = None, None
         try:
             current = self._current(concept, force)
@@ -132,14 +176,48 @@ class ResidualCache:
     def _current(self, concept: str, force: bool) -> Residual:
         key = (concept, None)
 
-        def fresh() -> Residual | None:
+        spawn = False
+
+        def servable() -> Residual | None:
+            """The cached copy while it may be served without asking storage first (call with the lock held)."""
+            nonlocal spawn
             entry = self._entries.get(key)
-            if force or entry is None or self._clock() - entry.checked_at >= self.ttl_s:
+            now = self._clock()
+            if force or entry is None or now - entry.checked_at >= self.max_stale_s:
                 return None
             self._entries.move_to_end(key)
+            if now - entry.tried_at >= self.ttl_s and key not in self._flights and key not in self._queued:
+                self._queued.add(key)
+                spawn = True
             return entry.residual
 
-        return self._once(key, fresh, lambda: self._refresh(concept))
+        def load() -> Residual:
+            residual, downloaded = self._refresh(concept)
+            if not downloaded:
+                with self._lock:
+                    self._events.hit()
+            return residual
+
+        residual = self._once(key, servable, load)
+        if spawn:
+            self._background(lambda: self._recheck(concept))
+        return residual
+
+    def _recheck(self, concept: str) -> None:
+        """The background check of a cached current residual; what it finds, the next requests get."""
+        key = (concept, None)
+        with self._lock:
+            self._queued.discard(key)
+            entry = self._entries.get(key)
+            if key in self._flights or entry is None or self._clock() - entry.tried_at < self.ttl_s:
+                return  # being checked, dropped, evicted or checked meanwhile
+            flight = self._flights[key] = _Flight()
+        try:
+            self._fly(key, flight, lambda: self._refresh(concept)[0])
+        except RequestError:
+            pass  # logged where found; the entry was dropped (deleted, unusable) or kept (unreachable)
+        except Exception:
+            log.exception("checking model %r against the residual store failed", concept)
 
     def _cached_pin(self, concept: str, pin: str) -> Residual | None:
         """A cached pinned version of ``concept`` whose sha256 starts with ``pin`` (call with the lock held)."""
@@ -161,12 +239,16 @@ class ResidualCache:
             if leader:
                 flight = self._flights[key] = _Flight()
         if not leader:
-            flight.done.wait()
+            flight.done.wait()  # a load or check in progress: bounded by the storage budget
             if flight.error is not None:
                 raise flight.error
             with self._lock:
                 self._events.hit()
             return flight.result
+        return self._fly(key, flight, load)
+
+    def _fly(self, key: tuple, flight: _Flight, load: Callable[[], Residual]) -> Residual:
+        """Run ``load`` as the key's flight (registered by the caller) and hand its outcome to the waiters."""
         try:
             flight.result = load()
             return flight.result
@@ -180,25 +262,29 @@ class ResidualCache:
 
     # ---- storage ---------------------------------------------------------------------------------
 
-    def _refresh(self, concept: str) -> Residual:
-        """Check a cached current residual against storage, or load it; the caller holds the key's flight."""
+    def _refresh(self, concept: str) -> tuple[Residual, bool]:
+        """Check a cached current residual against storage, or load it: the residual, and whether it was
+        downloaded. The caller holds the key's flight."""
         uri = layout.residual_uri(self.prefix, concept)
         key = (concept, None)
         with self._lock:
             entry = self._entries.get(key)
+            down = entry is None and self._clock() < self._down_until
+        if down:
+            raise _unavailable(concept)
         if entry is not None:
             try:
                 info = storage.stat(uri, budget=self.budget)
             except storage.StorageError as exc:
-                return self._stale(concept, entry, exc)
+                return self._stale(concept, entry, exc), False
             if info is None:
                 raise self._gone(concept, uri, entry)
             if info.stamp == entry.stamp:
                 with self._lock:
-                    entry.checked_at = self._clock()
+                    entry.checked_at = entry.tried_at = self._clock()
+                    self._down_until = float("-inf")
                     self._events.revalidation("unchanged")
-                    self._events.hit()
-                return entry.residual
+                return entry.residual, False
         started = time.perf_counter()
         try:
             data, info = storage.read_object(uri, budget=self.budget)
@@ -206,19 +292,24 @@ class ResidualCache:
             raise self._gone(concept, uri, entry) from None
         except storage.StorageError as exc:
             if entry is not None:
-                return self._stale(concept, entry, exc)
+                return self._stale(concept, entry, exc), False
             log.warning("residual store unreachable: cannot load model %r from %s: %s", concept, uri, exc)
-            raise ServiceUnavailableError(f"the residual store is unreachable, so model {concept!r} cannot be "
-                                          "loaded now; retry in a few seconds") from None
+            if isinstance(exc, storage.StorageUnavailableError):
+                with self._lock:
+                    self._down_until = self._clock() + self.budget.seconds
+            raise _unavailable(concept) from None
         self._events.miss(time.perf_counter() - started)
+        with self._lock:
+            self._down_until = float("-inf")
         try:
             residual = self._verify(concept, data)
         except UnusableResidualError as exc:
             log.info("model %r at %s (stamp %s) is unusable: %s", concept, uri, info.stamp, exc)
             self._drop(key, "invalid" if entry is not None else None)
             raise
-        self._store(key, _Entry(residual, info.stamp, self._clock()), "changed" if entry is not None else None)
-        return residual
+        now = self._clock()
+        self._store(key, _Entry(residual, info.stamp, now, now), "changed" if entry is not None else None)
+        return residual, True
 
     def _scan(self, concept: str, pin: str, current: Residual | None) -> Residual:
         """Find the newest stored version whose sha256 starts with ``pin`` (versioned S3 buckets only)."""
@@ -264,14 +355,22 @@ class ResidualCache:
         return residual
 
     def _stale(self, concept: str, entry: _Entry, exc: Exception) -> Residual:
-        """Storage unreachable: keep serving the verified copy, and try again after ``ttl_s``."""
-        log.warning("residual store unreachable while rechecking model %r (%s); serving the cached copy %s "
-                    "and trying again in %g s: %s", concept, type(exc).__name__, entry.residual.sha256[:19],
-                    self.ttl_s, exc)
+        """Storage unreachable: keep serving the verified copy until it is ``max_stale_s`` old (then 503),
+        and try again after ``ttl_s``."""
         with self._lock:
-            entry.checked_at = self._clock()
+            now = self._clock()
+            entry.tried_at = now
             self._events.revalidation("unreachable")
-            self._events.hit()
+        age = now - entry.checked_at
+        if age >= self.max_stale_s:
+            log.warning("residual store unreachable while rechecking model %r (%s): its cached copy %s was last "
+                        "confirmed %.0f s ago, past residual_max_stale_s (%g s), so it is refused (503) until the "
+                        "store answers: %s", concept, type(exc).__name__, entry.residual.sha256[:19], age,
+                        self.max_stale_s, exc)
+            raise _unavailable(concept)
+        log.warning("residual store unreachable while rechecking model %r (%s); serving the cached copy %s, last "
+                    "confirmed %.0f s ago (refused past residual_max_stale_s, %g s), and trying again in %g s: %s",
+                    concept, type(exc).__name__, entry.residual.sha256[:19], age, self.max_stale_s, self.ttl_s, exc)
         return entry.residual
 
     def _gone(self, concept: str, uri: str, entry: _Entry | None) -> UnknownConceptError:
@@ -300,3 +399,52 @@ class ResidualCache:
                 self._events.revalidation(revalidation)
             if dropped:
                 self._events.size(len(self._entries))
+
+
+class ListingUnavailableError(ServiceUnavailableError):
+    """No listing of the models could be read yet (503); it names no model."""
+
+    param = None
+
+
+class ModelListing:
+    """The concept ids behind ``GET /v1/models``: the last good listing at once, refreshed in the background.
+
+    ``load()`` lists the store (a blocking call, run on a thread; it should carry a storage deadline).
+    Once ``ttl_s`` has passed since the last good listing, a request starts one refresh and is
+    answered from the last good listing, however old: a listing only names models, and each request
+    checks its own residual. A refresh that fails is logged and tried again by the next request (one
+    at a time). Only when there has never been a good listing does a request wait for one, at most
+    ``wait_s``: then ServiceUnavailableError (503). Use it from one event loop.
+    """
+
+    def __init__(self, load: Callable[[], list[str]], *, ttl_s: float, wait_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self._load, self.ttl_s, self.wait_s, self._clock = load, ttl_s, wait_s, clock
+        self._names: list[str] | None = None
+        self._listed_at = float("-inf")
+        self._refreshing: asyncio.Task | None = None
+
+    async def get(self) -> list[str]:
+        """The concept ids, sorted; raises ServiceUnavailableError when none could ever be listed."""
+        if self._clock() - self._listed_at >= self.ttl_s and (self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+        if self._names is None:
+            # shield: a request that stops waiting leaves the refresh running for the next one.
+            await asyncio.wait([asyncio.shield(self._refreshing)], timeout=self.wait_s)
+        if self._names is None:
+            raise ListingUnavailableError("the residual store is unreachable, so the models cannot be listed now; "
+                                          "retry in a few seconds")
+        return self._names
+
+    async def _refresh(self) -> None:
+        try:
+            names = await asyncio.to_thread(self._load)
+        except storage.StorageError as exc:
+            if self._names is None:
+                log.warning("cannot list the models (never listed yet: GET /v1/models answers 503): %s", exc)
+            else:
+                log.warning("cannot list the models; serving the listing from %.0f s ago: %s",
+                            self._clock() - self._listed_at, exc)
+            return
+        self._names, self._listed_at = names, self._clock()

@@ -36,6 +36,12 @@ class ServeSettings:
     max_size: int | None = None  # largest image side in px (default: twice the model's native size)
     models_ttl_s: float = 10.0  # how long GET /v1/models caches the residual listing
     residual_ttl_s: float = 5.0  # a cached residual is checked against storage (ETag / size+mtime) at most this often
+    # A cached residual is served while the check runs in the background; when the store cannot be reached
+    # it is served for at most this long since storage last confirmed it, then refused with 503 until it can.
+    residual_max_stale_s: float = 300.0
+    # Every storage call on a request path (a residual's load or check, the models listing) returns or fails
+    # within this many seconds, connect, reads and retries included, whatever the store does; then 503.
+    storage_deadline_s: float = 2.0
     images_prefix: str | None = None  # where response_format=url images go: s3://… on a cluster (default: a local temp folder)
     image_links: str = "auto"  # endpoint: this server's signed URLs; presigned: S3 presigned URLs; auto: presigned for s3://
     image_url_ttl_s: float = 3600.0  # how long an image URL works
@@ -64,6 +70,11 @@ class ServeSettings:
         for name in ("residual_ttl_s", "image_url_ttl_s"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.storage_deadline_s > 0:
+            problems.append(f"storage_deadline_s must be > 0, got {self.storage_deadline_s}")
+        if not self.residual_max_stale_s >= self.residual_ttl_s:
+            problems.append(f"residual_max_stale_s must be >= residual_ttl_s ({self.residual_ttl_s}), "
+                            f"got {self.residual_max_stale_s}")
         if problems:
             raise ValueError("invalid serve settings: " + "; ".join(problems))
 

@@ -1,9 +1,14 @@
-"""The server's residual cache against real stores: a local folder and moto's S3 server over HTTP.
+"""The server's residual cache and models listing against real stores: a local folder and moto's S3
+server over HTTP.
 
-Time is a fake clock (no sleeping for the TTL); an unreachable store is a TcpProxy taken down.
+Time is a fake clock (no sleeping for the TTL) and background checks run when the test says so,
+except in the tests that measure what a request waits for; an unreachable store is a TcpProxy taken
+down (connections refused) or black-holed (connections accepted, never answered).
 """
 
+import asyncio
 import threading
+import time
 import uuid
 from collections import Counter
 
@@ -12,12 +17,14 @@ import torch
 
 from catversion import layout, storage
 from catversion.residual import IncompatibleResidualError, Residual
-from serve.cache import CacheEvents, ResidualCache
+from polling import wait_until
+from serve.cache import CacheEvents, ListingUnavailableError, ModelListing, ResidualCache
 from serve.errors import (InvalidParameterError, RequestError, ServiceUnavailableError, UnknownConceptError,
                           UnusableResidualError)
 
 TTL = 5.0
-FAST = storage.RetryBudget(0.5, first_delay=0.05, max_delay=0.1)
+DEADLINE = 1.0
+FAST = storage.deadline(DEADLINE)
 
 
 class Events(CacheEvents):
@@ -93,15 +100,36 @@ def prefix(request, tmp_path):
     return f"s3://{request.getfixturevalue('bucket')}/{uuid.uuid4().hex[:8]}"
 
 
+class Background:
+    """The cache's background checks, held until the test runs them."""
+
+    def __init__(self):
+        self.tasks = []
+
+    def __call__(self, task):
+        self.tasks.append(task)
+
+    def run(self) -> int:
+        """Run the checks queued so far; how many there were."""
+        tasks, self.tasks = self.tasks, []
+        for task in tasks:
+            task()
+        return len(tasks)
+
+
 class Harness:
-    """A cache over ``prefix`` with recorded events and a fake clock; every client error checked for leaks."""
+    """A cache over ``prefix`` with recorded events, a fake clock and held background checks; every client
+    error checked for leaks."""
 
     def __init__(self, prefix: str, secrets: list[str], **kwargs):
         self.prefix, self.secrets = prefix, secrets
-        self.events, self.clock = Events(), Clock()
+        self.events, self.clock, self.background = Events(), Clock(), Background()
         kwargs.setdefault("capacity", 8)
         self.cache = ResidualCache(prefix, check=kwargs.pop("check", fits), ttl_s=TTL, budget=FAST,
-                                   events=self.events, clock=self.clock, **kwargs)
+                                   events=self.events, clock=self.clock, background=self.background, **kwargs)
+
+    def checks(self) -> int:
+        return self.background.run()
 
     def put(self, concept: str, residual: Residual | bytes) -> Residual | bytes:
         data = residual if isinstance(residual, bytes) else residual.to_bytes()
@@ -143,9 +171,10 @@ def test_miss_then_hits_then_an_unchanged_revalidation_without_a_download(harnes
     assert h.cache.get("dog") is first and h.events.counts == {"miss": 1, "hit": 1}
     assert h.events.revalidations == [], "within the TTL storage is not asked"
     h.clock.advance()
-    assert h.cache.get("dog") is first
-    assert h.events.revalidations == ["unchanged"] and h.events.counts == {"miss": 1, "hit": 2}, "a stat, no download"
-    assert h.cache.get("dog") is first and h.events.revalidations == ["unchanged"], "checked_at was refreshed"
+    assert h.cache.get("dog") is first and h.events.revalidations == [], "served at once, checked in the background"
+    assert h.cache.get("dog") is first and h.checks() == 1, "one check however many requests find it due"
+    assert h.events.revalidations == ["unchanged"] and h.events.counts == {"miss": 1, "hit": 3}, "a stat, no download"
+    assert h.cache.get("dog") is first and h.checks() == 0, "checked_at was refreshed"
     assert h.cache.revalidate("dog") is first and h.events.revalidations == ["unchanged"] * 2
 
 
@@ -156,7 +185,9 @@ def test_a_residual_replaced_in_place_is_served_after_the_ttl_or_at_once_by_reva
     new = h.put("dog", make_residual(2))
     assert same(h.cache.get("dog"), old), "within the TTL the cached copy is served"
     h.clock.advance()
-    assert same(h.cache.get("dog"), new) and h.events.revalidations == ["changed"]
+    assert same(h.cache.get("dog"), old), "after it, too, while the check runs in the background"
+    assert h.checks() == 1 and h.events.revalidations == ["changed"]
+    assert same(h.cache.get("dog"), new), "the requests after the check get the new residual"
     newer = h.put("dog", make_residual(3))
     assert same(h.cache.revalidate("dog"), newer) and h.events.revalidations == ["changed", "changed"]
     assert h.events.counts["miss"] == 3 and len(h.cache) == 1
@@ -170,6 +201,7 @@ def test_a_residual_corrupted_in_place_is_refused_not_served_from_the_cache(harn
     data[-8:] = b"\x00\x00\x80\x3f" * 2  # two tensor values changed: the header's sha256 no longer matches
     h.put("dog", bytes(data))
     h.clock.advance()
+    assert same(h.cache.get("dog"), good) and h.checks() == 1, "the verified copy, until the check finds it corrupt"
     error = h.refused("dog", UnusableResidualError)
     assert error.status == 422 and "model 'dog' cannot be used: sha256 mismatch" in error.message, error.message
     assert h.events.revalidations == ["invalid"] and len(h.cache) == 0 and h.events.sizes[-1] == 0
@@ -196,6 +228,7 @@ def test_a_deleted_residual_is_404_and_dropped(harness):
     h.remove("dog")
     assert h.cache.get("dog") is not None, "within the TTL"
     h.clock.advance()
+    assert h.cache.get("dog") is not None and h.checks() == 1, "until the check finds it gone"
     error = h.refused("dog", UnknownConceptError)
     assert error.status == 404 and error.message == "model 'dog' does not exist; GET /v1/models lists the available ones"
     assert h.events.revalidations == ["deleted"] and len(h.cache) == 0 and h.events.sizes == [1, 0]
@@ -220,14 +253,16 @@ def test_an_unreachable_store_serves_the_verified_copy_with_a_warning_else_503(b
     proxy.down()
     h.clock.advance()
     with caplog.at_level("WARNING", logger="catversion.serve"):
-        assert h.cache.get("dog") is first
+        assert h.cache.get("dog") is first and proxy.refused == 0, "served without asking the store"
+        assert h.checks() == 1
     assert proxy.refused > 0 and h.events.revalidations == ["unreachable"]
     warning = [r for r in caplog.records if r.name == "catversion.serve" and r.levelname == "WARNING"]
     assert len(warning) == 1 and "'dog'" in warning[0].getMessage() and "unreachable" in warning[0].getMessage()
     assert f"s3://{bucket}/outage/residuals/dog.safetensors" in warning[0].getMessage(), "the log names the URI"
 
     refused = proxy.refused
-    assert h.cache.get("dog") is first and proxy.refused == refused, "tried again only after the next TTL"
+    assert h.cache.get("dog") is first and h.checks() == 0 and proxy.refused == refused, \
+        "tried again only after the next TTL"
     error = h.refused("cat", ServiceUnavailableError)
     assert error.status == 503 and "unreachable" in error.message and "retry" in error.message, error.message
     h.clock.advance()
@@ -236,8 +271,130 @@ def test_an_unreachable_store_serves_the_verified_copy_with_a_warning_else_503(b
 
     proxy.up()
     h.clock.advance()
-    assert h.cache.get("dog") is first and h.events.revalidations[-1] == "unchanged"
+    assert h.cache.get("dog") is first and h.checks() == 2, "dog's check, and the current 'pinned' one's, due since"
+    assert h.events.revalidations[-1] == "unchanged"
     assert same(h.cache.get("cat"), make_residual(2))
+
+
+def test_past_the_maximum_staleness_a_copy_the_store_cannot_confirm_is_503_until_it_can(bucket, proxy, tmp_path,
+                                                                                          caplog):
+    h = Harness(f"s3://{bucket}/stale", [bucket, str(tmp_path)], max_stale_s=60.0)
+    first = h.cache.get("dog") if h.put("dog", make_residual(1)) else None
+    proxy.down()
+    h.clock.advance(59.0)  # 59 s since storage last confirmed it: still served, and checked in the background
+    assert h.cache.get("dog") is first and h.checks() == 1 and h.events.revalidations == ["unreachable"]
+    h.clock.advance(1.0)  # 60 s: the store has not confirmed it for max_stale_s
+    with caplog.at_level("WARNING", logger="catversion.serve"):
+        error = h.refused("dog", ServiceUnavailableError)
+    assert error.status == 503 and h.background.tasks == [], "the request checked the store itself, then refused"
+    assert any("past residual_max_stale_s (60 s)" in r.getMessage() and "'dog'" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert len(h.cache) == 1, "kept: it is served again the moment the store confirms it"
+    misses = h.events.counts["miss"]
+    proxy.up()
+    assert h.cache.get("dog") is first and h.events.counts["miss"] == misses, "confirmed by a stat, not downloaded"
+    assert h.events.revalidations[-1] == "unchanged" and h.background.tasks == []
+    with pytest.raises(ValueError, match="max_stale_s"):
+        ResidualCache(h.prefix, 1, fits, ttl_s=10.0, max_stale_s=5.0)
+
+
+def test_a_black_holed_store_costs_cached_residuals_nothing_and_cold_ones_one_deadline(bucket, proxy):
+    """Real threads and a real clock: what a request waits for while the store accepts connections and
+    never answers them (botocore alone would wait 30 s per attempt). The deadline is long enough that a
+    request which waited on the store cannot pass for one that did not, on a busy machine too."""
+    prefix, deadline_s = f"s3://{bucket}/black-hole", 3.0
+    events = Events()
+    cache = ResidualCache(prefix, 8, fits, ttl_s=0.2, budget=storage.deadline(deadline_s), events=events)
+    for concept, seed in (("warm", 1), ("cold", 2), ("later", 3)):
+        storage.write_bytes(layout.residual_uri(prefix, concept), make_residual(seed).to_bytes())
+    warm = cache.get("warm")
+    proxy.black_hole()
+    started = time.monotonic()
+    slowest = 0.0
+    while not events.revalidations.count("unreachable") >= 2:  # two background checks ran into the black hole
+        request = time.monotonic()
+        assert cache.get("warm") is warm
+        slowest = max(slowest, time.monotonic() - request)
+        assert time.monotonic() - started < 10 * deadline_s, "the background checks never ended"
+    assert proxy.swallowed > 0 and slowest < deadline_s / 3, f"a cached residual waited {slowest:.2f} s for the store"
+
+    request = time.monotonic()
+    with pytest.raises(ServiceUnavailableError):
+        cache.get("cold")
+    waited = time.monotonic() - request
+    assert deadline_s * 0.9 <= waited < deadline_s + 1.5, f"a cold load waited {waited:.2f} s, not its deadline"
+    swallowed = proxy.swallowed
+    request = time.monotonic()
+    with pytest.raises(ServiceUnavailableError):
+        cache.get("later")  # within a deadline of the failed load: 503 at once, the store is not asked
+    assert time.monotonic() - request < deadline_s / 3 and proxy.swallowed == swallowed
+
+    proxy.up()
+    wait_until(lambda: cache.get("warm") is warm and events.revalidations[-1] == "unchanged", 5 * deadline_s,
+               "a background check that reaches the store again")
+    assert same(cache.get("cold"), make_residual(2)) and same(cache.get("later"), make_residual(3))
+
+
+# ---- the models listing ------------------------------------------------------------------------
+
+
+def test_the_models_listing_is_served_from_the_last_good_one_and_is_503_only_before_the_first(bucket, proxy,
+                                                                                              caplog):
+    prefix = f"s3://{bucket}/listing"
+    clock = Clock()
+    listing = ModelListing(lambda: layout.list_concepts(prefix, budget=storage.deadline(DEADLINE)),
+                           ttl_s=TTL, wait_s=DEADLINE / 2, clock=clock)
+    storage.write_bytes(layout.residual_uri(prefix, "dog"), make_residual(1).to_bytes())
+
+    def logged(text: str) -> bool:
+        return any(text in r.getMessage() for r in caplog.records if r.name == "catversion.serve")
+
+    async def timed() -> tuple[float, list[str] | ListingUnavailableError]:
+        started = time.monotonic()
+        try:
+            result = await listing.get()
+        except ListingUnavailableError as exc:
+            result = exc
+        return time.monotonic() - started, result
+
+    async def until(condition, what: str) -> None:
+        """Poll ``condition()`` (a bool, or a coroutine giving one) until it holds."""
+        deadline = time.monotonic() + 10 * DEADLINE
+        while True:
+            value = condition()
+            if asyncio.iscoroutine(value):
+                value = await value
+            if value:
+                return
+            assert time.monotonic() < deadline, f"{what} did not happen within {10 * DEADLINE:g} s"
+            await asyncio.sleep(0.05)
+
+    async def listed(names: list[str]) -> bool:
+        return (await timed())[1] == names
+
+    async def scenario():
+        proxy.black_hole()
+        waited, error = await timed()  # never listed: waits wait_s for the refresh, then 503
+        assert isinstance(error, ListingUnavailableError) and error.status == 503 and error.param is None, error
+        assert DEADLINE / 2 * 0.9 <= waited < DEADLINE / 2 + 1.0, waited
+        assert "storage" not in error.message and bucket not in error.message
+        await until(lambda: logged("never listed yet"), "the failed refresh's warning")
+        assert isinstance((await timed())[1], ListingUnavailableError), "still never listed"
+        proxy.up()
+        await until(lambda: listed(["dog"]), "the listing once the store answers")
+
+        storage.write_bytes(layout.residual_uri(prefix, "cat"), make_residual(2).to_bytes())
+        proxy.black_hole()
+        clock.advance()
+        for _ in range(3):  # past the TTL, the store silent: the last listing at once, every time
+            waited, names = await timed()
+            assert names == ["dog"] and waited < DEADLINE / 2, (waited, names)
+        await until(lambda: logged("serving the listing from 5 s ago"), "the failed refresh's warning")
+        proxy.up()
+        await until(lambda: listed(["cat", "dog"]), "the new listing once the store answers")
+
+    with caplog.at_level("WARNING", logger="catversion.serve"):
+        asyncio.run(scenario())
 
 
 # ---- pinned versions -------------------------------------------------------------------------
@@ -285,7 +442,8 @@ def test_a_pin_finds_an_old_version_once_and_survives_the_current_objects_deleti
     h.clock.advance()
     h.remove("dog")  # a delete marker: the old versions stay
     assert h.cache.get(f"dog@{hexsha(v1)[:6]}") is pinned
-    h.clock.advance()
+    assert h.checks() == 1, "the current residual's check, due since the TTL passed"
+    assert h.cache.get(f"dog@{hexsha(v1)[:6]}") is pinned, "the current residual is gone, its old version is not"
     assert h.refused("dog", UnknownConceptError).status == 404, "the unpinned name is gone"
     error = h.refused(f"dog@{other_than(hexsha(v1))}", UnknownConceptError)
     assert error.message.endswith("(current: none)"), error.message
