@@ -18,6 +18,7 @@ import functools
 import os
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -54,10 +55,12 @@ class BatchSummary:
     counts: dict[str, int] = field(default_factory=dict)
     planning_seconds: float = 0.0
     interrupted: bool = False
+    results_error: str | None = None  # why results.parquet could not be written (the summary is then the record)
 
     @property
     def ok(self) -> bool:
-        return self.error is None and not self.interrupted and self.counts.get("failed", 0) == 0
+        return (self.error is None and self.results_error is None and not self.interrupted
+                and self.counts.get("failed", 0) == 0)
 
     def to_dict(self) -> dict:
         """The machine-readable summary (`catversion batch --json`)."""
@@ -67,8 +70,11 @@ class BatchSummary:
             "rejected": dict(self.report.problems),
             "failed": [{"concept_id": r["concept_id"], "error": r["error"]} for r in self.results
                        if r["status"] == "failed" and r["concept_id"] not in self.report.problems],
-            "interrupted": self.interrupted, "error": self.error,
+            "interrupted": self.interrupted, "error": self.error, "results_error": self.results_error,
             "seconds": round(self.seconds, 3), "planning_seconds": round(self.planning_seconds, 3),
+            # results.parquet could not be written: every concept's outcome is here instead.
+            **({"results": [{k: r[k] for k in ("concept_id", "status", "error", "detail", "residual_uri")}
+                            for r in self.results]} if self.results_error else {}),
         }
 
     def format(self) -> str:
@@ -79,11 +85,16 @@ class BatchSummary:
             f"results: {self.results_uri}",
         ]
         for row in self.results:
-            if row["status"] == "failed":
+            if self.results_error:  # results.parquet is not there: this summary is the run's record
+                lines.append(f"  {row['status']} {row['concept_id']}" + "".join(
+                    f": {row[k]}" for k in ("error", "detail") if row[k]))
+            elif row["status"] == "failed":
                 lines.append(f"  failed {row['concept_id']}: {row['error']}")
+        if self.results_error:
+            lines.append(f"results not written: {self.results_error}")
         if self.counts.get("interrupted"):
-            lines.append(f"  {self.counts['interrupted']} concept(s) not finished: run again to resume them "
-                         "from their saved state")
+            lines.append(f"  {self.counts['interrupted']} concept(s) not finished: run again to finish them (one "
+                         "with a saved state resumes from it)")
         if self.error:
             lines.append(f"job error: {self.error}")
         return "\n".join(lines)
@@ -293,21 +304,46 @@ def run_batch(config: BatchConfig, log: Callable[[str], None] = print,
         f"{report.rows} rows")
     # This run's marker goes up before planning: a run that starts later sees it and claims; one
     # already running is seen here (and notices this one within seconds).
-    marker = claims.RunMarker(config.output, run_id, config.claim_ttl_s, budget)
-    marker.start()
+    marker = claims.RunMarker(config.output, run_id, config.claim_ttl_s, budget, log=log)
+    results = _rejected_rows(report)
     try:
-        return _run_batch(config, run_id, budget, report, marker, started, log, progress)
+        marker.start()
+    except storage.StorageError as exc:
+        # Where its marker cannot be written, nothing of the run can be: it ends before planning, saying why.
+        error = f"cannot write under --output {config.output}: {exc}"
+        log(f"[batch {run_id}] error: {error}")
+        _not_started(report, results, error)
+        return _record(config, run_id, report, results, planning.Listing(), started, 0.0, error, False, log)
+    try:
+        return _run_batch(config, run_id, budget, report, results, marker, started, log, progress)
     finally:
         marker.stop()
 
 
+def _rejected_rows(report: ManifestReport) -> dict[str, dict]:
+    """The failed rows of the concepts the manifest checks rejected (their ids may be anything: never a path)."""
+    return {cid: result_row(cid, "failed", error="; ".join(reasons)) for cid, reasons in report.problems.items()}
+
+
+def _not_started(report: ManifestReport, results: dict[str, dict], error: str) -> None:
+    """An ``interrupted`` row, naming ``error``, for every valid concept the run did not reach."""
+    for spec in report.concepts:
+        results.setdefault(spec.concept_id, result_row(spec.concept_id, "interrupted", error=f"not started: {error}"))
+
+
 def _run_batch(config: BatchConfig, run_id: str, budget: storage.RetryBudget, report: ManifestReport,
-               marker: claims.RunMarker, started: float, log: Callable[[str], None],
+               results: dict[str, dict], marker: claims.RunMarker, started: float, log: Callable[[str], None],
                progress: Callable[[dict], None] | None) -> BatchSummary:
-    others = marker.others()
-    results: dict[str, dict] = {cid: result_row(cid, "failed", error="; ".join(reasons))
-                                for cid, reasons in report.problems.items()}
-    planned, listing = _plan(config, report, results, budget, log) if report.concepts else ([], planning.Listing())
+    from catversion.modelsource import ModelNotAvailableError
+
+    try:
+        others = marker.others()
+        planned, listing = _plan(config, report, results, budget, log) if report.concepts else ([], planning.Listing())
+    except (storage.StorageError, ModelNotAvailableError) as exc:  # the store or the model: nothing can train
+        log(f"[batch {run_id}] error: cannot plan the run: {exc}")
+        _not_started(report, results, str(exc))
+        return _record(config, run_id, report, results, planning.Listing(), started, time.perf_counter() - started,
+                       str(exc), False, log)
     planning_seconds = time.perf_counter() - started
     skipped = sum(r["status"] == "skipped" for r in results.values())
     log(f"[batch {run_id}] planned in {planning_seconds:.1f} s ({listing.requests} listing/index requests): "
@@ -315,18 +351,31 @@ def _run_batch(config: BatchConfig, run_id: str, budget: storage.RetryBudget, re
     error, interrupted = None, False
     if planned:
         error, interrupted = _train(config, run_id, planned, results, marker, others, budget, log, progress)
+    return _record(config, run_id, report, results, listing, started, planning_seconds, error, interrupted, log)
+
+
+def _record(config: BatchConfig, run_id: str, report: ManifestReport, results: dict[str, dict],
+            listing: planning.Listing, started: float, planning_seconds: float, error: str | None,
+            interrupted: bool, log: Callable[[str], None]) -> BatchSummary:
+    """The run's end: results.parquet, then the index files, each failing alone (and said so in the log)."""
     ordered = [results[cid] for cid in _ordered_ids(report, results)]
     uri = layout.results_uri(config.output, run_id)
     # The run's record: worth waiting for through a long outage, whatever the per-call budget.
     final = storage.RetryBudget(max(config.storage_retry_s, DEFAULT_STORAGE_RETRY_S))
-    storage.write_bytes(uri, results_parquet(ordered), budget=final)
+    results_error = None
+    try:
+        storage.write_bytes(uri, results_parquet(ordered), budget=final)
+    except storage.StorageError as exc:
+        results_error = str(exc)
+        log(f"[batch {run_id}] error: could not write the run's results ({exc}); the summary lists every concept")
     try:
         planning.update_indexes(config.output, listing, ordered, final, run_id)
-    except storage.StorageError as exc:
-        log(f"warning: could not update the index files under {config.output} ({exc}); the next run plans slower")
+    except Exception as exc:  # noqa: BLE001  (a cache: losing it costs the next run time, never this run's record)
+        log(f"[batch {run_id}] warning: could not update the index files under {config.output} "
+            f"({type(exc).__name__}: {exc}); the next run plans slower")
     counts = {status: sum(r["status"] == status for r in ordered) for status in STATUSES}
     return BatchSummary(run_id, uri, ordered, report, time.perf_counter() - started, error, counts,
-                        planning_seconds=planning_seconds, interrupted=interrupted)
+                        planning_seconds=planning_seconds, interrupted=interrupted, results_error=results_error)
 
 
 def _plan(config: BatchConfig, report: ManifestReport, results: dict[str, dict], budget: storage.RetryBudget,
@@ -365,30 +414,41 @@ def _train(config: BatchConfig, run_id: str, planned: list[PlannedConcept], resu
            marker: claims.RunMarker, others: list[str], budget: storage.RetryBudget, log: Callable[[str], None],
            progress: Callable[[dict], None] | None) -> tuple[str | None, bool]:
     """Train the planned concepts on Ray; their rows go into ``results``. Returns (job error, interrupted)."""
-    started_ray = _init_ray(config)
-    trained: dict[str, dict] = {}
-    error, interrupted = None, False
     try:
-        try:
-            check_worker_resources(config, len(planned))
-        except InsufficientResources as exc:  # nothing can start: the run's record says why
-            error = str(exc)
-            log(f"[batch {run_id}] cannot start: {exc}")
-        else:
-            trained, error, interrupted = _run_training(config, run_id, planned, results, marker, others, log, progress)
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+        trained, error, interrupted = _train_on_ray(config, run_id, planned, results, marker, others, log, progress)
+    except Exception as exc:  # noqa: BLE001  (Ray failed, or a bug: the run's record is written all the same)
+        trained, error, interrupted = {}, _root_cause(exc), False
+        log(f"[batch {run_id}] error: the training job failed: {error}\n" + "".join(traceback.format_exception(exc)))
     stopped = "interrupted" if interrupted else (f"not finished: {error}" if error else "the job ended before reaching it")
     for item in planned:
         cid = item.concept_id
         results[cid] = trained.get(cid) or result_row(cid, "interrupted", error=stopped)
     # Only planned concepts can hold claims (a rejected concept's id may not even be a valid key).
     unfinished = [item.concept_id for item in planned if results[item.concept_id]["status"] in ("failed", "interrupted")]
-    claims.release_leftovers(config.output, run_id, unfinished, budget)
+    problems = claims.release_leftovers(config.output, run_id, unfinished, budget)
+    if problems:
+        log(f"[batch {run_id}] warning: {len(problems)} claim(s) of this run could not be released (first: "
+            f"{problems[0]}); they expire after {config.claim_ttl_s:g} s")
     return error, interrupted
+
+
+def _train_on_ray(config: BatchConfig, run_id: str, planned: list[PlannedConcept], results: dict[str, dict],
+                  marker: claims.RunMarker, others: list[str], log: Callable[[str], None],
+                  progress: Callable[[dict], None] | None) -> tuple[dict, str | None, bool]:
+    """Start or join Ray, check the cluster can run the workers, train; (results by id, job error, interrupted)."""
+    started_ray = _init_ray(config)
+    try:
+        try:
+            check_worker_resources(config, len(planned))
+        except InsufficientResources as exc:  # nothing can start: the run's record says why
+            log(f"[batch {run_id}] cannot start: {exc}")
+            return {}, str(exc), False
+        return _run_training(config, run_id, planned, results, marker, others, log, progress)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
 
 
 def _ordered_ids(report: ManifestReport, results: dict) -> list[str]:

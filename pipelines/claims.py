@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from catversion import layout, storage
@@ -137,33 +138,46 @@ class Claims:
             self._thread.join(timeout=5)
 
 
-def release_leftovers(output: str, run_id: str, concept_ids: list[str], budget: storage.RetryBudget) -> None:
+def release_leftovers(output: str, run_id: str, concept_ids: list[str], budget: storage.RetryBudget) -> list[str]:
     """Delete the claims run ``run_id`` still holds on these concepts (its workers died, or the store
-    was down when they tried), so a rerun need not wait for them to expire. Best effort."""
+    was down when they tried), so a rerun need not wait for them to expire. Best effort: returns why
+    each claim that could not be looked at or released was not (they expire after their TTL)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def release(concept_id: str) -> None:
+    def release(concept_id: str) -> str | None:
+        if not layout.is_concept_id(concept_id):  # only a valid id can have a claim (or a path)
+            return None
         uri = layout.claim_uri(output, concept_id)
         try:
             data, info = storage.read_object(uri, budget=budget)
             if json.loads(data).get("run_id") == run_id:
                 storage.delete(uri, budget=budget, if_match=info.stamp)
-        except (storage.StorageError, ValueError):
-            pass
+        except storage.NotFoundError:
+            return None
+        except storage.ConditionFailedError:
+            return None  # taken over by another run meanwhile: no longer ours
+        except (storage.StorageError, ValueError) as exc:
+            return f"{concept_id}: {exc}"
+        return None
 
-    if concept_ids:
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            list(pool.map(release, concept_ids))
+    if not concept_ids:
+        return []
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return [problem for problem in pool.map(release, concept_ids) if problem]
 
 
 class RunMarker:
-    """This run's marker under PREFIX/active/, kept fresh by a heartbeat thread (driver side)."""
+    """This run's marker under PREFIX/active/, kept fresh by a heartbeat thread (driver side). Another run's
+    marker whose heartbeat is older than its TTL belongs to a run that died: it is reported through ``log``
+    (once) and removed, never counted as an active run."""
 
-    def __init__(self, output: str, run_id: str, ttl_s: float, budget: storage.RetryBudget):
-        self.output, self.run_id, self.ttl_s, self.budget = output, run_id, float(ttl_s), budget
+    def __init__(self, output: str, run_id: str, ttl_s: float, budget: storage.RetryBudget,
+                 log: Callable[[str], None] = lambda line: None):
+        self.output, self.run_id, self.ttl_s, self.budget, self.log = output, run_id, float(ttl_s), budget, log
         self.uri = layout.active_uri(output, run_id)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._reported: set[str] = set()  # dead markers already logged (removing them failed)
 
     def _write(self) -> None:
         body = {"run_id": self.run_id, "heartbeat": time.time(), "ttl_s": self.ttl_s}
@@ -183,18 +197,38 @@ class RunMarker:
         self._thread.start()
 
     def others(self) -> list[str]:
-        """Other runs on this output whose heartbeat is fresh."""
+        """Other runs on this output whose heartbeat is fresh; the markers of dead ones are removed."""
         live = []
         for info in storage.list_objects(layout.active_folder(self.output), layout.CLAIM_SUFFIX, budget=self.budget):
             if info.uri == self.uri:
                 continue
             try:
                 marker = json.loads(storage.read_bytes(info.uri, budget=self.budget))
-                if time.time() - float(marker["heartbeat"]) <= max(float(marker.get("ttl_s", 0)), self.ttl_s):
-                    live.append(str(marker["run_id"]))
+                run_id, heartbeat = str(marker["run_id"]), float(marker["heartbeat"])
+                ttl = max(float(marker.get("ttl_s", 0)), self.ttl_s)
             except (storage.NotFoundError, ValueError, KeyError, TypeError):
                 continue
+            age = time.time() - heartbeat
+            if age <= ttl:
+                live.append(run_id)
+            else:
+                self._remove_dead(info, run_id, age, ttl)
         return live
+
+    def _remove_dead(self, info: storage.ObjectInfo, run_id: str, age: float, ttl: float) -> None:
+        dead = f"run {run_id} is dead: its marker {info.uri} had no heartbeat for {age:.0f} s (TTL {ttl:g} s)"
+        try:
+            # Only the marker as listed: one whose run came back and beat since is left alone.
+            storage.delete(info.uri, budget=self.budget, if_match=info.stamp)
+        except storage.ConditionFailedError:
+            return
+        except storage.StorageError as exc:
+            if info.uri not in self._reported:
+                self._reported.add(info.uri)
+                self.log(f"[batch {self.run_id}] {dead}; not counted as active, but its marker could not be "
+                         f"removed ({exc})")
+            return
+        self.log(f"[batch {self.run_id}] {dead}; not counted as active, marker removed")
 
     def stop(self) -> None:
         self._stop.set()
@@ -202,5 +236,6 @@ class RunMarker:
             self._thread.join(timeout=5)
         try:
             storage.delete(self.uri, budget=self.budget)
-        except storage.StorageError:
-            pass  # it expires by its heartbeat
+        except storage.StorageError as exc:
+            self.log(f"[batch {self.run_id}] warning: could not remove this run's marker ({exc}); other runs "
+                     f"will take it for a dead run's after {self.ttl_s:g} s")

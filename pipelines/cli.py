@@ -76,6 +76,7 @@ def run_batch_command(args: argparse.Namespace) -> None:
     import json
 
     from catversion.modelsource import ModelNotAvailableError
+    from catversion.storage import StorageError
 
     from .batch import run_batch
     from .manifest import ManifestError
@@ -102,16 +103,33 @@ def run_batch_command(args: argparse.Namespace) -> None:
             summary = run_batch(config, log=progress.write, progress=bar)
         finally:
             bar.close()
-    except (ManifestError, ModelNotAvailableError) as exc:
+    except (ManifestError, ModelNotAvailableError, StorageError) as exc:
+        if args.json and not args.validate_only:  # --json always prints its object, also when no run started
+            print(json.dumps(_no_run(str(exc)), indent=2), flush=True)
         raise CLIError(str(exc)) from None
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format(), flush=True)
     if summary.interrupted:
         raise KeyboardInterrupt
     if summary.error:
-        raise CLIError(f"run {summary.run_id} ended early: {summary.error}; see {summary.results_uri}")
+        raise CLIError(f"run {summary.run_id} ended early: {summary.error}; " + (
+            "its results could not be written either (the summary on stdout lists every concept)"
+            if summary.results_error else f"see {summary.results_uri}"))
+    if summary.results_error:
+        raise CLIError(f"run {summary.run_id}: its results could not be written: {summary.results_error}; the "
+                       "summary on stdout lists every concept")
     if not summary.ok:
         raise PartialFailure(f"run {summary.run_id} finished with {summary.counts.get('failed', 0)} failed or "
                              f"rejected concept(s); see {summary.results_uri}")
+
+
+def _no_run(error: str) -> dict:
+    """`batch --json`'s object when the run never started (the manifest or a first storage call failed):
+    the keys of a run's summary (pipelines.batch.BatchSummary.to_dict), with nothing done."""
+    from .results import STATUSES
+
+    return {"run_id": None, "results_uri": None, "ok": False, "counts": dict.fromkeys(STATUSES, 0),
+            "rejected": {}, "failed": [], "interrupted": False, "error": error, "results_error": None,
+            "seconds": 0.0, "planning_seconds": 0.0}
 
 
 def _validate_on_cluster(manifest, args: argparse.Namespace):
