@@ -117,6 +117,7 @@ def decode_memory() -> DecodeMemory:
 def decode_image(data: bytes, name: str = "<image bytes>", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode to an upright RGB image, refusing undecodable or oversized input by name. The header is read
     first: the pixel count is checked, and the decode waits for its share of the decode memory budget."""
+    memory = decode_memory()  # a bad CATVERSION_DECODE_MEMORY is its own error, not an undecodable image
     try:
         with warnings.catch_warnings():
             # Our own limit below replaces PIL's warning (PIL still refuses above twice its limit).
@@ -128,7 +129,7 @@ def decode_image(data: bytes, name: str = "<image bytes>", max_pixels: int = MAX
                 f"image {name} is {width}x{height} = {width * height:,} pixels, above the limit of "
                 f"{max_pixels:,} (decompression-bomb guard); downscale it first"
             )
-        with decode_memory().hold(width * height * DECODE_BYTES_PER_PIXEL):
+        with memory.hold(width * height * DECODE_BYTES_PER_PIXEL):
             ImageOps.exif_transpose(image, in_place=True)  # loads the pixels; no copy when upright
             return _to_rgb(image)
     except ImageError:

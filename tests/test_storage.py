@@ -438,3 +438,21 @@ def test_a_byte_cap_refuses_a_larger_object_from_its_size_before_reading_it(tmp_
         storage.read_object(uri, max_bytes=1024**2)
     data, info = storage.read_object(uri, max_bytes=2 * 1024**2)  # at the cap: read whole
     assert len(data) == info.size == 2 * 1024**2
+
+
+def test_an_immutable_folder_is_a_storage_error_naming_the_likely_lock(tmp_path):
+    """EPERM (chattr +i, which stops root too): the cause and the likely lock are named."""
+    import subprocess
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    done = subprocess.run(["chattr", "+i", str(locked)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot make a folder immutable here ({done.stderr.strip()}): needs chattr, "
+                    "CAP_LINUX_IMMUTABLE and a file system that supports it")
+    try:
+        with pytest.raises(storage.StorageError, match=r"Operation not permitted \(EPERM\); the file or its folder may "
+                                                        r"be immutable or locked"):
+            storage.write_bytes(str(locked / "r.bin"), b"data")
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
