@@ -119,6 +119,11 @@ class Pace:
             bisect.insort(self._sizes, rows)
         self._seconds[rows] = seconds if old is None else old + PACE_SMOOTHING * (seconds - old)
 
+    @property
+    def largest(self) -> int:
+        """The largest call size (rows) observed; needs one observation at least."""
+        return self._sizes[-1]
+
     def at(self, rows: int) -> float:
         """The step time of a call of ``rows`` rows: linear between the observed sizes around it, the
         nearest observed size's outside them. Needs one observation at least."""
@@ -162,6 +167,20 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return any(self._waiting.values()) or any(self._running.values())
+
+    def work(self) -> int:
+        """Outstanding UNet work in row-steps: every waiting entry's steps and every running entry's remaining
+        steps, times its rows. A 150-step guided sample weighs 300, fifteen 10-step ones as much: this, not a
+        count of requests, is what a new sample waits behind (the admission bound of StepBatcher.submit)."""
+        waiting = sum(entry.steps * entry.rows for queue in self._waiting.values() for entry in queue)
+        return waiting + sum(entry.remaining * entry.rows for pool in self._running.values() for entry in pool)
+
+    def seconds_for(self, work: int) -> float | None:
+        """About how long ``work`` row-steps take: at the best rate measured in any bucket (rows per second of
+        its largest observed call, the size a busy generator runs at). None before any call was measured."""
+        rates = [pace.largest / seconds for pace in self._pace.values() for seconds in [pace.at(pace.largest)]
+                 if seconds > 0]
+        return work / max(rates) if rates else None
 
     def add(self, entry: Entry) -> None:
         """Queue an entry (stamped with the clock's time)."""

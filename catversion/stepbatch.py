@@ -51,6 +51,19 @@ class JobCancelled(Exception):
     """The job was cancelled before it finished."""
 
 
+class QueueFull(Exception):
+    """A job refused at submit: the outstanding work and its own would pass the bound it was submitted with.
+
+    ``retry_after_s``: about when enough of the work ahead will have run for it to fit (None before the
+    first measured step).
+    """
+
+    def __init__(self, work: int, job_work: int, max_work: int, retry_after_s: float | None):
+        super().__init__(f"{work} row-steps of UNet work are outstanding; this job's {job_work} would pass the "
+                         f"bound of {max_work}")
+        self.retry_after_s = retry_after_s
+
+
 class Ticket:
     """A submitted job's handle; ``cancel()`` may be called from any thread."""
 
@@ -117,6 +130,7 @@ class StepBatcher:
         self.on_unet_step = on_unet_step
         self.on_start = on_start
         self._cond = threading.Condition()  # guards the scheduler
+        self._progress_at = time.monotonic()  # when the stepping thread last finished a step or found nothing to do
 
     # ---- public API ----------------------------------------------------------------------------
     @property
@@ -136,6 +150,19 @@ class StepBatcher:
     def waiting(self) -> int:
         with self._cond:
             return self.scheduler.waiting
+
+    @property
+    def work(self) -> int:
+        """Outstanding UNet work in row-steps (Scheduler.work)."""
+        with self._cond:
+            return self.scheduler.work()
+
+    def stalled_s(self) -> float:
+        """Seconds since the stepping thread last finished a step while there is work; 0 when it has none.
+        A liveness check: a UNet call that hangs (a wedged device) shows here, and nowhere else."""
+        with self._cond:
+            busy = self.scheduler.has_work()
+        return time.monotonic() - self._progress_at if busy else 0.0
 
     def warm_up(self) -> float:
         """Compile and record the UNet's buckets (ImageGenerator.warm_up), run the text encoder and
@@ -169,8 +196,11 @@ class StepBatcher:
 
     def submit(self, job: Job, on_done: Callable[[torch.Tensor], None] | None = None,
                on_partial: Callable[[int, torch.Tensor], None] | None = None,
-               on_error: Callable[[BaseException], None] | None = None) -> Ticket:
+               on_error: Callable[[BaseException], None] | None = None, max_work: int | None = None) -> Ticket:
         """Queue a job (validated first: a bad one raises here and queues nothing).
+
+        ``max_work`` bounds the wait: a job that would bring the outstanding work (``work``, row-steps) past it
+        raises QueueFull and queues nothing, unless nothing is outstanding (so any valid job can run).
 
         Callbacks run on the stepping thread: ``on_partial(index, image)`` per preview, then
         exactly one of ``on_done(image)`` or ``on_error(exc)``; images are [3, H, W] float32 CPU
@@ -178,10 +208,13 @@ class StepBatcher:
         """
         self.validate(job)
         ticket = Ticket(job, self._wake)
-        ticket._entry = Entry(_Work(ticket, on_done, on_partial, on_error), self._bucket(job), job.steps,
-                              rows=1 if job.guidance == 1.0 else 2, group=(job.steps, job.guidance))
-        with self._cond:
-            self.scheduler.add(ticket._entry)
+        entry = ticket._entry = Entry(_Work(ticket, on_done, on_partial, on_error), self._bucket(job), job.steps,
+                                      rows=1 if job.guidance == 1.0 else 2, group=(job.steps, job.guidance))
+        with self._cond:  # the check and the add under one lock: concurrent submits cannot both pass the bound
+            work, job_work = self.scheduler.work(), entry.steps * entry.rows
+            if max_work is not None and work and work + job_work > max_work:
+                raise QueueFull(work, job_work, max_work, self.scheduler.seconds_for(work + job_work - max_work))
+            self.scheduler.add(entry)
             self._cond.notify_all()
         return ticket
 
@@ -200,6 +233,7 @@ class StepBatcher:
             batch = self.scheduler.batch(plan.bucket)
         if batch:
             self._denoise(plan.bucket, batch)
+        self._progress_at = time.monotonic()
         return True
 
     def run(self, stop: threading.Event) -> None:
@@ -214,6 +248,7 @@ class StepBatcher:
             if not worked:
                 with self._cond:
                     if not self.scheduler.has_work():
+                        self._progress_at = time.monotonic()
                         self._cond.wait(IDLE_POLL_S)
 
     def generate(self, jobs: Sequence[Job]) -> list[torch.Tensor]:
