@@ -35,11 +35,10 @@ from .outcomes import FAULT_KILL_ENV, FAULT_MARKER_ENV, FAULT_STATE_KILL_ENV  # 
 from .results import STATUSES, read_results, result_row, results_parquet  # noqa: F401  (read_results: API)
 from .work import PlannedConcept, concept_config, to_concept
 
-# Forwarded to the Train workers so they reach the same S3 endpoint and model cache as the driver.
+# Forwarded to the workers of a joined cluster so they reach the same S3 endpoint and model cache as the
+# driver. Never credentials: a cluster's workers use their nodes' own (README, "Running on a Ray cluster").
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
                  "HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
-# Credentials are forwarded only to a Ray the job starts itself; a cluster's workers use their own role.
-CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 START_ATTEMPT_S = 15.0  # each try to place the worker group waits this long for resources
 ABORT_WAIT_S = 30.0
 
@@ -104,13 +103,12 @@ class BatchSummary:
 
 
 def _init_ray(config: BatchConfig) -> bool:
-    """Join or start Ray; returns True when this call started it (and so must shut it down)."""
+    """Start a local Ray, or join the one named by --address (or RAY_ADDRESS); returns True when this call
+    connected (and so must shut Ray down). A Ray started here runs the workers with this process's
+    environment, credentials included; a joined cluster gets only FORWARDED_ENV (catversion.cluster.output)."""
     from catversion.cluster import connect
 
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    if config.address is None:
-        env.update({k: os.environ[k] for k in CREDENTIAL_ENV if k in os.environ})
-    return connect(config.address, env)
+    return connect(config.address, {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
 
 
 def _group_size(config: BatchConfig, concepts: int) -> tuple[int, int]:
@@ -181,14 +179,16 @@ def _trainer(config: BatchConfig, run_id: str, dispatcher, concepts: int):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from catversion.cluster.output import SECRET_NAME, check_no_secrets
     from catversion.cluster.ray_internals import controller_callback
 
     from .work import WorkerConfig
     from .worker import train_worker
 
-    # Test hooks and any extra settings the caller asks the workers to see (the S3 endpoint, the
-    # model cache and credentials reach them through the job's runtime environment, see _init_ray).
-    env = {k: v for k, v in os.environ.items() if k.startswith("CATVERSION_")}
+    # Test hooks and any extra settings the caller asks the workers to see (the S3 endpoint and the model
+    # cache reach them as _init_ray says). Ray logs a runtime environment in plain text: no secrets here.
+    check_no_secrets(config.worker_env or {}, "the Train workers' runtime environment")
+    env = {k: v for k, v in os.environ.items() if k.startswith("CATVERSION_") and not SECRET_NAME.search(k)}
     env.update(config.worker_env or {})
     use_gpu = config.gpus_per_worker > 0
     fewest, most = _group_size(config, concepts)
@@ -299,9 +299,12 @@ def run_batch(config: BatchConfig, log: Callable[[str], None] = print,
                      storage_path=storage.absolute(config.storage_path) if config.storage_path else None)
     run_id = config.run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     budget = storage.RetryBudget(config.storage_retry_s)
-    report = validate_manifest(config.manifest, check_images=False)
+    report = validate_manifest(config.manifest, check_images=False, allowed_roots=config.allow_images_under,
+                               strict=config.strict)
     log(f"[batch {run_id}] manifest: {len(report.concepts)} valid concepts, {len(report.rejected)} rejected, "
         f"{report.rows} rows")
+    for warning in report.warnings:
+        log(f"warning: {warning}")
     # This run's marker goes up before planning: a run that starts later sees it and claims; one
     # already running is seen here (and notices this one within seconds).
     marker = claims.RunMarker(config.output, run_id, config.claim_ttl_s, budget, log=log)

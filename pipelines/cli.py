@@ -142,7 +142,8 @@ def _validate_on_cluster(manifest, args: argparse.Namespace):
 
     started = _init_ray(BatchConfig(manifest=manifest, output="", address=args.address))
     try:
-        return validate_manifest(manifest, checker=ray_checker(quiet=args.quiet))
+        return validate_manifest(manifest, checker=ray_checker(quiet=args.quiet),
+                                 allowed_roots=args.allow_images_under, strict=args.strict)
     finally:
         if started:
             ray.shutdown()

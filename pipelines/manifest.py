@@ -2,6 +2,8 @@
 
 The schema is defined here once (docs/contracts.md, "The manifest"). A concept that breaks it is rejected
 by name with every reason, never trained on fewer images than the user gave, and never stops the rest.
+A manifest is input from whoever wrote it: its local image paths are confined to its own folder and the
+folders the operator allows, checked here and again just before a worker reads the file.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +27,17 @@ from catversion.recipe import TrainConfig, image_digest
 REQUIRED_COLUMNS = ("concept_id", "class_word")
 IMAGE_COLUMNS = ("image_uri", "image_bytes")  # each row gives exactly one of them
 OVERRIDE_COLUMNS: dict[str, type] = {"caption": str, "steps": int, "learning_rate": float, "batch_size": int, "seed": int}
+KNOWN_COLUMNS = (*REQUIRED_COLUMNS, *IMAGE_COLUMNS, *OVERRIDE_COLUMNS)
+PANDAS_INDEX_PREFIX = "__index_level_"  # pandas' to_parquet writes an unnamed non-default index so: not data
+# CLIP reads at most 77 tokens (75 between its start and end tokens), and its byte-level BPE never makes
+# more tokens than a text has UTF-8 bytes, so a class word within this many bytes takes at most 48 tokens
+# and leaves at least 27 for the rest of a caption or prompt ("a photo of a {} on a beach"). Checked in
+# bytes, without loading a tokenizer (docs/contracts.md, "The manifest").
+MAX_CLASS_WORD_BYTES = 48
+# The folders (os.pathsep-separated) whose images any manifest may name, besides its own folder: the
+# setting behind `catversion batch --allow-images-under DIR`, for every command that reads a manifest.
+ALLOW_IMAGES_ENV = "CATVERSION_ALLOW_IMAGES_UNDER"
+ALLOW_IMAGES_FLAG = "--allow-images-under"
 
 # read_manifest's provenance columns: which source file (index into the sources) and which row of it.
 SOURCE_COLUMN = "__manifest_source__"
@@ -43,6 +57,7 @@ class ImageRef:
     uri: str | None  # resolved URI to fetch at training time; None when inline
     data: bytes | None  # the inline image_bytes; None for a URI
     digest: str | None = None  # training.image_digest of the bytes, once validation has checked the image
+    root: str | None = None  # a local image: the folder (real path) validation confined it to; read only inside it
 
 
 @dataclass
@@ -64,14 +79,16 @@ class ConceptSpec:
             "image_uris": [image.uri for image in self.images],
             "image_data": [image.data for image in self.images],
             "image_digests": [image.digest for image in self.images],
+            "image_roots": [image.root for image in self.images],
         }
 
     @classmethod
     def from_row(cls, row: dict) -> ConceptSpec:
         # Ray may hand list columns back as numpy arrays: accept any sequence.
-        columns = (row["image_names"], row["image_uris"], row["image_data"], row["image_digests"])
-        images = [ImageRef(str(name), _optional(uri, str), _optional(data, bytes), _optional(digest, str))
-                  for name, uri, data, digest in zip(*columns, strict=True)]
+        columns = (row["image_names"], row["image_uris"], row["image_data"], row["image_digests"], row["image_roots"])
+        images = [ImageRef(str(name), _optional(uri, str), _optional(data, bytes), _optional(digest, str),
+                           _optional(root, str))
+                  for name, uri, data, digest, root in zip(*columns, strict=True)]
         overrides = row["overrides"]
         return cls(
             concept_id=str(row["concept_id"]),
@@ -89,6 +106,7 @@ class ManifestReport:
     concepts: list[ConceptSpec]  # the valid concepts, in order of first appearance
     problems: dict[str, list[str]]  # concept id as given (or "<row N of SRC>" when it has none) -> every reason
     images_checked: bool = True  # whether every image was fetched and decoded
+    warnings: list[str] = field(default_factory=list)  # about the manifest as a whole (e.g. unknown columns)
 
     @property
     def rejected(self) -> list[str]:
@@ -100,7 +118,7 @@ class ManifestReport:
             "manifest": list(self.sources), "rows": self.rows, "ok": bool(self.concepts) and not self.problems,
             "valid": [concept.concept_id for concept in self.concepts],
             "images": sum(len(concept.images) for concept in self.concepts),
-            "rejected": dict(self.problems), "images_checked": self.images_checked,
+            "rejected": dict(self.problems), "images_checked": self.images_checked, "warnings": list(self.warnings),
         }
 
     def format(self) -> str:
@@ -113,6 +131,7 @@ class ManifestReport:
             f"{len(self.problems)} rejected)",
             "images: fetched and decoded" if self.images_checked else "images: not checked (not fetched or decoded)",
         ]
+        lines += [f"warning: {warning}" for warning in self.warnings]
         for concept_id, reasons in self.problems.items():
             lines.append(f"rejected concept {concept_id!r}:")
             lines += [f"  - {reason}" for reason in reasons]
@@ -162,7 +181,8 @@ ImageChecker = Callable[[list[ImageRef]], list[tuple[str | None, str | None]]]
 
 
 def validate_manifest(uri: str | list[str], check_images: bool = True, max_workers: int = 16,
-                      checker: ImageChecker | None = None) -> ManifestReport:
+                      checker: ImageChecker | None = None, allowed_roots: Sequence[str] | None = None,
+                      strict: bool = False) -> ManifestReport:
     """Group the manifest's rows into concepts, keep the valid ones and say why each other one was rejected.
 
     Without ``check_images`` this reads only the parquet files: schema, ids, class words and
@@ -171,9 +191,15 @@ def validate_manifest(uri: str | list[str], check_images: bool = True, max_worke
     also fetched, fully decoded and hashed: by ``checker`` (a function from image refs to
     ``(sha256, problem)`` each, e.g. one that fans out over a Ray cluster), else by a local pool of
     ``max_workers`` threads.
+
+    A local image path (absolute, file:// or relative, with symlinks and ``..`` followed) must lie in the
+    folder of the manifest file that lists it or in one of ``allowed_roots`` or ALLOW_IMAGES_ENV's folders;
+    a concept naming any other file is rejected without that file being opened or stat'ed. A column the
+    schema does not know is a warning in the report, or, with ``strict``, a ManifestError.
     """
     table, sources = read_manifest(uri)
-    rows = _Rows(table, sources)
+    warnings = _unknown_columns(table, sources, strict)
+    rows = _Rows(table, sources, image_roots(allowed_roots))
     groups: dict[str, list[int]] = {}
     for i, concept_id in enumerate(rows.values("concept_id")):
         groups.setdefault(concept_id or f"<{rows.where(i)}>", []).append(i)
@@ -189,7 +215,56 @@ def validate_manifest(uri: str | list[str], check_images: bool = True, max_worke
         else:
             caption = chosen.pop("caption", None)
             concepts.append(ConceptSpec(key, class_word, refs, caption, chosen))
-    return ManifestReport(sources, table.num_rows, concepts, problems, images_checked=check_images)
+    return ManifestReport(sources, table.num_rows, concepts, problems, images_checked=check_images, warnings=warnings)
+
+
+def image_roots(allowed: Sequence[str] | None = None) -> list[str]:
+    """The real paths of the folders any manifest may name local images under: ``allowed`` (the
+    --allow-images-under folders) and those of ALLOW_IMAGES_ENV."""
+    given = [*(allowed or []), *(p for p in os.environ.get(ALLOW_IMAGES_ENV, "").split(os.pathsep) if p)]
+    roots = []
+    for folder in given:
+        if storage.is_s3(folder) or ("://" in folder and not folder.startswith("file://")):
+            raise ManifestError(f"{ALLOW_IMAGES_FLAG} (or {ALLOW_IMAGES_ENV}) takes local folders, got {folder!r}; "
+                                "images on S3 need no allowing")
+        roots.append(_real_path(folder))
+    return list(dict.fromkeys(roots))
+
+
+def confinement_problem(ref: ImageRef) -> str | None:
+    """Why a local image must not be read now, else None. Workers ask just before reading: the file system
+    may have changed since validation confined the path (a symlink swapped in since)."""
+    if ref.uri is None or storage.is_s3(ref.uri):
+        return None
+    if ref.root is None:
+        return f"image {ref.name} was not confined to an allowed folder when the manifest was checked; it was not read"
+    if not _within(_real_path(ref.uri), ref.root):
+        return (f"image {ref.name} now resolves outside {ref.root}, the folder it was allowed under when the "
+                "manifest was checked; it was not read")
+    return None
+
+
+def _real_path(uri: str) -> str:
+    """The path a local URI opens, with every symlink and ``..`` resolved (as `storage` reads it)."""
+    return os.path.realpath(storage.local_path(uri))
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _unknown_columns(table: pa.Table, sources: list[str], strict: bool) -> list[str]:
+    """The warning about columns the schema does not know (a misspelt override would be silently unused)."""
+    unknown = [name for name in table.column_names if name not in (*KNOWN_COLUMNS, SOURCE_COLUMN, ROW_COLUMN)
+               and not name.startswith(PANDAS_INDEX_PREFIX)]
+    if not unknown:
+        return []
+    where = f"manifest {sources[0]}" if len(sources) == 1 else f"the manifest files ({_count(len(sources), 'file')})"
+    text = (f"{where} has {_count(len(unknown), 'column')} that catversion does not read: "
+            f"{', '.join(map(repr, unknown))}; the known columns are {', '.join(KNOWN_COLUMNS)}")
+    if strict:
+        raise ManifestError(f"{text}. Rename or remove them (--strict refuses unknown columns)")
+    return [f"{text}. They are ignored: rename a misspelt one, or pass --strict to refuse such a manifest"]
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -265,8 +340,10 @@ def _is_binary(arrow_type: pa.DataType) -> bool:
 class _Rows:
     """The manifest's columns as Python values, with the name of each row for messages."""
 
-    def __init__(self, table: pa.Table, sources: list[str]):
-        self.sources = sources
+    def __init__(self, table: pa.Table, sources: list[str], allowed: list[str]):
+        self.sources, self.allowed = sources, allowed
+        # Each local manifest file's folder (real path), where its local images may be; None for S3.
+        self.folders = [None if storage.is_s3(source) else os.path.dirname(_real_path(source)) for source in sources]
         self.types = {name: table.schema.field(name).type for name in table.column_names}
         absent = [None] * table.num_rows  # one shared list for every optional column the manifest lacks
         self.columns = {name: table.column(name).to_pylist() if name in table.column_names else absent
@@ -283,6 +360,20 @@ class _Rows:
 
     def where(self, i: int) -> str:
         return f"row {self.row(i)} of {self.source(i)}"
+
+    def confining_root(self, i: int, path: str) -> str | None:
+        """The folder (its manifest file's, or an allowed one) that local image ``path`` of row i lies in."""
+        real = _real_path(path)
+        folder = self.folders[self.columns[SOURCE_COLUMN][i]]
+        return next((root for root in (folder, *self.allowed) if root is not None and _within(real, root)), None)
+
+    def outside(self, i: int, uri: str) -> str:
+        """The reason for a local image path outside every folder it may be in (nothing about the file itself)."""
+        folder = "" if storage.is_s3(self.source(i)) else f" ({os.path.dirname(storage.local_path(self.source(i)))})"
+        allowed = ", ".join(self.allowed) or "none"
+        return (f"image_uri {uri!r} on {self.where(i)} is outside the manifest's folder{folder} and the folders "
+                f"allowed with {ALLOW_IMAGES_FLAG} ({allowed}); move the image there, or allow its folder with "
+                f"{ALLOW_IMAGES_FLAG} DIR (or {ALLOW_IMAGES_ENV})")
 
     def where_all(self, indices: Sequence[int]) -> str:
         """``rows 2, 5 of a.parquet and row 0 of b.parquet``."""
@@ -324,7 +415,14 @@ def _class_word(rows: _Rows, members: list[int], reasons: list[str]) -> str | No
         reasons.append(f"class_word is empty on {rows.where_all(empty)}")
     distinct = list(dict.fromkeys(words[i] for i in members if words[i] and words[i].strip()))
     if len(distinct) > 1:
-        reasons.append(f"class_word differs between rows: {', '.join(map(repr, distinct))}; a concept has one class word")
+        shown = ", ".join(repr(word) if len(word) <= 40 else f"{word[:40]!r}…" for word in distinct)
+        reasons.append(f"class_word differs between rows: {shown}; a concept has one class word")
+    for word in distinct:
+        size = len(word.encode())
+        if size > MAX_CLASS_WORD_BYTES:
+            reasons.append(f"class_word {word[:40]!r}{'…' if len(word) > 40 else ''} is {size} UTF-8 bytes long; the "
+                           f"limit is {MAX_CLASS_WORD_BYTES} (it must fit CLIP's 77-token window with the rest of a "
+                           "caption or prompt): give the plain base-class word, e.g. 'teapot'")
     return distinct[0] if distinct else None
 
 
@@ -349,7 +447,11 @@ def _image_refs(rows: _Rows, members: list[int], reasons: list[str]) -> list[Ima
                                "an absolute path, or a path relative to the manifest")
                 continue
             resolved = storage.resolve(uri, rows.source(i))
-            key, ref = resolved, ImageRef(resolved, resolved, None)
+            root = None if storage.is_s3(resolved) else rows.confining_root(i, resolved)
+            if root is None and not storage.is_s3(resolved):  # checked before anything touches the file
+                reasons.append(rows.outside(i, uri))
+                continue
+            key, ref = resolved, ImageRef(resolved, resolved, None, root=root)
         else:
             # Inline bytes are hashed here (as cheap as reading them): no fetch is ever needed for them.
             key, ref = bytes(data), ImageRef(f"{rows.source(i)}#row{rows.row(i)}", None, bytes(data), image_digest(data))
@@ -427,6 +529,8 @@ def _check_locally(refs: list[ImageRef], max_workers: int) -> list[tuple[str | N
 
 def check_image(ref: ImageRef) -> tuple[str | None, str | None]:
     """(digest, None) for a usable image, else (None, why). A fetched image's bytes are dropped on return."""
+    if (problem := confinement_problem(ref)) is not None:
+        return None, problem
     try:
         data, name = read_source(ref.data if ref.data is not None else ref.uri, ref.name)
         decode_image(data, name)

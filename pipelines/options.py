@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import MISSING, dataclass, field, fields
 
 from catversion import layout
@@ -99,8 +100,18 @@ class BatchConfig:
         DEFAULT_CLAIM_WAIT_S, flag="--claim-wait", metavar="SECONDS",
         help="how long to wait for a concept another run is training before reporting it as skipped "
              "(default: %(default)s)")
-    address: str | None = option(None, flag="--address",
-                                 help="Ray cluster address (default: start or join a local Ray)")
+    address: str | None = option(
+        None, flag="--address",
+        help="Ray cluster to join: HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS when set, as in a Ray "
+             "Job, else a new local Ray of this command's own, never one already running)")
+    allow_images_under: list[str] | None = option(
+        None, flag="--allow-images-under", action="append", metavar="DIR",
+        help="a folder whose images the manifest may name, besides the manifest's own folder (repeatable; also "
+             "CATVERSION_ALLOW_IMAGES_UNDER, folders separated by ':'); a local image anywhere else is rejected")
+    strict: bool = option(
+        False, flag="--strict", action="store_true",
+        help="refuse a manifest with a column catversion does not read (e.g. a misspelt override), instead of "
+             "warning about it")
     run_id: str | None = option(
         None, flag="--run-id",
         help=f"name of this run under PREFIX/{layout.RUNS_FOLDER}/ (default: timestamp + random suffix)")
@@ -139,6 +150,11 @@ class BatchConfig:
             value = getattr(self, name)
             if not (_is_number(value) and math.isfinite(value) and value >= 0):
                 found.append((name, f"must be a number >= 0, got {value!r}"))
+        for folder in self.allow_images_under or []:
+            if "://" in str(folder) and not str(folder).startswith("file://"):
+                found.append(("allow_images_under", f"takes local folders, got {folder!r} (images on S3 need no allowing)"))
+            elif not os.path.isdir(str(folder).removeprefix("file://")):
+                found.append(("allow_images_under", f"{folder!r} is not a folder"))
         for name in ("resources_timeout_s", "storage_retry_s", "claim_ttl_s", "claim_wait_s", "resize_interval_s"):
             value = getattr(self, name)
             if not (_is_number(value) and math.isfinite(value) and value > 0):

@@ -2,6 +2,8 @@
 
 import hashlib
 import io
+import json
+import os
 
 import boto3
 import numpy as np
@@ -12,11 +14,14 @@ import pytest
 from helpers import png_bytes
 from catversion.layout import CONCEPT_ID_RE
 from pipelines.manifest import (
+    ALLOW_IMAGES_ENV,
+    MAX_CLASS_WORD_BYTES,
     ROW_COLUMN,
     SOURCE_COLUMN,
     ConceptSpec,
     ImageRef,
     ManifestError,
+    check_image,
     manifest_sources,
     read_manifest,
     validate_manifest,
@@ -57,7 +62,7 @@ def test_valid_local_manifest_with_relative_absolute_file_uri_and_inline_images(
     c = write_image(tmp_path / "elsewhere" / "c.png", 3)
     inline = [png_bytes(4), png_bytes(5)]
     manifest = write_manifest(tmp_path / "batch" / "manifest.parquet", [
-        {"concept_id": "teapot", "class_word": "teapot", "image_uri": "photos/a.png", "notes": "extra columns are ignored"},
+        {"concept_id": "teapot", "class_word": "teapot", "image_uri": "photos/a.png", "notes": "an unknown column"},
         {"concept_id": "teapot", "class_word": "teapot", "image_uri": str(tmp_path / "elsewhere" / "b.png")},
         {"concept_id": "mug_2.v1", "class_word": "mug", "image_bytes": inline[0], "caption": "a photo of a mug",
          "steps": 500, "learning_rate": 0.005, "batch_size": 4, "seed": 7},
@@ -66,10 +71,14 @@ def test_valid_local_manifest_with_relative_absolute_file_uri_and_inline_images(
          "steps": 500, "learning_rate": 0.005, "batch_size": 4, "seed": 7},
     ])
 
-    report = validate_manifest(manifest)
+    report = validate_manifest(manifest, allowed_roots=[str(tmp_path / "elsewhere")])  # b.png and c.png live there
 
     assert report.problems == {} and report.rejected == []
     assert report.sources == [manifest] and report.rows == 5
+    assert report.warnings == [
+        f"manifest {manifest} has 1 column that catversion does not read: 'notes'; the known columns are concept_id, "
+        "class_word, image_uri, image_bytes, caption, steps, learning_rate, batch_size, seed. They are ignored: "
+        "rename a misspelt one, or pass --strict to refuse such a manifest"]
     assert [c.concept_id for c in report.concepts] == ["teapot", "mug_2.v1"]
     teapot, mug = report.concepts
     assert teapot.class_word == "teapot" and teapot.caption is None and teapot.overrides == {}
@@ -77,6 +86,7 @@ def test_valid_local_manifest_with_relative_absolute_file_uri_and_inline_images(
         str(tmp_path / "batch" / "photos" / "a.png"), str(tmp_path / "elsewhere" / "b.png"), f"file://{tmp_path}/elsewhere/c.png"]
     assert [ref.name for ref in teapot.images] == [ref.uri for ref in teapot.images]
     assert [ref.digest for ref in teapot.images] == [sha(a), sha(b), sha(c)]
+    assert [ref.root for ref in teapot.images] == [str(tmp_path / "batch"), *[str(tmp_path / "elsewhere")] * 2]
     assert all(ref.data is None for ref in teapot.images)  # URI images are not kept in memory
     assert mug.class_word == "mug" and mug.caption == "a photo of a mug"
     assert mug.overrides == {"steps": 500, "learning_rate": 0.005, "batch_size": 4, "seed": 7}
@@ -84,6 +94,7 @@ def test_valid_local_manifest_with_relative_absolute_file_uri_and_inline_images(
     assert [(ref.name, ref.uri, ref.data, ref.digest) for ref in mug.images] == [
         (f"{manifest}#row2", None, inline[0], sha(inline[0])), (f"{manifest}#row4", None, inline[1], sha(inline[1]))]
     assert "verdict: OK, all 2 concepts valid" in report.format()
+    assert f"warning: {report.warnings[0]}" in report.format() and report.to_dict()["warnings"] == report.warnings
 
 
 def test_manifest_in_s3_with_absolute_and_relative_image_keys(s3_bucket):
@@ -377,3 +388,151 @@ def test_concept_spec_round_trips_through_rows_arrow_and_numpy():
                 for spec in specs]
     assert [ConceptSpec.from_row(row) for row in as_numpy] == specs
     assert type(ConceptSpec.from_row(specs[2].to_row()).overrides["learning_rate"]) is float
+
+
+def test_local_images_are_confined_to_the_manifests_folder_and_the_allowed_ones(tmp_path, monkeypatch):
+    """A hostile manifest cannot make catversion read a file outside its own folder (absolute, file://, '..' or
+    through a symlink), whether that file exists or not, until the operator allows a folder explicitly."""
+    monkeypatch.delenv(ALLOW_IMAGES_ENV, raising=False)
+    batch, outside = tmp_path / "batch", tmp_path / "outside"
+    inside = write_image(batch / "photos" / "a.png", 1)
+    escaped = write_image(outside / "x.png", 2)
+    (batch / "photos" / "link.png").symlink_to(outside / "x.png")
+    (batch / "photos" / "dirlink").symlink_to(outside)
+    hostile = {"etc": "/etc/passwd", "file-uri": "file:///etc/passwd", "dotdot": "../outside/x.png",
+               "dotdot-absent": "../outside/absent.png", "symlink": "photos/link.png", "dir-symlink": "photos/dirlink/x.png"}
+    rows = [{"concept_id": "good", "class_word": "thing", "image_uri": "photos/../photos/a.png"},
+            *({"concept_id": cid, "class_word": "thing", "image_uri": uri} for cid, uri in hostile.items())]
+    manifest = write_manifest(batch / "m.parquet", rows)
+
+    report = validate_manifest(manifest)
+
+    assert [c.concept_id for c in report.concepts] == ["good"] and report.concepts[0].images[0].digest == sha(inside)
+    for n, (concept_id, uri) in enumerate(hostile.items(), start=1):
+        assert report.problems[concept_id] == [
+            f"image_uri {uri!r} on row {n} of {manifest} is outside the manifest's folder ({batch}) and the folders "
+            f"allowed with --allow-images-under (none); move the image there, or allow its folder with "
+            f"--allow-images-under DIR (or {ALLOW_IMAGES_ENV})",
+            "no usable image: none of its rows gives a valid image"]
+    text = json.dumps(report.to_dict()) + report.format()
+    passwd = open("/etc/passwd", "rb").read()
+    for secret in (sha(passwd), sha(escaped), passwd.splitlines()[0].decode()):
+        assert secret not in text
+
+    # Allowing the outside folder (flag or setting) lets its images in, however they are named; /etc stays out.
+    for allowed, env, shown in (([str(outside)], None, f"{outside}"),
+                                (None, f"{tmp_path / 'elsewhere'}{os.pathsep}{outside}", f"{tmp_path}/elsewhere, {outside}")):
+        if env:
+            monkeypatch.setenv(ALLOW_IMAGES_ENV, env)
+        report = validate_manifest(manifest, allowed_roots=allowed)
+        assert set(report.problems) == {"etc", "file-uri", "dotdot-absent"}
+        assert f"allowed with --allow-images-under ({shown});" in report.problems["etc"][0]
+        assert report.problems["dotdot-absent"] == [f"image {batch}/../outside/absent.png does not exist"]
+        ok = {c.concept_id: c.images[0] for c in report.concepts}
+        assert {cid: (ref.digest, ref.root) for cid, ref in ok.items()} == {
+            "good": (sha(inside), str(batch)), **{cid: (sha(escaped), str(outside)) for cid in ("dotdot", "symlink", "dir-symlink")}}
+    with pytest.raises(ManifestError, match="--allow-images-under .or CATVERSION_ALLOW_IMAGES_UNDER. takes local folders"):
+        validate_manifest(manifest, allowed_roots=["s3://bucket/photos"])
+
+
+def test_a_worker_rechecks_confinement_before_reading(tmp_path, monkeypatch):
+    """Defence in depth: a symlink swapped to point outside after validation is refused where the image is read."""
+    monkeypatch.delenv(ALLOW_IMAGES_ENV, raising=False)
+    write_image(tmp_path / "real.png", 1)
+    write_image(tmp_path.parent / f"{tmp_path.name}-outside.png", 2)
+    (tmp_path / "link.png").symlink_to(tmp_path / "real.png")
+    manifest = write_manifest(tmp_path / "m.parquet", [{"concept_id": "c", "class_word": "thing", "image_uri": "link.png"}])
+    [ref] = validate_manifest(manifest, check_images=False).concepts[0].images
+    assert check_image(ref)[1] is None
+
+    (tmp_path / "link.png").unlink()
+    (tmp_path / "link.png").symlink_to(tmp_path.parent / f"{tmp_path.name}-outside.png")
+
+    assert check_image(ref) == (None, f"image {tmp_path}/link.png now resolves outside {tmp_path}, the folder it was "
+                                      "allowed under when the manifest was checked; it was not read")
+    assert check_image(ImageRef(str(tmp_path / "real.png"), str(tmp_path / "real.png"), None))[1] == (
+        f"image {tmp_path}/real.png was not confined to an allowed folder when the manifest was checked; it was not read")
+
+
+def test_an_undecodable_file_is_named_without_quoting_its_bytes(tmp_path):
+    """PIL's own error text quotes a header's bytes (here a file that starts like a PPM): never passed on."""
+    write_image(tmp_path / "ok.png", 1)
+    (tmp_path / "fake.ppm").write_bytes(b"P6\nroot:x:0:0:root:/root:/bin/bash\n")
+    (tmp_path / "fake2.ppm").write_bytes(b"P6\nSECRETVALUE 4\n255\n")
+    manifest = write_manifest(tmp_path / "m.parquet", [
+        {"concept_id": "ppm", "class_word": "thing", "image_uri": "fake.ppm"},
+        {"concept_id": "ppm2", "class_word": "thing", "image_uri": "fake2.ppm"},
+    ])
+
+    report = validate_manifest(manifest)
+
+    for concept_id, file in (("ppm", "fake.ppm"), ("ppm2", "fake2.ppm")):
+        assert report.problems[concept_id] == [
+            f"image {tmp_path}/{file} is not a decodable image (PIL failed with ValueError: it is corrupt, truncated, "
+            "or not the format its first bytes claim)"]
+    assert "root:x" not in report.format() and "SECRETVALUE" not in report.format()
+
+
+def test_class_words_must_fit_the_text_encoders_window(tmp_path):
+    write_image(tmp_path / "a.png", 1)
+    words = {"at-limit": "x" * MAX_CLASS_WORD_BYTES, "over": "x" * (MAX_CLASS_WORD_BYTES + 1),
+             "multibyte": "é" * 25, "huge": "teapot" * 2000}
+    manifest = write_manifest(tmp_path / "m.parquet", [
+        {"concept_id": cid, "class_word": word, "image_uri": "a.png"} for cid, word in words.items()])
+
+    report = validate_manifest(manifest, check_images=False)
+
+    assert [c.concept_id for c in report.concepts] == ["at-limit"]
+    limit = (f"the limit is {MAX_CLASS_WORD_BYTES} (it must fit CLIP's 77-token window with the rest of a caption or "
+             "prompt): give the plain base-class word, e.g. 'teapot'")
+    assert report.problems == {
+        "over": [f"class_word {'x' * 40!r}… is 49 UTF-8 bytes long; {limit}"],
+        "multibyte": [f"class_word {'é' * 25!r} is 50 UTF-8 bytes long; {limit}"],
+        "huge": [f"class_word {('teapot' * 7)[:40]!r}… is 12000 UTF-8 bytes long; {limit}"],
+    }
+
+
+def test_unknown_columns_warn_naming_the_known_ones_or_refuse_the_manifest_when_strict(tmp_path):
+    import pandas as pd
+
+    write_image(tmp_path / "a.png", 1)
+    frame = pd.DataFrame([{"concept_id": "dog", "class_word": "dog", "image_uri": "a.png", "stpes": 500}], index=[7])
+    frame.to_parquet(tmp_path / "m.parquet")  # a non-default index: pandas stores it as a column, not data
+    manifest = str(tmp_path / "m.parquet")
+    assert "__index_level_0__" in pq.read_schema(manifest).names
+
+    report = validate_manifest(manifest, check_images=False)
+
+    assert [c.concept_id for c in report.concepts] == ["dog"] and report.concepts[0].overrides == {}
+    known = "concept_id, class_word, image_uri, image_bytes, caption, steps, learning_rate, batch_size, seed"
+    assert report.warnings == [f"manifest {manifest} has 1 column that catversion does not read: 'stpes'; the known "
+                               f"columns are {known}. They are ignored: rename a misspelt one, or pass --strict to "
+                               "refuse such a manifest"]
+    with pytest.raises(ManifestError) as refused:
+        validate_manifest(manifest, check_images=False, strict=True)
+    assert str(refused.value) == (f"manifest {manifest} has 1 column that catversion does not read: 'stpes'; the known "
+                                  f"columns are {known}. Rename or remove them (--strict refuses unknown columns)")
+
+
+def test_batch_flags_allow_images_under_and_strict_reach_validation(ray_session, tmp_path, capsys, monkeypatch):
+    """`catversion batch --validate-only`: --allow-images-under lets an outside folder's images in (the Ray
+    tasks that fetch them check the folder again), --strict turns an unknown column into an error; a folder
+    that is not one is a usage error naming the flag."""
+    from catversion.cli import main
+
+    monkeypatch.delenv(ALLOW_IMAGES_ENV, raising=False)
+    write_image(tmp_path / "outside" / "a.png", 1)
+    manifest = write_manifest(tmp_path / "batch" / "m.parquet", [
+        {"concept_id": "dog", "class_word": "dog", "image_uri": "../outside/a.png", "stpes": 5}])
+    command = ["batch", "--manifest", manifest, "--validate-only", "--quiet", "--json"]
+
+    assert main(command) == 3
+    assert list(json.loads(capsys.readouterr().out)["rejected"]) == ["dog"]
+    assert main([*command, "--allow-images-under", str(tmp_path / "outside")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["valid"] == ["dog"] and report["images_checked"] and "'stpes'" in report["warnings"][0]
+    assert main([*command, "--allow-images-under", str(tmp_path / "outside"), "--strict"]) == 1
+    assert "has 1 column that catversion does not read: 'stpes'" in capsys.readouterr().err
+    assert main(["batch", "--manifest", manifest, "--output", str(tmp_path / "out"),
+                 "--allow-images-under", str(tmp_path / "nothing-here")]) == 2
+    assert f"--allow-images-under {str(tmp_path / 'nothing-here')!r} is not a folder" in capsys.readouterr().err
