@@ -59,6 +59,7 @@ HOOKS: dict[str, tuple[str, str]] = {
     "autoscaler namespace": ("ray._raylet", "GCS_AUTOSCALER_STATE_NAMESPACE"),
     "kv put": ("ray.experimental.internal_kv", "_internal_kv_put"),
     "kv del": ("ray.experimental.internal_kv", "_internal_kv_del"),
+    "gcs port variable": ("ray._private.ray_constants", "GCS_PORT_ENVIRONMENT_VARIABLE"),
 }
 # Attributes of the worker module that route_driver_output() replaces or calls.
 WORKER_ATTRIBUTES = ("print_to_stdstream", "global_worker_stdstream_dispatcher")
@@ -115,6 +116,29 @@ def route_driver_output(print_error_message: Callable[..., None], print_logs: Ca
         dispatcher.remove_handler("ray_print_logs")
         dispatcher.add_handler("ray_print_logs", print_logs)
     return True
+
+
+# ---- starting a local Ray (catversion.cluster.output) -----------------------------------------------
+
+@contextlib.contextmanager
+def head_address_for_new_ray(address: str):
+    """Within the block, a Ray head that ray.init starts listens at ``address`` (HOST:PORT; Ray reads a new
+    head's GCS port from an environment variable only), and every process it starts has RAY_ADDRESS set to
+    it. A Ray component that looks its own cluster up (Ray Train's placement-group cleaner asks the State
+    API, which otherwise picks the latest cluster `ray start` made on this machine: maybe another user's)
+    then finds this one. The command's own environment is as before after the block."""
+    port_variable = _hook("gcs port variable")
+    names = (port_variable, "RAY_ADDRESS")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({port_variable: address.rsplit(":", 1)[1], "RAY_ADDRESS": address})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # ---- the cluster (catversion.cluster.resources) -----------------------------------------------------
