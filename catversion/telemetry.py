@@ -44,9 +44,15 @@ CONCEPT_SECONDS = MetricSpec(
 )
 
 # ---- serving (serve/) ----------------------------------------------------------------------------
-REQUESTS = MetricSpec("catversion_requests", "counter", "HTTP generation requests by route and status", ("route", "status"))
+# `status` is the HTTP status sent ("200", "429", …), or ABANDONED for a request whose client went away
+# before its answer was complete (a closed connection, a stream read no further): neither a success nor an error.
+ABANDONED = "abandoned"
+REQUESTS = MetricSpec("catversion_requests", "counter",
+                      f"HTTP generation requests by route and status (the HTTP status, or '{ABANDONED}': the client left "
+                      "first)", ("route", "status"))
 REQUEST_SECONDS = MetricSpec(
-    "catversion_request_seconds", "histogram", "Request latency by route and status (a stream: until its last event)",
+    "catversion_request_seconds", "histogram",
+    f"Request latency by route and status (a stream: until its last event; '{ABANDONED}': until the client left)",
     ("route", "status"), SECONDS_BUCKETS
 )
 IMAGES = MetricSpec("catversion_images_generated", "counter", "Images generated (finished samples)")

@@ -14,13 +14,17 @@ streaming (SSE) and error formats. `build_app(args)` is the Serve config YAML en
 
 import asyncio
 import base64
+import contextvars
 import hmac
 import json
 import logging
+import math
+import os
 import secrets
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,16 +34,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.exceptions import ReplicaUnavailableError as RayReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catversion import __version__, layout, limits, storage, telemetry
 from catversion.cluster import ray_metric
 
 from .cache import LISTING_DEADLINE_S, CacheEvents, ListingUnavailableError, ModelListing, ResidualCache
+from .autoscaling import DEMAND_POLICY, SHED_DEMAND, ShedDemand
 from .config import ServeSettings
-from .errors import (GenerationFailedError, InvalidParameterError, OverloadedError, RequestError,
-                     UnusableResidualError, openai_error, request_error)
+from .errors import (GenerationFailedError, GeneratorUnavailableError, InvalidParameterError, OverloadedError,
+                     RequestError, ServiceUnavailableError, UnusableResidualError, openai_error, request_error)
 from .images import MEDIA_TYPES, ImageNotFoundError, ImageStore, encode_image
 
 logger = logging.getLogger("catversion.serve")
@@ -53,6 +60,24 @@ IGNORED_FIELDS = ("quality", "style", "user", "moderation", "safety_identifier",
 # OpenAI fields that would change the result and that this server cannot honour: 400 when set.
 UNSUPPORTED_FIELDS = {"svg": "SVG output is not supported", "frame_count": "GIF output is not supported",
                       "frame_duration_ms": "GIF output is not supported"}
+GENERATOR_DEPLOYMENT = "Generator"  # the deployment's name: its class's
+GENERATOR_MAX_ONGOING = 4096  # requests a generator replica takes at once: its own work bound refuses sooner
+# A denoising step that has not finished after this long fails the generator's health check: a UNet call
+# that hangs. Far above any real step (SD1.5 on a CPU with a full batch takes tens of seconds).
+STALL_LIMIT_S = 300.0
+READINESS_TTL_S = 1.0  # readiness asks Serve's controller at most this often (probes are open to anyone)
+# Ray's errors for a call whose generator replica is gone (killed, crashed, its node lost) or cannot be
+# reached: the call may go again, to another replica.
+REPLICA_GONE = (RayActorError, RayReplicaUnavailableError)
+# The request id of the request being answered: Serve's proxy puts it in the x-request-id header and sends
+# it back as X-Request-ID; a 500's message and the log line with its traceback both carry it.
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("catversion_request_id", default="-")
+
+
+def current_request_id() -> str:
+    """The id of the request being answered ("-" outside one). Serve pickles the Ingress class by value,
+    and a ContextVar cannot be pickled: its methods read the id through this function."""
+    return request_id.get()
 
 
 # ---- the OpenAI wire format -------------------------------------------------------------------
@@ -142,19 +167,48 @@ def _errors(*statuses: int) -> dict:
 
 ERROR_MEANINGS = {400: "invalid request", 401: "missing or invalid API key", 404: "unknown model, route or image",
                   413: "request body too large", 422: "the concept's residual cannot be used", 429: "at capacity",
-                  503: "residual store unreachable"}
+                  503: "residual store unreachable, or no warm generator replica"}
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
                    param: str | None = None) -> JSONResponse:
-    """An error the HTTP layer itself decides (auth, body size, schema, routes), in OpenAI's body."""
+    """An error the HTTP layer itself decides (auth, body size, schema, routes), in OpenAI's body; one log line."""
+    replica_logger.info("request %s: %d %s: %s", current_request_id(), status, code, message)
     return JSONResponse(openai_error(message, type_=type_, code=code, param=param), status_code=status)
 
 
 def request_error_response(error: RequestError) -> JSONResponse:
-    """A request's error as a JSON response: its status and `RequestError.body()`, the body a stream's
-    error event carries too."""
-    return JSONResponse(error.body(), status_code=error.status)
+    """A request's error as a JSON response: its status, `RequestError.body()` (the body a stream's error
+    event carries too) and Retry-After when the error has one. One log line: INFO for a client's error,
+    WARNING for a 5xx (a 500's traceback was logged where it was caught, by `unexpected`)."""
+    if error.status != 500:
+        log = replica_logger.info if error.status < 500 else replica_logger.warning
+        log("request %s: %d %s: %s", current_request_id(), error.status, error.code, error.message)
+    headers = None if error.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def unexpected(exc: BaseException, doing: str) -> GenerationFailedError:
+    """A 500 for a failure that is no request's own: logged once, with its traceback and the request id,
+    which the client's message names too, so that a report leads to the log line."""
+    replica_logger.error("request %s: unexpected failure %s", current_request_id(), doing, exc_info=exc)
+    return GenerationFailedError(f"the server failed {doing}; retry, or report request id {current_request_id()}")
+
+
+def as_request_error(exc: BaseException, doing: str) -> RequestError:
+    """What a failure is answered with: a request's own error as it is (also when Ray wrapped it); Ray's
+    backpressure 429; no generator replica (none running, its replica gone, none in replica_wait_s) 503; the
+    store unreachable 503; anything else a logged 500 (`unexpected`)."""
+    if isinstance(exc, BackPressureError):
+        return OverloadedError("the server is at capacity; retry shortly", retry_after_s=exc.retry_after_s)
+    if isinstance(exc, (*REPLICA_GONE, DeploymentUnavailableError, TimeoutError)):
+        replica_logger.warning("request %s: no generator replica %s: %r", current_request_id(), doing, exc)
+        return GeneratorUnavailableError("no generator replica is available (one is starting or being replaced); "
+                                         "retry after the Retry-After seconds")
+    if isinstance(exc, storage.StorageError):
+        replica_logger.warning("request %s: storage unreachable %s: %s", current_request_id(), doing, exc)
+        return ServiceUnavailableError("the storage is unreachable; retry shortly")
+    return request_error(exc) or unexpected(exc, doing)
 
 
 def read_keys(path: str | None) -> list[bytes]:
@@ -202,8 +256,12 @@ class _CacheMetrics(CacheEvents):
         self._size.set(entries, {"replica": self.replica})
 
 
-@serve.deployment(max_ongoing_requests=64, autoscaling_config={"min_replicas": 1, "max_replicas": 1,
-                                                               "target_ongoing_requests": 16})
+# max_ongoing_requests is high because the generator bounds its own queue, by work (max_queued_work): a
+# request waiting in Serve's router instead would be neither admitted nor refused. health_check_period_s
+# is short so that Serve (and readiness, which asks Serve) learns of a dead or stalled replica within seconds.
+@serve.deployment(max_ongoing_requests=GENERATOR_MAX_ONGOING, health_check_period_s=2.0,
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16,
+                                      "policy": {"policy_function": DEMAND_POLICY}})
 class Generator:
     """One frozen base model per replica, one step-level running batch, residuals from a fresh cache."""
 
@@ -232,7 +290,9 @@ class Generator:
         self._ready = threading.Event()  # set when the warm-up has ended, well or not
         self._warm_up_error: BaseException | None = None
         self.warm_up_seconds: float | None = None
-        threading.Thread(target=self._steps, name="catversion-steps", daemon=True).start()
+        self._shed = ShedDemand()
+        self._stepper = threading.Thread(target=self._steps, name="catversion-steps", daemon=True)
+        self._stepper.start()
         encoder = self.images.encoder
         try:
             replica = serve.get_replica_context().replica_tag
@@ -268,18 +328,36 @@ class Generator:
         self.batcher.run(self._stop)
 
     async def check_health(self) -> None:
-        """Ray Serve's probe. A new replica counts as started (and gets requests) only once its first
-        check passes, so this waits for the warm-up; a failed warm-up fails it (Serve replaces the replica)."""
+        """Ray Serve's probe (liveness, every health_check_period_s). A new replica counts as started (and
+        gets requests) only once its first check passes, so this waits for the warm-up; a failed warm-up, a
+        stepping thread that has ended or a denoising step that hangs fails it, and Serve replaces the replica."""
         while not self._ready.is_set():
             await asyncio.sleep(0.1)
         if self._warm_up_error is not None:
             raise RuntimeError(f"the generator's warm-up failed: {self._warm_up_error!r}")
+        if not self._stepper.is_alive():
+            raise RuntimeError("the generator's stepping thread has ended")
+        stalled = self.batcher.stalled_s()
+        if stalled > STALL_LIMIT_S:
+            raise RuntimeError(f"no denoising step has finished for {stalled:.0f} s although samples wait (a UNet call hangs)")
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics, read by serve/autoscaling.py: the demand this replica shed."""
+        return {SHED_DEMAND: self._shed.demand()}
 
     def info(self) -> dict:
         runner = self.images.unet_runner
         return {"model": self.base.model_id, "resolution": self.base.resolution, "size_multiple": self.images.size_multiple,
                 "device": str(self.base.device), "precision": self.base.precision, "compiled": runner.compiled,
-                "unet_buckets": list(runner.buckets), "warm_up_seconds": self.warm_up_seconds}
+                "unet_buckets": list(runner.buckets), "warm_up_seconds": self.warm_up_seconds, "pid": os.getpid()}
+
+    async def model(self, model: str) -> dict:
+        """``describe`` for the ingress: {"model": its metadata} or {"error": RequestError}. The error is a value,
+        not raised: Serve logs a raised one as a failed request with its traceback, and a 404 is no failure."""
+        try:
+            return {"model": await self.describe(model)}
+        except RequestError as exc:
+            return {"error": exc}
 
     async def describe(self, model: str) -> dict:
         """Metadata of a concept's residual, checked against storage now (within storage_deadline_s; a cached
@@ -288,22 +366,19 @@ class Generator:
         keys = ("class_word", "caption", "base_model", "steps", "final_loss")
         return {**{k: residual.meta.get(k) for k in keys}, "sha256": residual.sha256}
 
-    async def generate(self, item: dict) -> dict:
-        """One finished image as {"image": bytes, "seed"}; raises a RequestError for this request's own problem."""
-        async for event in self._events(item):
-            if event["kind"] == "done":
-                return event
-        raise RuntimeError("the generator stopped before the image was done")
-
     async def generate_stream(self, item: dict):
-        """{"kind": "accepted"}, then {"kind": "partial", "index", "image"} previews, then {"kind": "done", …}."""
-        async for event in self._events(item):
-            yield event
+        """{"kind": "accepted"}, then {"kind": "partial", "index", "image"} previews, then {"kind": "done", …};
+        this request's own problem ends it with {"kind": "error", "error": RequestError} (a value: see ``model``)."""
+        try:
+            async for event in self._events(item):
+                yield event
+        except RequestError as exc:
+            yield {"kind": "error", "error": exc}
 
     async def _events(self, item: dict):
         from catversion.images import to_pil
         from catversion.residual import IncompatibleResidualError
-        from catversion.stepbatch import Job
+        from catversion.stepbatch import Job, QueueFull
 
         residual = None
         if item["model"] != BASE_MODEL_ID:
@@ -322,11 +397,15 @@ class Generator:
         try:
             ticket = self.batcher.submit(job, on_done=lambda image: put("done", image),
                                          on_partial=lambda index, image: put("partial", index, image),
-                                         on_error=lambda exc: put("error", exc))
+                                         on_error=lambda exc: put("error", exc), max_work=self.settings.queued_work_bound)
         except IncompatibleResidualError as exc:
             raise UnusableResidualError(f"model {item['model']!r} cannot be used: {exc}") from None
         except ValueError as exc:  # validated at the ingress; kept as this request's error, never a crash
             raise InvalidParameterError(str(exc)) from None
+        except QueueFull as exc:
+            self._shed.shed()
+            raise OverloadedError("the server has more work queued than it can start soon; retry after the Retry-After "
+                                  "seconds", retry_after_s=exc.retry_after_s) from None
         yield {"kind": "accepted"}
         try:
             while True:
@@ -339,6 +418,7 @@ class Generator:
                     yield {"kind": "partial", "index": rest[0], "image": image}
                 else:
                     self.generated.inc()
+                    self._shed.served(time.monotonic() - ticket.submitted_at)
                     yield {"kind": "done", "image": image, "seed": item["seed"]}
                     return
         finally:
@@ -347,6 +427,12 @@ class Generator:
 
 
 # ---- the HTTP ingress --------------------------------------------------------------------------
+
+
+async def _result(response) -> Any:
+    """A Serve DeploymentResponse awaited in a coroutine (what asyncio.wait_for takes)."""
+    return await response
+
 
 api = FastAPI(
     title="catversion",
@@ -358,17 +444,20 @@ bearer = HTTPBearer(auto_error=False, description="an API key from the server's 
 
 
 class _Guard:
-    """ASGI middleware: the API key, then the body size, both before the app sees the request.
+    """ASGI middleware: the API key, then the body size, both before the app sees the request; and the
+    last word on errors, so that no route answers in plain text.
 
     The body is read here as it arrives, counted chunk by chunk (Content-Length or chunked), and
-    refused with 413 as soon as it passes the limit; the app then reads the buffered copy. Serve
-    freezes a copy of the FastAPI app at import, so the middleware is registered here and its
-    settings are class attributes that each Ingress replica sets.
+    refused with 413 as soon as it passes the limit; the app then reads the buffered copy. An exception
+    that leaves the app before its response began is answered here in OpenAI's body (`as_request_error`:
+    a 500 carries the request id its log line carries). Serve freezes a copy of the FastAPI app at
+    import, so the middleware is registered here and its settings are class attributes that each
+    Ingress replica sets.
     """
 
     max_bytes = ServeSettings.__dataclass_fields__["max_body_bytes"].default
     keys: list[bytes] = []
-    OPEN = ("/healthz", "/docs", "/redoc", "/openapi.json", "/v1/images/files/")
+    OPEN = ("/healthz", "/livez", "/readyz", "/docs", "/redoc", "/openapi.json", "/v1/images/files/")
 
     def __init__(self, app):
         self.app = app
@@ -389,6 +478,23 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        header = next((value for name, value in scope.get("headers", []) if name == b"x-request-id"), None)
+        request_id.set(header.decode("latin-1") if header else uuid.uuid4().hex)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._checked(scope, receive, tracked)
+        except Exception as exc:
+            error = as_request_error(exc, f"answering {scope['method']} {scope['path']}")
+            if not started:  # after the status line nothing can be said any more: the log line is all
+                await request_error_response(error)(scope, receive, send)
+
+    async def _checked(self, scope, receive, send):
         if not self._authorized(scope):
             response = error_response(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
                                       code="invalid_api_key")
@@ -461,27 +567,124 @@ class Ingress:
                                     ttl_s=s.models_ttl_s, wait_s=s.storage_deadline_s)
         self.requests = ray_metric(telemetry.REQUESTS)
         self.latency = ray_metric(telemetry.REQUEST_SECONDS)
+        self._app = serve.get_replica_context().app_name
+        self._readiness: tuple[float, int] = (-math.inf, 0)  # (when asked, warm generator replicas then)
+        self._readiness_lock = asyncio.Lock()
 
     async def _model_info(self) -> dict:
         async with self._info_lock:  # one call in flight, not one per request of the first burst
             if self._info is None:
-                self._info = await self.generator.info.remote()
+                self._info = await self._call("info")
         return self._info
+
+    async def _call(self, method: str, *args) -> Any:
+        """A generator method's result within replica_wait_s (TimeoutError after it), called again once
+        when its replica is gone (Serve routes the second call to a live replica)."""
+        for attempt in (1, 2):
+            response = getattr(self.generator, method).remote(*args)
+            try:
+                return await asyncio.wait_for(_result(response), self.settings.replica_wait_s)
+            except REPLICA_GONE as exc:
+                if attempt == 2:
+                    raise
+                replica_logger.warning("request %s: the generator replica of %s() is gone (%r); calling another",
+                                       current_request_id(), method, exc)
+            except TimeoutError:
+                response.cancel()
+                raise
+
+    async def _image_events(self, item: dict):
+        """One image's events from a generator replica: accepted, its previews, done; a request's own
+        problem is raised as its RequestError.
+
+        The first event must come within replica_wait_s (TimeoutError: no replica took the request). A
+        replica that dies before a preview or the image has been passed on is replaced once: the call goes
+        again, to a live replica, and makes the same image (its seed is fixed in ``item``). Closing this
+        generator (the client went away) cancels the call, and the sample leaves the running batch."""
+        passed_on = accepted = False
+        for attempt in (1, 2):
+            stream = self.generator.options(stream=True).generate_stream.remote(item)
+            done = False
+            try:
+                event = await asyncio.wait_for(anext(stream), self.settings.replica_wait_s)
+                while not done:
+                    if event["kind"] == "error":
+                        raise event["error"]
+                    done = event["kind"] == "done"
+                    if event["kind"] != "accepted" or not accepted:
+                        passed_on, accepted = passed_on or event["kind"] != "accepted", True
+                        yield event
+                    if not done:
+                        event = await anext(stream)
+                return
+            except REPLICA_GONE as exc:
+                if passed_on or attempt == 2:
+                    raise
+                replica_logger.warning("request %s: its generator replica is gone (%r); sending it to another",
+                                       current_request_id(), exc)
+            finally:
+                if not done:
+                    stream.cancel()
+
+    async def _images(self, items: list[dict]) -> list[dict]:
+        """Every item's finished image ({"image", "seed"}); when one fails, the others are cancelled."""
+        async def image(item: dict) -> dict:
+            return [event async for event in self._image_events(item)][-1]  # it ends with "done" or raises
+
+        tasks = [asyncio.ensure_future(image(item)) for item in items]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:  # after a failure (one image refused, say) or a cancellation; done ones ignore it
+                task.cancel()
+
+    async def _not_ready(self) -> str | None:
+        """Why the service cannot make images now, or None: readiness is a warm generator replica. Serve's
+        controller counts a generator replica RUNNING only once its health check has passed (after its
+        warm-up) and stops counting it when a check fails or its process dies (health_check_period_s)."""
+        async with self._readiness_lock:
+            asked, running = self._readiness
+            if time.monotonic() - asked > READINESS_TTL_S:
+                running = await asyncio.to_thread(self._warm_generators)
+                self._readiness = (time.monotonic(), running)
+        return None if running else ("no generator replica is warm (one is starting, warming up or being replaced); "
+                                     "retry after the Retry-After seconds")
+
+    def _warm_generators(self) -> int:
+        application = serve.status().applications.get(self._app)
+        deployment = application.deployments.get(GENERATOR_DEPLOYMENT) if application else None
+        return deployment.replica_states.get("RUNNING", 0) if deployment else 0
 
     async def _concepts(self) -> list[str]:
         """The concept ids: the last good listing at once; ListingUnavailableError (503) only before the first."""
         return await self._models.get()
 
-    def _record(self, started: float, status: int) -> None:
+    def _record(self, started: float, status: int | str) -> None:
+        """Count a generation request: its HTTP status, or telemetry.ABANDONED when its client left first."""
         labels = {"route": GENERATIONS, "status": str(status)}
         self.requests.inc(1, labels)
         self.latency.observe(time.perf_counter() - started, labels)
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict:
+    @api.get("/livez")
+    async def livez(self) -> dict:
+        """Liveness: this ingress replica answers. Serve replaces a replica whose health check fails."""
+        return {"status": "ok", "version": __version__}
+
+    @api.get("/readyz", responses=_errors(503))
+    async def readyz(self) -> JSONResponse:
+        """Readiness: 200 while a generator replica is warm, else 503 (OpenAI's body, Retry-After)."""
+        why = await self._not_ready()
+        if why is not None:
+            return request_error_response(GeneratorUnavailableError(why))
         info = await self._model_info()
-        return {"status": "ok", "model": info["model"], "device": info["device"], "precision": info["precision"],
-                "compiled": info["compiled"], "warm_up_seconds": info["warm_up_seconds"], "version": __version__}
+        return JSONResponse({"status": "ok", "model": info["model"], "device": info["device"],
+                             "precision": info["precision"], "compiled": info["compiled"],
+                             "warm_up_seconds": info["warm_up_seconds"], "version": __version__})
+
+    @api.get("/healthz", responses=_errors(503))
+    async def healthz(self) -> JSONResponse:
+        """/readyz under its older name."""
+        return await self.readyz()
 
     @api.get("/v1/models", dependencies=[Depends(bearer)], response_model=ModelList, responses=_errors(401, 503))
     async def list_models(self) -> JSONResponse:
@@ -500,13 +703,12 @@ class Ingress:
         if model_id == BASE_MODEL_ID:
             return JSONResponse({**body, "base_model": (await self._model_info())["model"]})
         try:
-            described = await self.generator.describe.remote(model_id)
+            described = await self._call("model", model_id)
         except Exception as exc:
-            error = request_error(exc)
-            if error is None:
-                raise
-            return request_error_response(error)
-        return JSONResponse({**body, **described})
+            return request_error_response(as_request_error(exc, "describing a model"))
+        if "error" in described:
+            return request_error_response(described["error"])
+        return JSONResponse({**body, **described["model"]})
 
     @api.post(GENERATIONS, dependencies=[Depends(bearer)], response_model=ImagesResponse,
               responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -518,23 +720,17 @@ class Ingress:
             items, shape = await self._items(body)
             if body.stream:
                 return await self._stream(items[0], body, shape, started)
-            results = await asyncio.gather(*[self.generator.generate.remote(item) for item in items])
+            results = await self._images(items)
             data = await asyncio.gather(*[self._image_data(r, body, request) for r in results])
             response = JSONResponse({"created": int(time.time()), "data": data, "background": "opaque",
                                      "output_format": body.output_format or "png", "size": shape})
+        except asyncio.CancelledError:  # the client went away (Serve cancels the request): no status was sent
+            self._record(started, telemetry.ABANDONED)
+            raise
         except Exception as exc:
-            response = self._error_response(exc)
+            response = request_error_response(as_request_error(exc, "while generating"))
         self._record(started, response.status_code)
         return response
-
-    @staticmethod
-    def _error_response(exc: Exception) -> JSONResponse:
-        if isinstance(exc, BackPressureError):
-            return request_error_response(OverloadedError("the server is at capacity; retry shortly"))
-        error = request_error(exc)  # the generator's errors arrive wrapped by Ray
-        if error is None:
-            raise exc
-        return request_error_response(error)
 
     async def _image_data(self, result: dict, body: ImageGenerationRequest, request: Request) -> dict:
         entry: dict[str, Any] = {"revised_prompt": None, "seed": result["seed"]}
@@ -546,12 +742,12 @@ class Ingress:
         return entry
 
     async def _stream(self, item: dict, body: ImageGenerationRequest, shape: str, started: float) -> StreamingResponse:
-        events = self.generator.options(stream=True).generate_stream.remote(item)
-        await events.__anext__()  # "accepted": errors before the first byte (unknown model, …) keep their status
+        events = self._image_events(item)
+        await anext(events)  # "accepted": errors before the first byte (unknown model, overload, …) keep their status
         common = {"background": "opaque", "output_format": body.output_format or "png", "quality": "auto", "size": shape}
 
         async def sse():
-            status = 200
+            status: int | str = telemetry.ABANDONED  # until the last event is out, the client may leave
             try:
                 async for event in events:
                     payload = {**common, "created_at": int(time.time()),
@@ -563,15 +759,14 @@ class Ingress:
                             "input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
                             "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}})
                     yield f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n"
+                status = 200
             except Exception as exc:
-                error = request_error(exc)
-                if error is None:
-                    logger.exception("stream failed")
-                    error = GenerationFailedError("the server failed while generating; retry")
+                error = as_request_error(exc, "while streaming")
                 status = error.status
                 # Once the stream has begun its status is 200: the error travels as an event instead.
                 yield f"event: error\ndata: {json.dumps({'type': 'error', **error.body()})}\n\n"
             finally:
+                await events.aclose()  # a client gone: the generator call is cancelled and its sample leaves
                 self._record(started, status)
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -661,6 +856,9 @@ def build_app(args: dict[str, Any]):
     # Backpressure sits on the generator: the ingress's handle raises BackPressureError → 429.
     generator_options: dict[str, Any] = {"max_queued_requests": settings.max_queued_requests}
     generator_options.update(options.get("Generator", {}))
+    autoscaling = generator_options.get("autoscaling_config")
+    if isinstance(autoscaling, dict) and "policy" not in autoscaling:  # a config's own replaces the decorator's
+        generator_options["autoscaling_config"] = {**autoscaling, "policy": {"policy_function": DEMAND_POLICY}}
     if settings.gpus_per_replica:  # on top of the deployment's own ray_actor_options (num_cpus, say)
         generator_options["ray_actor_options"] = {**(generator_options.get("ray_actor_options") or {}),
                                                   "num_gpus": settings.gpus_per_replica}

@@ -21,13 +21,16 @@ DESCRIPTION = f"""\
 Serve every residual {layout.RESIDUAL_PATTERN} (PREFIX: the `catversion batch --output`) behind an
 OpenAI-Images-compatible HTTP API: POST /v1/images/generations with "model": <concept id>,
 <concept id>@<sha256 prefix> or "base" (stream, png/jpeg/webp, url responses, WIDTHxHEIGHT sizes),
-GET /v1/models, GET /healthz, OpenAPI schema at /docs. Residuals load on first use, are cached and
-are revalidated against storage every residual_ttl_s (5 s). Every request's samples join the running
-UNet batch at the next denoising step, whatever their concept, step count or guidance.
+GET /v1/models, GET /livez and /readyz (/healthz), OpenAPI schema at /docs. Residuals load on first
+use, are cached and are revalidated against storage every residual_ttl_s (5 s). Every request's samples
+join the running UNet batch at the next denoising step, whatever their concept, step count or guidance.
+Every error is an OpenAI error body. A generator replica holds at most max_queued_work (UNet steps x
+rows; default two full batches of default requests): past it a request is refused at once with 429
+and Retry-After. /readyz is 200 only while a generator replica is warm.
 
 Each generator replica warms up before it takes requests: with --compile (the default on a GPU) the
 UNet is compiled once and a CUDA graph is recorded per batch size (1-2 minutes on a GPU); the time
-is logged and shown by GET /healthz.
+is logged and shown by GET /readyz.
 
 --config takes a Ray Serve config YAML; flags given here override its `args`:
   serve/config.yaml      GPU replicas (1 GPU each), for a GPU machine or a cluster (`serve deploy`)
@@ -71,8 +74,7 @@ def register(sub) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the UNet with a CUDA graph per batch size, warmed up before a replica serves "
                         "(default: on when the replica runs on CUDA, or the config's `compile`)")
-    p.add_argument("--address", help="Ray cluster to join: HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS when "
-                                     "set, else a new local Ray of this command's own, never one already running)")
+    p.add_argument("--address", help="Ray cluster address (default: start or join a local Ray)")
     p.add_argument("--quiet", action="store_true",
                    help="print only the 'serving ... at URL' line, warnings and errors")
     p.set_defaults(func=run)

@@ -10,6 +10,9 @@ from catversion.limits import DEFAULT_GUIDANCE, DEFAULT_MODEL, DEFAULT_PRECISION
 SCHEDULERS = ("step", "static")
 COMPILE_CHOICES = ("auto", "on", "off")
 IMAGE_LINKS = ("auto", "endpoint", "presigned")
+# The default bound on a generator's queued work, in full batches: one running and one waiting, so that a
+# request admitted at saturation waits about one batch's time before it joins (benchmarks/serve_overload.py).
+QUEUED_WORK_BATCHES = 2
 REMOVED = {"batch_wait_timeout_s": "step-level batching needs no wait (a request joins the running batch at the next step)"}
 
 
@@ -27,6 +30,11 @@ class ServeSettings:
     max_batch_size: int = 16  # samples per UNet call (the running batch of one image size); UNet buckets go up to 2x this many rows
     scheduler: str = "step"  # step: samples join and leave the running batch at every denoising step; static: whole batches
     max_queued_requests: int = 256  # images waiting for the generator, per ingress replica; beyond this: 429
+    # UNet work a generator replica holds, in row-steps (each sample's remaining denoising steps, twice for a
+    # guided sample's two rows): a request that would pass it is refused at once with 429 and Retry-After, so
+    # queue wait stays bounded. None: QUEUED_WORK_BATCHES full batches of default_steps guided samples.
+    max_queued_work: int | None = None
+    replica_wait_s: float = 10.0  # longest wait for a warm generator replica to take a request (else 503)
     api_key_file: str | None = None  # one key per line; unset = no auth
     max_body_bytes: int = 64 * 1024
     max_n: int = 8
@@ -57,6 +65,8 @@ class ServeSettings:
         for name in ("cache_capacity", "max_batch_size", "max_queued_requests", "max_body_bytes", "max_n", "max_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queued_work is not None and not self.max_queued_work >= 1:
+            problems.append(f"max_queued_work must be >= 1 row-step (or null for the default), got {self.max_queued_work}")
         if not 1 <= self.default_steps <= self.max_steps:
             problems.append(f"default_steps must be in 1..max_steps ({self.max_steps}), got {self.default_steps}")
         if self.scheduler not in SCHEDULERS:
@@ -67,7 +77,7 @@ class ServeSettings:
             problems.append(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
         if self.image_links not in IMAGE_LINKS:
             problems.append(f"image_links must be one of {', '.join(IMAGE_LINKS)}, got {self.image_links!r}")
-        for name in ("residual_ttl_s", "image_url_ttl_s"):
+        for name in ("residual_ttl_s", "image_url_ttl_s", "replica_wait_s"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.storage_deadline_s > 0:
@@ -91,3 +101,10 @@ class ServeSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def queued_work_bound(self) -> int:
+        """``max_queued_work``, or its default: QUEUED_WORK_BATCHES running batches of default requests."""
+        if self.max_queued_work is not None:
+            return self.max_queued_work
+        return QUEUED_WORK_BATCHES * self.max_batch_size * 2 * self.default_steps

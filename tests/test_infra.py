@@ -195,6 +195,24 @@ def test_rayservice_serves_the_documented_serve_config(tmp_path):
         assert any(key_file.parent == Path(m["mountPath"]) for m in mounts), f"{name}: {key_file} is not mounted"
 
 
+def test_rayservice_pods_are_ready_only_while_the_server_says_so():
+    """The serving pods' readiness probe asks the application's own /readyz (200 only while a generator
+    replica is warm; tests/test_serve.py asks it over HTTP), on the port Serve's proxy listens on, without
+    an API key (probes send none)."""
+    from serve.app import _Guard
+
+    service = only_document(RAYSERVICE)
+    cluster = service["spec"]["rayClusterConfig"]
+    port = yaml.safe_load(service["spec"]["serveConfigV2"])["http_options"]["port"]
+    for group in cluster["workerGroupSpecs"]:
+        container = group["template"]["spec"]["containers"][0]
+        probe = container["readinessProbe"]["httpGet"]
+        assert probe["path"] == "/readyz", f"{group['groupName']}: probe {probe}"
+        assert probe["port"] == port and {"name": "serve", "containerPort": port} in container["ports"]
+        assert probe["path"].startswith(_Guard.OPEN), "the probe would need an API key"
+        assert "livenessProbe" not in container, "an application check must not restart the Ray node's pod"
+
+
 def secret_references(node, found=None) -> set[tuple[str, str | None]]:
     """(secret name, key or None for the whole secret) for every Secret a manifest reads."""
     found = set() if found is None else found

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -218,6 +219,30 @@ def test_a_corrupt_or_incompatible_residual_fails_alone(server):
     assert post(url, ok).status_code == 200  # the others keep working
 
 
+def test_a_client_error_is_one_log_line_without_a_traceback(server):
+    """A 404 or 422 is the client's problem, not the server's: one INFO line in the ingress's log naming the
+    request id (the X-Request-ID the client got) and the reason; nothing logged as a failed request."""
+    url = server["url"]
+    responses = [post(url, {"model": "no-such-concept-logged", "prompt": "x", "num_inference_steps": STEPS}),
+                 post(url, {"model": "corrupt", "prompt": "x", "num_inference_steps": STEPS}),
+                 requests.get(f"{url}/v1/models/no-such-concept-logged", headers={"Authorization": f"Bearer {KEY}"},
+                              timeout=30)]
+    assert [r.status_code for r in responses] == [404, 422, 404]
+    folder = Path(os.environ["RAY_TMPDIR"]) / "ray" / "session_latest" / "logs" / "serve"
+
+    def lines(request_id):
+        return [line for path in folder.glob("replica_catversion_*.log")
+                for line in path.read_text(errors="replace").splitlines() if f"request {request_id}:" in line]
+
+    for response in responses:
+        request_id = response.headers["X-Request-ID"]
+        logged = wait_until(lambda: lines(request_id), 30, f"a log line for request {request_id}")
+        assert len(logged) == 1 and logged[0].startswith("INFO")
+        assert f"{response.status_code} {response.json()['error']['code']}" in logged[0]
+    replica_logs = "".join(path.read_text(errors="replace") for path in folder.glob("replica_catversion_*.log"))
+    assert "Request failed" not in replica_logs and "Traceback" not in replica_logs
+
+
 def test_overload_is_refused_with_429(server):
     body = {"model": "base", "prompt": "a photo", "num_inference_steps": 30}
     with ThreadPoolExecutor(8) as pool:
@@ -226,14 +251,17 @@ def test_overload_is_refused_with_429(server):
     statuses = sorted(r.status_code for r in responses)
     assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses
     refused = next(r for r in responses if r.status_code == 429)
-    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert refused.json()["error"]["type"] == "rate_limit_error" and int(refused.headers["Retry-After"]) >= 1
 
 
 def test_health_and_openapi(server):
-    health = requests.get(f"{server['url']}/healthz", timeout=30).json()
+    ready = requests.get(f"{server['url']}/readyz", timeout=30)  # open, like /livez and /healthz: no key
+    assert ready.status_code == 200 and ready.json() == requests.get(f"{server['url']}/healthz", timeout=30).json()
+    health = ready.json()
     assert health["status"] == "ok" and health["device"] == "cpu"
     # on the CPU: the tiny model in fp32, eager (compile auto = off), warmed up before it served
     assert health["precision"] == "fp32" and health["compiled"] is False and health["warm_up_seconds"] > 0
+    assert requests.get(f"{server['url']}/livez", timeout=30).json()["status"] == "ok"
     schema = requests.get(f"{server['url']}/openapi.json", timeout=30).json()
     assert "/v1/images/generations" in schema["paths"] and "/v1/models" in schema["paths"]
     assert json.dumps(schema).count("residual_scale") >= 1
@@ -338,29 +366,25 @@ def test_streaming_with_partial_images_through_the_openai_client(server):
         list(client.images.generate(model="no-such-concept", prompt="x", stream=True))
 
 
-def test_a_stream_that_fails_midway_sends_the_json_error_body_in_an_error_event():
+def test_a_stream_that_fails_midway_sends_the_json_error_body_in_an_error_event(caplog):
     """After the first event the status is sent, so an error travels as `event: error` whose data is
-    {"type": "error", **the body the same error gets as a JSON response}; an unexpected failure is a server_error."""
+    {"type": "error", **the body the same error gets as a JSON response}; an unexpected failure is a
+    server_error whose message names the request id that its one log line (with the traceback) names."""
+    import logging
     from types import SimpleNamespace
 
     from serve.app import ImageGenerationRequest, Ingress, request_error_response
     from serve.errors import UnusableResidualError
 
-    class Generator:  # the generator handle as `_stream` uses it: accepted, one preview, then the failure
-        def __init__(self, failure):
-            self.failure = failure
-
-        def options(self, stream):
-            return SimpleNamespace(generate_stream=SimpleNamespace(remote=self.events))
-
-        async def events(self, item):
-            yield {"kind": "accepted"}
-            yield {"kind": "partial", "index": 0, "image": b"preview"}
-            raise self.failure
-
     def stream(failure):
         recorded = []
-        ingress = SimpleNamespace(generator=Generator(failure), _record=lambda started, status: recorded.append(status))
+
+        async def image_events(item):  # the generator's events as `_stream` gets them: accepted, a preview, the failure
+            yield {"kind": "accepted"}
+            yield {"kind": "partial", "index": 0, "image": b"preview"}
+            raise failure
+
+        ingress = SimpleNamespace(_image_events=image_events, _record=lambda started, status: recorded.append(status))
         body = ImageGenerationRequest(model="teapot-1", prompt="a teapot", stream=True, partial_images=1)
 
         async def run():
@@ -378,10 +402,13 @@ def test_a_stream_that_fails_midway_sends_the_json_error_body_in_an_error_event(
                                      "param": "model", "code": "residual_invalid"}
     assert recorded == [422]
 
+    caplog.set_level(logging.ERROR, logger="ray.serve")
     events, recorded = stream(RuntimeError("CUDA error: an illegal memory access"))
-    assert events[-1] == ("error", {"type": "error", "error": {
-        "message": "the server failed while generating; retry", "type": "server_error", "param": None,
-        "code": "server_error"}})
+    name, data = events[-1]
+    assert name == "error" and data["error"]["type"] == "server_error" and data["error"]["code"] == "server_error"
+    assert data["error"]["message"].startswith("the server failed while streaming; retry, or report request id ")
+    assert "CUDA" not in data["error"]["message"]  # the cause goes to the log, not to the client
+    [logged] = [r for r in caplog.records if r.exc_info and r.exc_info[0] is RuntimeError]
     assert recorded == [500]
 
 
@@ -553,8 +580,11 @@ def test_a_replica_is_ready_only_after_its_warm_up_and_earlier_requests_wait(ray
     item = {"model": "base", "prompt": "a teapot", "negative_prompt": "", "seed": 1, "residual_scale": 1.0, "steps": 2,
             "guidance": 5.0, "height": 64, "width": 64, "partial_images": 0, "output_format": "png", "output_compression": None}
 
+    async def generate(item):  # the finished image's event, as the ingress reads it from the stream
+        return [event async for event in generator.generate_stream(item)][-1]
+
     async def start():
-        early = asyncio.create_task(generator.generate(item))
+        early = asyncio.create_task(generate(item))
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(generator.check_health(), 0.5)
         assert not early.done() and generator.info()["warm_up_seconds"] is None
