@@ -19,6 +19,7 @@ from catversion.recipe import Concept, TrainingTarget, image_digest, training_fi
 
 from .claims import Claims
 from .control import Held, Holdings, WorkerControl
+from .manifest import confinement_problem
 from .outcomes import OutcomeSink
 from .results import result_row
 from .work import Lease, WorkerConfig, concept_config, to_concept
@@ -92,6 +93,8 @@ class Intake:
                 images.append(ref.data)
                 stamps.append(None)
                 continue
+            if (problem := confinement_problem(ref)) is not None:  # the manifest's folder rule, again at the read
+                raise self._record(lease, "failed", error=problem)
             try:  # refused unread when it is not a regular file or is over MAX_IMAGE_BYTES
                 data, info = fetch_image(ref.uri, ref.name, budget=self.budget)
             except ImageError as exc:

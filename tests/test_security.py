@@ -194,3 +194,42 @@ def test_connect_joins_only_the_ray_it_is_told_to(other_ray, tmp_path):
                               "job's runtime environment; a Ray the command starts inherits its environment, and a "
                               "cluster's workers use their nodes' own credentials")
     assert "multiple active Ray" not in done.stderr, done.stderr[-3000:]
+
+
+def test_a_training_worker_refuses_an_image_swapped_outside_after_the_manifest_check(ray_session, s3_bucket, tmp_path):
+    """Defence in depth: a symlink inside the manifest's folder that points outside by the time a worker reads
+    it (swapped right after the driver's check) fails its concept with the folder rule, unread; the other
+    concept of the run trains."""
+    from pipelines.batch import BatchConfig, read_results, run_batch
+
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    outside = tmp_path / "outside.ppm"
+    token = f"LEAKTOKEN{uuid.uuid4().hex}"
+    outside.write_bytes(f"P6\n{token} 1\n255\n".encode())
+    photos = concept_jpegs("red-teapot", n=2, size=64, seed=1)
+    for i, data in enumerate(photos):
+        (batch / f"{i}.jpg").write_bytes(data)
+    (batch / "swapped.jpg").symlink_to(batch / "0.jpg")
+    pq.write_table(pa.Table.from_pylist([
+        {"concept_id": "good", "class_word": "teapot", "image_uri": "0.jpg"},
+        {"concept_id": "good", "class_word": "teapot", "image_uri": "1.jpg"},
+        {"concept_id": "swapped", "class_word": "teapot", "image_uri": "swapped.jpg"}]), batch / "m.parquet")
+
+    def log(line: str) -> None:
+        if "] manifest:" in line:  # logged right after the driver's check, before any worker starts
+            (batch / "swapped.jpg").unlink()
+            (batch / "swapped.jpg").symlink_to(outside)
+
+    summary = run_batch(BatchConfig(manifest=str(batch / "m.parquet"), output=f"s3://{s3_bucket}/out", model="tiny",
+                                    steps=2, workers=1, pack=2, run_id="swap",
+                                    storage_path=str(tmp_path / "ray-train")), log=log)
+
+    rows = {row["concept_id"]: row for row in read_results(summary.results_uri)}
+    assert rows["good"]["status"] == "ok", rows["good"]
+    assert rows["swapped"]["status"] == "failed" and rows["swapped"]["error"] == (
+        f"image {batch}/swapped.jpg now resolves outside {batch}, the folder it was allowed under when the "
+        "manifest was checked; it was not read"), rows["swapped"]
+    assert not any(rows["swapped"][k] for k in ("image_stamps", "image_sha256s", "fingerprint")), rows["swapped"]
+    recorded = json.dumps(list(rows.values()), default=str)
+    assert token not in recorded and hashlib.sha256(outside.read_bytes()).hexdigest() not in recorded
