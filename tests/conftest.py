@@ -67,7 +67,8 @@ def ray_session(s3_endpoint, tmp_path_factory):
 
     os.environ["RAY_TMPDIR"] = str(tmp_path_factory.mktemp("ray"))
     metrics_port = free_port()
-    ray.init(num_cpus=4, object_store_memory=100 * 1024**2, include_dashboard=False,
+    # address="local": a Ray of the session's own, even when another one runs on the machine.
+    ray.init(address="local", num_cpus=4, object_store_memory=100 * 1024**2, include_dashboard=False,
              log_to_driver=False, configure_logging=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000})
     yield f"http://127.0.0.1:{metrics_port}/metrics"
