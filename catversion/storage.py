@@ -103,6 +103,13 @@ def deadline(seconds: float) -> RetryBudget:
     return RetryBudget(seconds, first_delay=min(0.1, seconds / 20), max_delay=seconds / 4, hard=True)
 
 
+def prepare(uri: str, budget: RetryBudget) -> None:
+    """Build now the S3 client that calls on ``uri`` with a deadline ``budget`` use, so that the first
+    request is not the one to wait for it (building one takes up to a second of CPU); else nothing."""
+    if budget.hard and is_s3(uri):
+        _deadline_client(budget.seconds / 2)
+
+
 SHORT_BUDGET = RetryBudget(10.0)  # the default when a caller passes none (serving uses this)
 LONG_BUDGET = RetryBudget(DEFAULT_STORAGE_RETRY_S)  # batch jobs (catversion batch --storage-retry)
 

@@ -126,6 +126,7 @@ class ResidualCache:
             pool = ThreadPoolExecutor(REVALIDATION_THREADS, thread_name_prefix="catversion-revalidate")
             background = pool.submit
         self._background = background
+        storage.prepare(prefix, budget)
 
     def get(self, model: str) -> Residual:
         """The residual for ``model``: a cached copy at once (checked in the background once ``ttl_s`` old),
@@ -175,8 +176,7 @@ class ResidualCache:
 
     def _current(self, concept: str, force: bool) -> Residual:
         key = (concept, None)
-
-        spawn = False
+        spawn = False  # whether this request found the copy due for a check and queued one
 
         def servable() -> Residual | None:
             """The cached copy while it may be served without asking storage first (call with the lock held)."""
@@ -239,7 +239,7 @@ class ResidualCache:
             if leader:
                 flight = self._flights[key] = _Flight()
         if not leader:
-            flight.done.wait()  # a load or check in progress: bounded by the storage budget
+            flight.done.wait()  # a load or check in progress: bounded by its storage calls' deadlines
             if flight.error is not None:
                 raise flight.error
             with self._lock:

@@ -65,6 +65,7 @@ def test_a_trickling_answer_is_cut_off_at_the_deadline(s3_bucket, proxy):
     """Each read gets bytes well within the socket timeout (half the deadline), so only the deadline ends it."""
     uri = f"s3://{s3_bucket}/big.bin"
     storage.write_bytes(uri, bytes(1024 * 1024))
+    storage.prepare(uri, storage.deadline(DEADLINE_S))  # as a server does at start: no call waits for the client
     proxy.trickle(0.05)  # 1 MiB at 1.3 KB/s: 13 minutes
     waited, error = timed(lambda: storage.read_bytes(uri, budget=storage.deadline(DEADLINE_S)))
     assert isinstance(error, storage.StorageUnavailableError) and "no answer within 2 s" in str(error), error
@@ -76,7 +77,8 @@ def test_a_trickling_answer_is_cut_off_at_the_deadline(s3_bucket, proxy):
 def test_more_calls_than_storage_threads_still_end_within_their_deadline(s3_bucket, proxy):
     """Attempts beyond the storage threads wait in a queue: they time out there, and never run later."""
     uri = f"s3://{s3_bucket}/dog"
-    storage.write_bytes(uri, b"x", budget=storage.deadline(DEADLINE_S))  # the deadline client is built (once)
+    storage.write_bytes(uri, b"x")
+    storage.prepare(uri, storage.deadline(DEADLINE_S))  # as a server does at start: no call waits for the client
     proxy.black_hole()
     waits, errors = [], []
 
@@ -96,8 +98,11 @@ def test_more_calls_than_storage_threads_still_end_within_their_deadline(s3_buck
     assert storage.stat(uri, budget=storage.deadline(DEADLINE_S)).size == 1
 
 
-def test_a_deadline_is_positive_and_batch_budgets_keep_their_long_retries():
+def test_a_deadline_is_positive_and_batch_budgets_keep_their_long_retries(s3_endpoint):
     with pytest.raises(ValueError, match="must be > 0"):
         storage.deadline(0)
     assert not storage.LONG_BUDGET.hard and not storage.SHORT_BUDGET.hard
     assert storage.deadline(2.0).hard and storage.deadline(2.0).seconds == 2.0
+    client = storage.s3_client()  # a batch call's client: botocore's one retry, the long read timeout
+    assert client.meta.config.read_timeout == storage.S3_READ_TIMEOUT and client.meta.config.retries == {
+        "mode": "standard", "total_max_attempts": storage.S3_RETRY_ATTEMPTS}
