@@ -225,6 +225,7 @@ def _hostile_manifest(folder: Path) -> tuple[Path, list[str], dict[str, str]]:
     bad("../escape", "is not valid", image_uri=photo("escape.jpg"))
     bad(None, "has no concept_id", image_uri=photo("no-id.jpg"))
     bad("no-word", "class_word is empty", class_word="", image_uri=photo("no-word.jpg"))
+    bad("long-word", "the limit is", class_word="w" * 10_000, image_uri=photo("long-word.jpg"))
     rows.append({"concept_id": "two-words", "class_word": "cat", "image_uri": photo("two-words-0.jpg")})
     bad("two-words", "class_word differs", class_word="dog", image_uri=photo("two-words-1.jpg"))
     bad("both-images", "has both image_uri and image_bytes", image_uri=photo("both.jpg"), image_bytes=next(jpegs))
@@ -234,6 +235,8 @@ def _hostile_manifest(folder: Path) -> tuple[Path, list[str], dict[str, str]]:
     bad("twice", "is listed twice", image_uri="photos/twice.jpg")
     bad("zero-steps", "steps must be", image_uri=photo("zero-steps.jpg"), steps=0)
     bad("nan-rate", "learning_rate is nan", image_uri=photo("nan-rate.jpg"), learning_rate=float("nan"))
+    bad("system-file", "outside the manifest's folder", image_uri="/etc/passwd")
+    bad("escaping-path", "outside the manifest's folder", image_uri="../../../../etc/passwd")
     # Valid rows whose images fail when planned or fetched: each fails alone, nothing hangs or balloons.
     bad("missing-file", "photos/nowhere.jpg does not exist", image_uri="photos/nowhere.jpg")
     bad("not-an-image", "is not a decodable image", image_uri=photo("garbage.jpg", b"\xff\xd8\xff not a jpeg"))
