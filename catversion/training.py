@@ -25,10 +25,13 @@ with rows that no loss sees up to a bucket (powers of two and the full pack), so
 leaving or having other batch sizes never trigger more than a handful of compiles. On CUDA the UNet
 runs channels-last, and ``pack=None`` picks the pack from the GPU's free memory.
 
-Precision: the text encoder and the residual path run in float32; the UNet and VAE in the base model's
-precision (``BaseModel.precision``), which is recorded in each residual and is part of its training
-fingerprint. Under fp16 the loss is scaled by FP16_LOSS_SCALE so that small gradients survive the
-UNet's backward pass.
+Precision: the residual path (the residual, its AdamW moments, the cached latents, the noise and the
+loss) runs in the text encoder's dtype, which is float32 for every model a loader builds (models.py);
+exactness tests build a float64 copy of the tiny model instead (tests/exactness.py), so packed = alone
+and resumed = uninterrupted can be compared to float64 rounding. The UNet and VAE run in the base
+model's precision (``BaseModel.precision``), which is recorded in each residual and is part of its
+training fingerprint. Under fp16 the loss is scaled by FP16_LOSS_SCALE so that small gradients survive
+the UNet's backward pass.
 """
 
 from __future__ import annotations
@@ -68,8 +71,9 @@ CPU_PACK = 4  # pack=None on the CPU
 MAX_AUTO_PACK = 16  # pack=None on a GPU never goes beyond this (SD1.5: 32 rows is at the GPU's ceiling)
 AUTO_PACK_MEMORY = 0.85  # share of the GPU's free memory pack=None plans to use
 FP16_LOSS_SCALE = 2.0**12  # fp16 only: a static loss scale (bf16 and fp32 need none)
-# Relative gradient error allowed between the compiled and the eager UNet (rounding differs with the precision).
-COMPILE_CHECK_TOLERANCE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
+# Relative gradient error allowed between the compiled and the eager UNet (rounding differs with the precision);
+# fp64 is the exactness tests' float64 model (models.TEST_DTYPES), held to fp32's bound.
+COMPILE_CHECK_TOLERANCE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05, "fp64": 1e-3}
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +131,9 @@ class _ConceptState:
         self.prefix_hidden = prefix_hidden  # [1, S, D] states entering the first patched layer
         self.fingerprint = fingerprint
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        init = torch.randn(residual_shape, generator=self.generator, device=device, dtype=torch.float32)
+        # The residual path's dtype is the text encoder's (that of its cached states): see the module docstring.
+        # Random numbers are drawn in float32 whatever that dtype (_draw), so a float64 run is the same computation.
+        init = _draw(residual_shape, self.generator, prefix_hidden.dtype)
         self.residual = torch.nn.Parameter(init * cfg.init_std)
         # AdamW state as torch.optim.AdamW(fused=True) keeps it: {"step", "exp_avg", "exp_avg_sq"},
         # created at the first step (the trainer's one fused update serves every concept in the pack).
@@ -153,8 +159,8 @@ class _ConceptState:
         index = torch.stack(picks)
         flip = (torch.rand(b, generator=g, device=g.device) < self.cfg.flip_p).long()
         mean, std = self.mean[index, flip], self.std[index, flip]
-        latents = (mean + std * torch.randn(mean.shape, generator=g, device=g.device)) * scaling
-        noise = torch.randn(latents.shape, generator=g, device=g.device)
+        latents = (mean + std * _draw(mean.shape, g, mean.dtype)) * scaling
+        noise = _draw(latents.shape, g, mean.dtype)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g, device=g.device)
         return scheduler.add_noise(latents, noise, timesteps), timesteps, noise
 
@@ -264,6 +270,12 @@ class _ConceptState:
         for tensor in tensors:
             if tensor.is_cuda:
                 tensor.record_stream(stream)
+
+
+def _draw(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal numbers from ``generator``, drawn in float32 (torch draws other values in another dtype)
+    and converted exactly: the float64 exactness tests see the very numbers a float32 run sees."""
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(dtype)
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:
@@ -479,11 +491,11 @@ class ResidualTrainer:
         """VAE posterior mean/std of each image and its horizontal flip: [N, 2, C, h, w] each."""
         both = torch.stack([pixels, pixels.flip(-1)], dim=1).flatten(0, 1)
         means, stds = [], []
-        vae = self.base.vae
+        vae, dtype = self.base.vae, self.encoder.dtype  # latents are kept in the residual path's dtype
         for chunk in both.split(8):
             dist = vae.encode(chunk.to(self.device, vae.dtype)).latent_dist
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
+            means.append(dist.mean.to(dtype))
+            stds.append(dist.std.to(dtype))
         shape = (pixels.shape[0], 2) + means[0].shape[1:]
         return torch.cat(means).view(shape), torch.cat(stds).view(shape)
 
@@ -630,7 +642,8 @@ class ResidualTrainer:
             hidden.append(state.prefix_hidden.expand(b, -1, -1))
             sizes.append(b)
         dtype = self.base.unet.dtype
-        # Conditioning from the cached pre-patch states: only the patched layers run per step, in float32.
+        # Conditioning from the cached pre-patch states: only the patched layers run per step, in the text
+        # encoder's dtype (float32).
         cond = self.encoder.forward_patched(torch.cat(hidden), residuals, prefix_logit_bias=biases).to(dtype)
         latents, steps = torch.cat(noisy).to(dtype), torch.cat(timesteps)
         rows = latents.shape[0]
@@ -646,7 +659,7 @@ class ResidualTrainer:
         if check and not self._compiled_gradients_match(latents, steps, cond):
             self.compiled, self.unet = False, self.base.unet
         pred = self.unet(latents, steps, encoder_hidden_states=cond).sample[:rows]
-        per_row = (pred.float() - torch.cat(noise)).square().mean(dim=(1, 2, 3))
+        per_row = (pred.to(self.encoder.dtype) - torch.cat(noise)).square().mean(dim=(1, 2, 3))
         per_concept = torch.stack([rows.mean() for rows in per_row.split(sizes)])
         # loss = sum of per-concept means: each residual gets exactly the gradient it gets alone. A
         # diverged concept is masked out of the sum (its NaNs stay in its own rows) and dropped once read.

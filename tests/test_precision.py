@@ -1,8 +1,8 @@
 """The precision policy and the training speed paths that must not change results.
 
 - the text encoder and the residual path run in float32 whatever the UNet/VAE precision;
-- fp32 training is the reference recipe's computation (VAE-encode, whole text encoder, UNet, MSE,
-  one torch.optim.AdamW per concept, every step);
+- training is the reference recipe's computation (VAE-encode, whole text encoder, UNet, MSE,
+  one torch.optim.AdamW per concept, every step), compared in float64 (tests/exactness.py);
 - the one fused AdamW over a pack equals one optimizer per concept;
 - padding the UNet batch to a static-shape bucket never changes a concept's result;
 - the precision is recorded in the residual and is part of the training fingerprint.
@@ -20,6 +20,13 @@ from catversion.generation import GenerationRequest, ImageGenerator
 from catversion.images import decode_image, to_tensor
 from catversion.models import load_base_model, resolve_precision
 from catversion.training import Concept, ResidualTrainer, TrainConfig, training_fingerprint, training_target
+from exactness import (
+    assert_float64_close,
+    assert_same_float32_rounding,
+    assert_same_training,
+    float64_model,
+    train_saving_every_state,
+)
 from helpers import png_bytes
 
 
@@ -31,6 +38,11 @@ def fp32():
 @pytest.fixture(scope="module")
 def bf16():
     return load_base_model("tiny", precision="bf16")
+
+
+@pytest.fixture(scope="module")
+def fp64():
+    return float64_model()
 
 
 def teapot(steps=5, **config):
@@ -63,23 +75,27 @@ def test_precision_names():
         load_base_model("tiny", dtype=torch.float32, precision="fp32", components=("text_encoder",))
 
 
-def reference_training(base, concept: Concept) -> torch.Tensor:
+def reference_training(base, concept: Concept) -> list[torch.Tensor]:
     """The reference recipe written out the way the authors' code computes it, step by step: the
     VAE encodes the (flipped) images and the whole text encoder runs every step, one AdamW.
+    Returns the residual after each step.
 
-    Random draws come from the concept's own generator in the trainer's order, so the two must agree.
+    Random draws come from the concept's own generator in the trainer's order (in float32, converted to
+    the text encoder's dtype, as the trainer draws them), so the two must agree.
     """
     cfg = concept.config
     trainer = ResidualTrainer(base, pack=1)  # for its patched encoder only
     encoder, vae, unet = trainer.encoder, base.vae, base.unet
+    dtype = encoder.dtype
     scheduler = DDPMScheduler.from_config(base.scheduler_config)
     pixels = torch.stack([to_tensor(decode_image(data, "photo"), base.resolution) for data in concept.images])
     g = torch.Generator().manual_seed(cfg.seed)
-    residual = torch.nn.Parameter(torch.randn(encoder.residual_shape, generator=g) * cfg.init_std)
+    residual = torch.nn.Parameter(torch.randn(encoder.residual_shape, generator=g).to(dtype) * cfg.init_std)
     optimizer = torch.optim.AdamW([residual], lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
     ids = base.tokenize([concept.prompt] * cfg.batch_size)
     order = torch.empty(0, dtype=torch.long)
+    after_each_step = []
     for _ in range(cfg.steps):
         picks = []
         while len(picks) < cfg.batch_size:
@@ -90,75 +106,85 @@ def reference_training(base, concept: Concept) -> torch.Tensor:
         flip = torch.rand(cfg.batch_size, generator=g) < cfg.flip_p
         batch = torch.stack([pixels[i].flip(-1) if f else pixels[i] for i, f in zip(torch.stack(picks), flip)])
         with torch.no_grad():
-            dist = vae.encode(batch).latent_dist
-        latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)) * base.vae_scaling_factor
-        noise = torch.randn(latents.shape, generator=g)
+            dist = vae.encode(batch.to(vae.dtype)).latent_dist
+        latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(dtype)) * base.vae_scaling_factor
+        noise = torch.randn(latents.shape, generator=g).to(dtype)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
         cond = encoder(ids, [residual] * cfg.batch_size, prefix_logit_bias=cfg.prefix_logit_bias)
         pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=cond).sample
         F.mse_loss(pred, noise).backward()
         optimizer.step()
         optimizer.zero_grad()
-    return residual.detach()
+        after_each_step.append(residual.detach().clone())
+    return after_each_step
 
 
-def test_fp32_training_is_the_reference_computation(fp32, bf16):
+def test_training_is_the_reference_computation(fp64):
+    """In float64, where another order of the same arithmetic (the VAE encoding all images at once, the
+    cached lower text layers, one fused AdamW) changes only the last bits, whatever the machine's BLAS.
+    The tolerance is 600 times below float32's precision, so a float32 rounding anywhere on the trainer's
+    path (a cast left in the loss, say) fails it too."""
     concept = teapot()
-    expected = reference_training(fp32, concept)
-    ours = ResidualTrainer(fp32, pack=1).train([concept])[0].residual.tensor
-    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=0)
-    # The comparison can tell precisions apart: a bf16 UNet moves the result well past that tolerance.
-    low = ResidualTrainer(bf16, pack=1).train([concept])[0].residual.tensor
-    assert (low - expected).abs().max() > 1e-4
+    expected = reference_training(fp64, concept)
+    results, states = train_saving_every_state(ResidualTrainer(fp64, pack=1), [concept])
+    for step in range(1, concept.config.steps):
+        assert_float64_close(states["teapot", step]["residual"], expected[step - 1], f"residual after step {step}")
+    assert_same_float32_rounding(results["teapot"].residual.tensor, expected[-1].float(), "final residual")
 
 
-def test_one_fused_adamw_equals_one_optimizer_per_concept(fp32):
-    trainer = ResidualTrainer(fp32, pack=3)
+@pytest.mark.parametrize("model", ["fp32", "fp64"])
+def test_one_fused_adamw_equals_one_optimizer_per_concept(model, request):
+    """Bit for bit against one fused optimizer per concept (the same kernel); against the plain (unfused)
+    optimizer in float64 only, where its other order of the same arithmetic changes only the last bits."""
+    trainer = ResidualTrainer(request.getfixturevalue(model), pack=3)
     configs = [TrainConfig(seed=1), TrainConfig(seed=2, learning_rate=3e-3, weight_decay=0.1),
                TrainConfig(seed=3, adam_betas=(0.8, 0.99), adam_eps=1e-6)]
     states = [trainer.prepare(Concept(f"c{i}", [png_bytes(i)], "cat", config=c)) for i, c in enumerate(configs)]
-    fused = [torch.optim.AdamW([s.residual.detach().clone().requires_grad_()], fused=True, lr=s.cfg.learning_rate,
-                               betas=s.cfg.adam_betas, eps=s.cfg.adam_eps, weight_decay=s.cfg.weight_decay)
-             for s in states]
-    default = [torch.optim.AdamW([s.residual.detach().clone().requires_grad_()], lr=s.cfg.learning_rate,
-                                 betas=s.cfg.adam_betas, eps=s.cfg.adam_eps, weight_decay=s.cfg.weight_decay)
-               for s in states]
+
+    def optimizers(**kind):
+        return [torch.optim.AdamW([s.residual.detach().clone().requires_grad_()], lr=s.cfg.learning_rate,
+                                  betas=s.cfg.adam_betas, eps=s.cfg.adam_eps, weight_decay=s.cfg.weight_decay, **kind)
+                for s in states]
+
+    references = {"fused": optimizers(fused=True), **({"plain": optimizers()} if model == "fp64" else {})}
     g = torch.Generator().manual_seed(0)
     for step in range(6):
         active = states if step >= 2 else states[:2]  # the third concept joins at the third step
         for index, state in enumerate(active):
-            grad = torch.randn(state.residual.shape, generator=g) * 10 ** -index
+            grad = torch.randn(state.residual.shape, generator=g, dtype=state.residual.dtype) * 10 ** -index
             state.residual.grad = grad.clone()
-            for optimizer in (fused[index], default[index]):
-                optimizer.param_groups[0]["params"][0].grad = grad.clone()
-                optimizer.step()
+            for reference in references.values():
+                reference[index].param_groups[0]["params"][0].grad = grad.clone()
+                reference[index].step()
         trainer._adamw(active)
         assert all(s.residual.grad is None for s in active)
-    for state, one, plain in zip(states, fused, default):
+    for index, state in enumerate(states):
+        one = references["fused"][index]
         alone = one.param_groups[0]["params"][0]
         assert torch.equal(state.residual.detach(), alone.detach())  # bit for bit
         moments = one.state[alone]
         assert all(torch.equal(state.moments[key], moments[key]) for key in ("exp_avg", "exp_avg_sq", "step"))
-        torch.testing.assert_close(state.residual.detach(), plain.param_groups[0]["params"][0].detach(),
-                                   atol=1e-6, rtol=1e-6)
+        if "plain" in references:
+            plain = references["plain"][index].param_groups[0]["params"][0]
+            assert_float64_close(state.residual.detach(), plain.detach(), f"c{index} against the plain AdamW")
     assert int(states[0].moments["step"]) == 6 and int(states[2].moments["step"]) == 4
 
 
-def test_padding_to_a_static_bucket_never_changes_a_result(fp32):
+def test_padding_to_a_static_bucket_never_changes_a_result(fp64):
+    # Padded batches are other GEMM shapes: compared in float64.
     concepts = [teapot(steps=3), Concept("dog", [png_bytes(5), png_bytes(6)], "dog",
                                          config=TrainConfig(steps=5, seed=2, batch_size=3))]
-    plain = {r.concept_id: r.residual.tensor for r in ResidualTrainer(fp32, pack=2).train(concepts)}
-    padded = ResidualTrainer(fp32, pack=2)
+    plain = train_saving_every_state(ResidualTrainer(fp64, pack=2), concepts)
+    padded = ResidualTrainer(fp64, pack=2)
     padded.compiled = True  # the static-shape path, with the eager UNet (compiling is the GPU suite's to prove)
     rows = []
     unet = padded.unet
     padded.unet = lambda latents, *a, **k: rows.append(latents.shape[0]) or unet(latents, *a, **k)
-    results = {r.concept_id: r.residual.tensor for r in padded.train(concepts)}
+    results = train_saving_every_state(padded, concepts)
     # 2 + 3 rows, then dog's 3 alone padded to a bucket of 4 (each bucket's first step also checks the
     # compiled gradient against eager: here both are the eager UNet, so the check passes)
     assert set(rows) == {4, 5} and rows[0] == 5 and rows[-1] == 4 and padded.compiled
-    for name, tensor in plain.items():
-        torch.testing.assert_close(results[name], tensor, atol=1e-6, rtol=0)
+    assert_same_training(results, plain)
 
 
 def test_buckets_are_powers_of_two_and_the_full_pack(fp32):
@@ -206,4 +232,4 @@ def test_a_compiled_unet_with_a_wrong_gradient_is_dropped_for_eager(fp32, caplog
         result = trainer.train([concept])[0]
     assert not trainer.compiled and trainer.unet is fp32.unet
     assert "compiled UNet's gradient differs from the eager one" in caplog.text and "training eager instead" in caplog.text
-    torch.testing.assert_close(result.residual.tensor, expected, atol=1e-6, rtol=0)
+    assert torch.equal(result.residual.tensor, expected)  # the same eager steps with the same shapes: bit for bit

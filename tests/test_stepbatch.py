@@ -1,5 +1,9 @@
 """Step-level batching: a job's image does not depend on when it joined or what shared its UNet calls; it
-equals what a plain diffusers sampling loop makes (tests/reference_sampling.py)."""
+equals what a plain diffusers sampling loop makes (tests/reference_sampling.py).
+
+Images that must be equal are made by the float64 model and compared to float32 sampling noise
+(tests/exactness.py says why that bound holds on any machine).
+"""
 
 import dataclasses
 import threading
@@ -9,16 +13,16 @@ import torch
 from reference_sampling import reference_images
 
 from catversion.generation import GenerationRequest, ImageGenerator
-from catversion.models import load_base_model
 from catversion.residual import IncompatibleResidualError, Residual
 from catversion.stepbatch import Job, JobCancelled, StepBatcher
+from exactness import float32_sampling_noise, float64_model
 
 SMALL = {"height": 32, "width": 32}  # a quarter of tiny's native 64x64 compute
 
 
 @pytest.fixture(scope="module")
 def base():
-    return load_base_model("tiny")
+    return float64_model()
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +49,17 @@ def reference(generator, job, previews_at=()):
     return out[0]
 
 
-def assert_same_image(a, b):
-    # mean absolute difference on the [0, 1] scale at most one 8-bit level
-    assert a.shape == b.shape
-    assert (a - b).abs().mean().item() / 2 <= 1 / 255
-    # and, since both sides do the same fp32 arithmetic on the CPU in another order (rows grouped
-    # differently, DDIM vectorized or not), no pixel further apart than float noise: the tiny
-    # model's images barely move with guidance, so a wrong guidance mix can pass the 8-bit bound
-    assert (a - b).abs().max().item() <= 1e-4
+@pytest.fixture(scope="module")
+def noise():
+    return float32_sampling_noise()
+
+
+def assert_same_image(a, b, noise):
+    # Both sides do the same arithmetic in another order (rows grouped differently, DDIM vectorized or not):
+    # no pixel further apart than float32 sampling noise. The tiny model's images barely move with
+    # guidance, so a bound of one 8-bit level would let a wrong guidance mix pass.
+    assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
+    assert (a - b).abs().max().item() <= noise
 
 
 def collect(batcher, job, events, name):
@@ -75,7 +82,7 @@ def step_until_done(batcher, tickets, limit=200):
     raise AssertionError("jobs did not finish")
 
 
-def test_an_image_is_the_same_alone_in_a_static_batch_or_joining_midway(generator):
+def test_an_image_is_the_same_alone_in_a_static_batch_or_joining_midway(generator, noise):
     settings = dict(steps=8, guidance=7.5, **SMALL)
     job = Job("a teapot on a beach", residual(generator, 1), seed=7, negative_prompt="blurry", **settings)
     expected = reference(generator, job)
@@ -96,32 +103,32 @@ def test_an_image_is_the_same_alone_in_a_static_batch_or_joining_midway(generato
     step_until_done(batcher, [long, joined])
 
     for image in (alone, static, outcome(events, "joined")[2]):
-        assert_same_image(image, expected)
+        assert_same_image(image, expected, noise)
     without_residual = reference(generator, Job("a teapot on a beach", seed=7, negative_prompt="blurry", **settings))
     assert (alone - without_residual).abs().mean() > 1e-3
 
 
-def test_a_clipping_scheduler_steps_each_sample_with_the_schedulers_own_step(base):
+def test_a_clipping_scheduler_steps_each_sample_with_the_schedulers_own_step(base, noise):
     """clip_sample (or thresholding) is not in the vectorized DDIM step: such configs keep diffusers' step."""
     clipping = ImageGenerator(dataclasses.replace(
         base, scheduler_config={**base.scheduler_config, "clip_sample": True, "clip_sample_range": 0.5}))
     jobs = [Job("a teapot", residual(clipping, 1), seed=1, steps=5, **SMALL), Job("a dog", seed=2, steps=3, guidance=1.0, **SMALL)]
     images = StepBatcher(clipping).generate(jobs)
     for job, image in zip(jobs, images):
-        assert_same_image(image, reference(clipping, job))
+        assert_same_image(image, reference(clipping, job), noise)
     unclipped = StepBatcher(ImageGenerator(base)).generate(jobs[:1])[0]
     assert (images[0] - unclipped).abs().mean() > 1e-3
 
 
-def test_warm_up_prepares_every_part_and_changes_no_image(generator):
+def test_warm_up_prepares_every_part_and_changes_no_image(generator, noise):
     batcher = StepBatcher(generator)
     seconds = batcher.warm_up()
     assert seconds > 0 and generator.unet_runner.warm_up_seconds is not None
     job = Job("a teapot", residual(generator, 1), seed=3, steps=4, guidance=5.0)
-    assert_same_image(batcher.generate([job])[0], reference(generator, job))
+    assert_same_image(batcher.generate([job])[0], reference(generator, job), noise)
 
 
-def test_a_short_job_joining_a_long_one_finishes_first(generator):
+def test_a_short_job_joining_a_long_one_finishes_first(generator, noise):
     long_job = Job("a teapot", residual(generator, 1), seed=1, steps=30, **SMALL)
     batcher = StepBatcher(generator)
     events = []
@@ -135,11 +142,11 @@ def test_a_short_job_joining_a_long_one_finishes_first(generator):
     assert outcome(events, "short")[1] == "done"
     assert batcher.running == 1 and batcher.waiting == 0
     step_until_done(batcher, [long])
-    assert_same_image(outcome(events, "long")[2], reference(generator, long_job))
+    assert_same_image(outcome(events, "long")[2], reference(generator, long_job), noise)
     assert long.started_at is not None and short.started_at > long.started_at
 
 
-def test_an_incompatible_residual_is_refused_without_touching_running_jobs(generator):
+def test_an_incompatible_residual_is_refused_without_touching_running_jobs(generator, noise):
     batcher = StepBatcher(generator)
     events = []
     good = [Job("a teapot", residual(generator, 1), seed=1, steps=6, **SMALL), Job("a dog", seed=2, steps=6, **SMALL)]
@@ -157,10 +164,10 @@ def test_an_incompatible_residual_is_refused_without_touching_running_jobs(gener
     assert batcher.waiting == 0 and batcher.running == 2
     step_until_done(batcher, tickets)
     for i, job in enumerate(good):
-        assert_same_image(outcome(events, i)[2], reference(generator, job))
+        assert_same_image(outcome(events, i)[2], reference(generator, job), noise)
 
 
-def test_a_job_failing_while_encoding_fails_alone(generator, monkeypatch):
+def test_a_job_failing_while_encoding_fails_alone(generator, monkeypatch, noise):
     encode = generator.encode
 
     def fragile(requests):
@@ -179,7 +186,7 @@ def test_a_job_failing_while_encoding_fails_alone(generator, monkeypatch):
     assert isinstance(outcome(events, "poison")[2], RuntimeError)
     monkeypatch.undo()
     for name in ("a", "b"):
-        assert_same_image(outcome(events, name)[2], reference(generator, jobs[name]))
+        assert_same_image(outcome(events, name)[2], reference(generator, jobs[name]), noise)
 
 
 def test_a_failing_unet_call_fails_its_jobs_and_the_loop_goes_on(generator, monkeypatch):
@@ -204,7 +211,7 @@ def test_a_failing_unet_call_fails_its_jobs_and_the_loop_goes_on(generator, monk
     assert outcome(events, "second")[1] == "done"
 
 
-def test_sizes_run_in_separate_unet_calls_and_settings_share_one_in_step_mode(generator):
+def test_sizes_run_in_separate_unet_calls_and_settings_share_one_in_step_mode(generator, noise):
     assert generator.size_multiple == 16
     calls = []
     batcher = StepBatcher(generator, on_unet_step=lambda seconds, n, size: calls.append((n, size)))
@@ -213,7 +220,7 @@ def test_sizes_run_in_separate_unet_calls_and_settings_share_one_in_step_mode(ge
     images = batcher.generate([square, wide])
     assert images[0].shape == (3, 32, 32) and images[1].shape == (3, 32, 64)
     assert sorted(calls) == [(1, (32, 32))] * 4 + [(1, (32, 64))] * 4
-    assert_same_image(images[1], reference(generator, wide))
+    assert_same_image(images[1], reference(generator, wide), noise)
 
     mixed = [Job("a teapot", seed=1, steps=4, guidance=10.0, **SMALL),
              Job("a dog", seed=2, steps=6, guidance=1.0, **SMALL),
@@ -227,10 +234,10 @@ def test_sizes_run_in_separate_unet_calls_and_settings_share_one_in_step_mode(ge
     images = static.generate([*mixed, Job("a bird", seed=4, steps=4, guidance=10.0, **SMALL)])
     assert calls == [2] * 4 + [1] * 6 + [1] * 5
     for a, b in zip(stepped, images):
-        assert_same_image(a, b)
+        assert_same_image(a, b, noise)
 
 
-def test_previews_come_before_the_image_with_their_indexes(generator):
+def test_previews_come_before_the_image_with_their_indexes(generator, noise):
     batcher = StepBatcher(generator)
     events = []
     job = Job("a teapot", seed=1, steps=6, partial_images=2)
@@ -238,11 +245,11 @@ def test_previews_come_before_the_image_with_their_indexes(generator):
     kinds = [(e[1], e[2]) if e[1] == "partial" else (e[1],) for e in events]
     assert kinds == [("partial", 0), ("partial", 1), ("done",)]
     assert events[0][3].shape == (3, 64, 64)
-    assert_same_image(events[2][2], reference(generator, job))
+    assert_same_image(events[2][2], reference(generator, job), noise)
     # previews 0 and 1 of 2 over 6 steps come after steps 2 and 4, from the predicted clean latent
     image, previews = reference(generator, job, previews_at=(2, 4))
-    assert_same_image(events[0][3], previews[2])
-    assert_same_image(events[1][3], previews[4])
+    assert_same_image(events[0][3], previews[2], noise)
+    assert_same_image(events[1][3], previews[4], noise)
     assert (events[0][3] - events[1][3]).abs().mean() > 1e-3
 
 
