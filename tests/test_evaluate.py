@@ -289,8 +289,10 @@ def test_unknown_concept_and_missing_prompts_are_refused(inputs, tmp_path, capsy
     assert "absent.txt does not exist" in capsys.readouterr().err
 
 
-def test_ray_actor_pool_scores_like_one_process(inputs, tmp_path, ray_session, s3_bucket):
+def test_ray_actor_pool_scores_like_one_process(inputs, tmp_path, ray_session, s3_bucket, monkeypatch):
     """Residuals and manifest in S3, two actors on the session's Ray: the same scores as in-process."""
+    # The manifest names local photos: a manifest in S3 may do so only for folders the operator allows.
+    monkeypatch.setenv("CATVERSION_ALLOW_IMAGES_UNDER", str(inputs / "photos"))
     prefix = f"s3://{s3_bucket}/run"
     for concept_id in TRAINED:
         trained = layout.residual_uri(str(inputs / "run"), concept_id)
