@@ -74,7 +74,8 @@ def register(sub) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the UNet with a CUDA graph per batch size, warmed up before a replica serves "
                         "(default: on when the replica runs on CUDA, or the config's `compile`)")
-    p.add_argument("--address", help="Ray cluster address (default: start or join a local Ray)")
+    p.add_argument("--address", help="Ray cluster to join: HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS when "
+                                     "set, else a new local Ray of this command's own, never one already running)")
     p.add_argument("--quiet", action="store_true",
                    help="print only the 'serving ... at URL' line, warnings and errors")
     p.set_defaults(func=run)
