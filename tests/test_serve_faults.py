@@ -66,14 +66,14 @@ def faults_server(ray_session, tmp_path_factory):
                 "Generator": {**small, "autoscaling_config": {"min_replicas": 2, "max_replicas": 2}},
                 "Ingress": {**small, **one}}}
     port = free_port()
+    serve.shutdown()  # a Serve another module left would keep its own port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name=FAULTS_APP, route_prefix="/")
     shed = dict(args, max_queued_work=SHED_BOUND, deployment_options={"Generator": {**small, **one},
                                                                        "Ingress": {**small, **one}})
     serve.run(build_app(shed), name=SHED_APP, route_prefix="/shed")
     yield {"url": f"http://127.0.0.1:{port}", "metrics": ray_session}
-    for app in (FAULTS_APP, SHED_APP):
-        serve.delete(app)
+    serve.shutdown()
 
 
 def running_generators() -> int:
