@@ -24,6 +24,7 @@ sampling (DDIM, 30 steps, guidance 7.5, native size):
   one-by-one  today's server without batching: bf16, eager, one request at a time
   alone       one request through the step-level scheduler (compiled UNet, CUDA graphs): p50 latency
   concurrent  16 requests for 16 different concepts arriving over ~0.3 s through the same scheduler
+              (--quick: 4, with the buckets up to 8 rows, so that the CPU compiles fewer of them)
   ceiling     the compiled UNet at the same batch (CFG: 32 rows) for 30 steps plus a batched VAE decode
 residual cold load: read, verify, check and move to the device one residual never seen (p50)
 
@@ -49,13 +50,13 @@ from catversion.generation import GenerationRequest, ImageGenerator
 from catversion.models import BaseModel, load_base_model
 from catversion.residual import Residual
 from catversion.stepbatch import Job, StepBatcher
+from catversion.unetrun import buckets_for
 from catversion.training import Concept, ResidualTrainer
 from train_throughput import (BATCH_PER_CONCEPT as BATCH, Timer, baseline_train_concept, make_concepts,
                               peak_memory_gib, run_ceiling, start_phase)
 
 RECIPE_STEPS = 1000  # a concept's training steps in the reference recipe (concepts/GPU-hour is per these)
 GUIDANCE = 7.5
-CONCURRENT = 16
 ARRIVAL_GAP_S = 0.02  # mean gap between the concurrent requests' arrivals (exponential)
 TARGETS = {  # the issue's targets for sd15-random at 512 px on one H100/H200
     "training_vs_reference": 25.0, "training_vs_ceiling": 0.90, "concepts_per_gpu_hour": 300.0,
@@ -85,8 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--pack must be >= 1")
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     sizes = {  # steps of each measurement
-        True: dict(train_steps=30, reference_steps=4, ceiling_steps=4, sample_steps=5, repeats=2, loads=8),
-        False: dict(train_steps=60, reference_steps=20, ceiling_steps=20, sample_steps=30, repeats=5, loads=32),
+        True: dict(train_steps=30, reference_steps=4, ceiling_steps=4, sample_steps=5, repeats=2, loads=8,
+                   concurrent=4),
+        False: dict(train_steps=60, reference_steps=20, ceiling_steps=20, sample_steps=30, repeats=5, loads=32,
+                    concurrent=16),
     }
     vars(args).update(sizes[args.quick])
     return args
@@ -223,7 +226,7 @@ def serve_arrivals(batcher: StepBatcher, jobs: list[Job], arrivals: list[float])
 def run_sampling(args, reference_base: BaseModel, base: BaseModel, clock: Clock) -> dict:
     device, steps, out = base.device, args.sample_steps, {}
     reference = ImageGenerator(reference_base)
-    residuals = random_residuals(base, reference, CONCURRENT)
+    residuals = random_residuals(base, reference, args.concurrent)
     requests = [GenerationRequest("a photo of a teapot", r, seed=i) for i, r in enumerate(residuals)]
     count = 2 if args.quick else 3
     start_phase(device)
@@ -237,8 +240,9 @@ def run_sampling(args, reference_base: BaseModel, base: BaseModel, clock: Clock)
     clock.log(f"sampling one at a time, eager: {out['one_by_one']['images_per_s']:.2f} images/s")
 
     start_phase(device)
-    generator = ImageGenerator(base, compile=not args.no_compile)
-    batcher = StepBatcher(generator, max_batch_size=CONCURRENT)
+    # Buckets up to the concurrency (the default ones for 16): the quick mode compiles fewer of them.
+    generator = ImageGenerator(base, compile=not args.no_compile, buckets=buckets_for(args.concurrent))
+    batcher = StepBatcher(generator, max_batch_size=args.concurrent)
     warm = batcher.warm_up()
     out["warm_up_s"] = warm
     graphs = compiled_graphs()

@@ -38,7 +38,7 @@ def test_quick_mode_runs_every_phase_with_compile(tmp_path):
     # Sampling: the step-level scheduler ran on the compiled runner, and batching changes no image.
     assert sampling["ceiling"]["compiled"] is True and sampling["warm_up_s"] > 0
     assert sampling["max_abs_difference_batched_vs_alone"] < 1e-3
-    assert sampling["concurrent"]["requests"] == 16 and len(sampling["alone"]["latencies_s"]) == 2
+    assert sampling["concurrent"]["requests"] == 4 and len(sampling["alone"]["latencies_s"]) == 2
     # The warm-up covered every call: serving padded and full buckets compiled nothing more.
     assert sampling["compiles_after_warm_up"] == 0
 
