@@ -52,15 +52,15 @@ class JobCancelled(Exception):
 
 
 class QueueFull(Exception):
-    """A job refused at submit: the outstanding work and its own would pass the bound it was submitted with.
+    """A job refused at submit: the work outstanding ahead of it is past the bound it was submitted with.
 
-    ``retry_after_s``: about when enough of the work ahead will have run for it to fit (None before the
-    first measured step).
+    ``retry_after_s``: about when enough of the work ahead will have run for it to be admitted (None before
+    the first measured step).
     """
 
     def __init__(self, work: int, job_work: int, max_work: int, retry_after_s: float | None):
-        super().__init__(f"{work} row-steps of UNet work are outstanding; this job's {job_work} would pass the "
-                         f"bound of {max_work}")
+        super().__init__(f"{work} row-steps of UNet work are outstanding, past the bound of {max_work} on the work "
+                         f"ahead of a new job (this one's is {job_work})")
         self.retry_after_s = retry_after_s
 
 
@@ -199,8 +199,10 @@ class StepBatcher:
                on_error: Callable[[BaseException], None] | None = None, max_work: int | None = None) -> Ticket:
         """Queue a job (validated first: a bad one raises here and queues nothing).
 
-        ``max_work`` bounds the wait: a job that would bring the outstanding work (``work``, row-steps) past it
-        raises QueueFull and queues nothing, unless nothing is outstanding (so any valid job can run).
+        ``max_work`` bounds the wait: a job is admitted while the outstanding work ahead of it (``work``,
+        row-steps) is at most ``max_work``, else it raises QueueFull and queues nothing. Its own work does not
+        count, so the bound is on its wait alone and a long job is not refused where a short one is taken
+        (an idle batcher takes any valid job).
 
         Callbacks run on the stepping thread: ``on_partial(index, image)`` per preview, then
         exactly one of ``on_done(image)`` or ``on_error(exc)``; images are [3, H, W] float32 CPU
@@ -212,8 +214,8 @@ class StepBatcher:
                                       rows=1 if job.guidance == 1.0 else 2, group=(job.steps, job.guidance))
         with self._cond:  # the check and the add under one lock: concurrent submits cannot both pass the bound
             work, job_work = self.scheduler.work(), entry.steps * entry.rows
-            if max_work is not None and work and work + job_work > max_work:
-                raise QueueFull(work, job_work, max_work, self.scheduler.seconds_for(work + job_work - max_work))
+            if max_work is not None and work > max_work:
+                raise QueueFull(work, job_work, max_work, self.scheduler.seconds_for(work - max_work))
             self.scheduler.add(entry)
             self._cond.notify_all()
         return ticket

@@ -394,10 +394,14 @@ class Generator:
 
         if self._warm_up_error is not None:
             raise RuntimeError(f"the generator's warm-up failed: {self._warm_up_error!r}")
+        # The bound is on the work ahead of an image; a request's earlier images do not count against its later
+        # ones, so that a request of n images is admitted (or refused) as one would be.
+        siblings_ahead = item.get("index", 0) * item["steps"] * (1 if item["guidance"] == 1.0 else 2)
         try:
             ticket = self.batcher.submit(job, on_done=lambda image: put("done", image),
                                          on_partial=lambda index, image: put("partial", index, image),
-                                         on_error=lambda exc: put("error", exc), max_work=self.settings.queued_work_bound)
+                                         on_error=lambda exc: put("error", exc),
+                                         max_work=self.settings.queued_work_bound + siblings_ahead)
         except IncompatibleResidualError as exc:
             raise UnusableResidualError(f"model {item['model']!r} cannot be used: {exc}") from None
         except ValueError as exc:  # validated at the ingress; kept as this request's error, never a crash
@@ -799,7 +803,7 @@ class Ingress:
                 "guidance": s.default_guidance if body.guidance_scale is None else body.guidance_scale,
                 "partial_images": (body.partial_images or 0) if body.stream else 0,
                 "output_format": body.output_format or "png", "output_compression": body.output_compression}
-        return [{**item, "seed": first_seed + i} for i in range(n)], f"{width}x{height}"
+        return [{**item, "seed": first_seed + i, "index": i} for i in range(n)], f"{width}x{height}"
 
     async def _size(self, size: str | None) -> tuple[int, int]:
         info = await self._model_info()

@@ -1,9 +1,9 @@
 """Generator autoscaling that sees the demand the generator refused: Serve's default rule on ongoing plus shed requests.
 
 Ray Serve's default policy scales on ongoing requests: those running at replicas plus those queued at
-handles, `target_ongoing_requests` per replica. A generator refuses work past its `max_queued_work`
-with an immediate 429, so refused requests never count as ongoing, and a saturated generator would
-look only as busy as its bound lets it be (a few long requests fill the bound). Each generator replica
+handles, `target_ongoing_requests` per replica. A generator refuses a request while the work ahead of
+it is past its `max_queued_work`, with an immediate 429, so refused requests never count as ongoing,
+and a saturated generator would look only as busy as its bound lets it be (a few long requests fill the bound). Each generator replica
 therefore reports, as a custom autoscaling metric, the requests it shed as the ongoing requests they
 would have been (Little's law: refusals per second times the seconds an admitted request takes), and
 `demand_policy` adds them to Serve's count before applying the default rule. Serve wraps the policy

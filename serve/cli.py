@@ -24,9 +24,9 @@ OpenAI-Images-compatible HTTP API: POST /v1/images/generations with "model": <co
 GET /v1/models, GET /livez and /readyz (/healthz), OpenAPI schema at /docs. Residuals load on first
 use, are cached and are revalidated against storage every residual_ttl_s (5 s). Every request's samples
 join the running UNet batch at the next denoising step, whatever their concept, step count or guidance.
-Every error is an OpenAI error body. A generator replica holds at most max_queued_work (UNet steps x
-rows; default two full batches of default requests): past it a request is refused at once with 429
-and Retry-After. /readyz is 200 only while a generator replica is warm.
+Every error is an OpenAI error body. A generator replica holds at most max_queued_work ahead of a new
+request (UNet steps x rows; default one full batch of default requests): past it a request is refused
+at once with 429 and Retry-After. /readyz is 200 only while a generator replica is warm.
 
 Each generator replica warms up before it takes requests: with --compile (the default on a GPU) the
 UNet is compiled once and a CUDA graph is recorded per batch size (1-2 minutes on a GPU); the time

@@ -10,9 +10,10 @@ from catversion.limits import DEFAULT_GUIDANCE, DEFAULT_MODEL, DEFAULT_PRECISION
 SCHEDULERS = ("step", "static")
 COMPILE_CHOICES = ("auto", "on", "off")
 IMAGE_LINKS = ("auto", "endpoint", "presigned")
-# The default bound on a generator's queued work, in full batches: one running and one waiting, so that a
-# request admitted at saturation waits about one batch's time before it joins (benchmarks/serve_overload.py).
-QUEUED_WORK_BATCHES = 2
+# The default bound on the work ahead of a request at a generator, in full batches of default requests: one,
+# so that a request admitted at saturation waits about one batch's time before it joins
+# (benchmarks/serve_overload.py: at twice the capacity, admitted p95 within 2x its p95 at 80 % load).
+QUEUED_WORK_BATCHES = 1
 REMOVED = {"batch_wait_timeout_s": "step-level batching needs no wait (a request joins the running batch at the next step)"}
 
 
@@ -30,9 +31,10 @@ class ServeSettings:
     max_batch_size: int = 16  # samples per UNet call (the running batch of one image size); UNet buckets go up to 2x this many rows
     scheduler: str = "step"  # step: samples join and leave the running batch at every denoising step; static: whole batches
     max_queued_requests: int = 256  # images waiting for the generator, per ingress replica; beyond this: 429
-    # UNet work a generator replica holds, in row-steps (each sample's remaining denoising steps, twice for a
-    # guided sample's two rows): a request that would pass it is refused at once with 429 and Retry-After, so
-    # queue wait stays bounded. None: QUEUED_WORK_BATCHES full batches of default_steps guided samples.
+    # The most UNet work a generator replica may hold ahead of a new request, in row-steps (each sample's
+    # remaining denoising steps, twice for a guided sample's two rows): a request that finds more is refused at
+    # once with 429 and Retry-After, so queue wait stays bounded whatever the request's own size. None:
+    # QUEUED_WORK_BATCHES full batches of default_steps guided samples.
     max_queued_work: int | None = None
     replica_wait_s: float = 10.0  # longest wait for a warm generator replica to take a request (else 503)
     api_key_file: str | None = None  # one key per line; unset = no auth
@@ -104,7 +106,7 @@ class ServeSettings:
 
     @property
     def queued_work_bound(self) -> int:
-        """``max_queued_work``, or its default: QUEUED_WORK_BATCHES running batches of default requests."""
+        """``max_queued_work``, or its default: QUEUED_WORK_BATCHES full batches of default requests."""
         if self.max_queued_work is not None:
             return self.max_queued_work
         return QUEUED_WORK_BATCHES * self.max_batch_size * 2 * self.default_steps

@@ -1,7 +1,7 @@
 """Admission by work: the scheduler counts outstanding UNet work in row-steps (a 150-step request weighs
-fifteen 10-step ones), the step batcher refuses a job that would pass its bound (and always takes one
-when idle), its stall clock shows a hung step, and the autoscaling policy counts refused requests as
-the demand they were.
+fifteen 10-step ones), the step batcher refuses a job while the work ahead of it is past its bound
+(and always takes one when idle), its stall clock shows a hung step, and the autoscaling policy counts
+refused requests as the demand they were.
 
 The scheduler part needs no model (a fake clock and plain objects); the batcher runs the tiny model.
 """
@@ -54,22 +54,28 @@ def batcher():
     return StepBatcher(ImageGenerator(load_base_model("tiny")), max_batch_size=4)
 
 
-def test_a_job_past_the_work_bound_is_refused_and_queues_nothing_but_an_idle_batcher_takes_any(batcher):
+def test_a_job_is_refused_while_the_work_ahead_is_past_the_bound_whatever_its_own_and_an_idle_batcher_takes_any(
+        batcher):
     from catversion.stepbatch import Job, QueueFull
 
-    first = batcher.submit(Job("a", seed=1, steps=6, height=32, width=32), max_work=20)  # 12 row-steps
+    first = batcher.submit(Job("a", seed=1, steps=6, height=32, width=32), max_work=10)  # 12 row-steps, none ahead
     with pytest.raises(QueueFull) as refused:
-        batcher.submit(Job("b", seed=2, steps=6, height=32, width=32), max_work=20)  # 12 + 12 > 20
+        batcher.submit(Job("b", seed=2, steps=3, height=32, width=32), max_work=10)  # 12 ahead > 10, however short
     assert "12 row-steps" in str(refused.value) and refused.value.retry_after_s is None  # nothing timed yet
     assert batcher.work == 12 and batcher.waiting == 1
-    batcher.step()  # one step measured: a refusal now says when there will be room
+    batcher.step()  # one step measured (10 row-steps left): a refusal now says when there will be room
     with pytest.raises(QueueFull) as refused:
-        batcher.submit(Job("b", seed=2, steps=6, height=32, width=32), max_work=20)
+        batcher.submit(Job("b", seed=2, steps=3, height=32, width=32), max_work=8)
     assert refused.value.retry_after_s > 0
+    # The bound is on the work ahead, not the job's own: a long job is taken where a short one would be.
+    long = batcher.submit(Job("c", seed=3, steps=40, height=32, width=32), max_work=10)  # 10 ahead, 80 its own
+    assert batcher.work == 10 + 80
     while not first.done:
         batcher.step()
-    assert batcher.work == 0
-    huge = batcher.submit(Job("c", seed=3, steps=40, height=32, width=32), max_work=20)  # 80 > 20, but idle
+    long.cancel()
+    batcher.step()
+    assert long.done and batcher.work == 0
+    huge = batcher.submit(Job("d", seed=4, steps=40, height=32, width=32), max_work=1)  # idle: any job is taken
     huge.cancel()
     batcher.step()
     assert huge.done and batcher.work == 0

@@ -24,7 +24,7 @@ from polling import wait_until
 
 STEPS = 150  # the longest request the server takes: in flight for seconds on the CPU
 FAULTS_APP, SHED_APP = "faults", "shed"
-SHED_BOUND = 2 * 2 * STEPS  # the shed app's max_queued_work: two guided STEPS-step samples
+SHED_BOUND = 2 * STEPS  # the shed app's max_queued_work: one guided STEPS-step sample ahead of a request
 
 
 def openai_error(response):
