@@ -68,7 +68,7 @@ import requests
 import torch
 from ray import serve
 
-from serve_throughput import deploy, finish, start_serve, stop_serve, write_residuals
+from serve_throughput import deploy, finish, model_parser, progress, start_serve, stop_serve, write_residuals
 
 ORDER = ("step", "static")  # step first: its deployment measures the capacity the default rates come from
 MAX_QUEUED = 4096  # nothing is shed (429) at the rates run here; an overloaded server shows as latency
@@ -79,17 +79,8 @@ LONG_P50_TARGET = 1.10  # step / static, 50-step requests' p50 at the highest ra
 JOIN_TARGET = 0.10  # step's short / long in the join case
 
 
-STARTED = time.perf_counter()
-
-
-def progress(line: str) -> None:
-    print(f"[{time.perf_counter() - STARTED:5.0f} s] {line}", flush=True)
-
-
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tiny", "sd15-random"), default="tiny")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = model_parser(__doc__)
     parser.add_argument("--max-batch-size", type=int, default=16, help="max_batch_size of both configs")
     parser.add_argument("--concepts", type=int, default=None, help="concepts the requests draw from (default 32; 8 with --quick)")
     parser.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate (default 15; 4 with --quick)")
@@ -150,13 +141,15 @@ def timed(url: str, request: dict, timeout_s: float = 600.0) -> float:
     return done - started
 
 
-def workload(args: argparse.Namespace, concepts: list[tuple[str, str]], rate: float, index: int) -> list[tuple[float, dict]]:
-    """(arrival offset in s, request) pairs of a Poisson process at `rate` over --duration; seeded per rate."""
+def workload(args: argparse.Namespace, concepts: list[tuple[str, str]], rate: float, index: int,
+             mix: tuple[int, ...] = MIX_STEPS) -> list[tuple[float, dict]]:
+    """(arrival offset in s, request) pairs of a Poisson process at `rate` over --duration, each request's steps
+    drawn from `mix` with equal odds; seeded per rate."""
     rng = np.random.default_rng([args.seed, index])
     arrivals, offset = [], float(rng.exponential(1 / rate))
     while offset < args.duration:
         concept = concepts[int(rng.integers(len(concepts)))]
-        steps = MIX_STEPS[int(rng.integers(len(MIX_STEPS)))]
+        steps = mix[int(rng.integers(len(mix)))]
         arrivals.append((offset, body(concept, steps, seed=len(arrivals))))
         offset += float(rng.exponential(1 / rate))
     return arrivals

@@ -51,24 +51,16 @@ import yaml
 from ray import serve
 
 from serve.app import build_app
-from serve_throughput import finish, start_serve, stop_serve, write_residuals
+from serve_latency import body, workload
+from serve_throughput import finish, model_parser, progress, start_serve, stop_serve, write_residuals
 
 ROOT = Path(__file__).resolve().parent.parent
 MIX_STEPS = (10, 30)
 FRACTIONS = {"0.8x": 0.8, "2x": 2.0}
 P95_TARGET = 2.0  # admitted p95 at 2x / at 0.8x
 SHED_TARGET_S = 1.0  # the slowest 429
-STARTED = time.perf_counter()
-
-
-def progress(line: str) -> None:
-    print(f"[{time.perf_counter() - STARTED:5.0f} s] {line}", flush=True)
-
-
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tiny", "sd15-random"), default="tiny")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = model_parser(__doc__)
     parser.add_argument("--config", type=Path, default=None,
                         help="the Serve config whose application settings and deployment options are used "
                              "(default: serve/config-cpu.yaml on a CPU, serve/config.yaml on a GPU)")
@@ -100,12 +92,6 @@ def deploy(args: argparse.Namespace, residuals: Path) -> tuple[str, dict]:
     return f"http://127.0.0.1:{args.port}/overload", settings
 
 
-def body(concept: tuple[str, str], steps: int, seed: int) -> dict:
-    concept_id, word = concept
-    return {"model": concept_id, "prompt": f"a photo of a {word} on a beach", "n": 1,
-            "response_format": "b64_json", "num_inference_steps": steps, "seed": seed}
-
-
 def post(url: str, request: dict, timeout_s: float = 600.0) -> dict:
     """One request's outcome: status (or the exception's name), the time it came back, Retry-After; never raises."""
     try:
@@ -116,18 +102,6 @@ def post(url: str, request: dict, timeout_s: float = 600.0) -> dict:
                 "retry_after": response.headers.get("retry-after")}
     except Exception as exc:  # a timeout, a refused or reset connection
         return {"status": type(exc).__name__, "done": time.perf_counter(), "openai_body": False, "retry_after": None}
-
-
-def workload(args: argparse.Namespace, concepts: list[tuple[str, str]], rate: float, index: int) -> list[tuple[float, dict]]:
-    """(arrival offset in s, request) pairs of a Poisson process at `rate` over --duration; seeded per phase."""
-    rng = np.random.default_rng([args.seed, index])
-    arrivals, offset = [], float(rng.exponential(1 / rate))
-    while offset < args.duration:
-        concept = concepts[int(rng.integers(len(concepts)))]
-        steps = MIX_STEPS[int(rng.integers(len(MIX_STEPS)))]
-        arrivals.append((offset, body(concept, steps, seed=len(arrivals))))
-        offset += float(rng.exponential(1 / rate))
-    return arrivals
 
 
 def open_loop(url: str, pool: ThreadPoolExecutor, arrivals: list[tuple[float, dict]], duration: float) -> dict:
@@ -203,7 +177,7 @@ def measure(args: argparse.Namespace, residuals: Path, concepts: list[tuple[str,
         progress(f"capacity {capacity:.2f} requests/s (closed loop of max_batch_size + 1 clients: {dict(statuses)})")
         out["phases"] = {}
         for index, (name, fraction) in enumerate(FRACTIONS.items()):
-            row = open_loop(url, pool, workload(args, concepts, fraction * capacity, index), args.duration)
+            row = open_loop(url, pool, workload(args, concepts, fraction * capacity, index, mix=MIX_STEPS), args.duration)
             out["phases"][name] = row
             progress(f"{name} ({row['offered_per_s']:.2f}/s offered): {row['statuses']}; admitted p50 {row['p50_s']:.2f} s, "
                      f"p95 {row['p95_s']:.2f} s; slowest 429 {row['slowest_429_s']:.2f} s")

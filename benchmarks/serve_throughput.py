@@ -62,12 +62,24 @@ HOST = "127.0.0.1"
 REQUEST_TIMEOUT_S = 600
 DEFAULT_STEPS = {"tiny": 20, "sd15-random": 25}
 SERVE_DEFAULTS = ServeSettings(residuals="unused")
+STARTED = time.perf_counter()
+
+
+def progress(line: str) -> None:
+    """A progress line, stamped with the seconds since the benchmark started."""
+    print(f"[{time.perf_counter() - STARTED:5.0f} s] {line}", flush=True)
+
+
+def model_parser(doc: str) -> argparse.ArgumentParser:
+    """The serving benchmarks' parser: the docstring's first paragraph, --model and --device."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--model", choices=("tiny", "sd15-random"), default="tiny")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tiny", "sd15-random"), default="tiny")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = model_parser(__doc__)
     parser.add_argument("--requests", type=int, default=16, help="concurrent requests per burst (n=1 each)")
     parser.add_argument("--concepts", type=int, default=4, help="concepts the requests cycle through")
     parser.add_argument("--steps", type=int, default=None,

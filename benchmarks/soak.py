@@ -63,23 +63,14 @@ from catversion import Residual, layout
 from catversion.encoder import patched_layers
 from catversion.models import load_base_model
 from serve.app import build_app
-from serve_throughput import finish, start_serve, stop_serve, write_residuals
+from serve_throughput import finish, model_parser, progress, start_serve, stop_serve, write_residuals
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "soak"
 MIX_STEPS = (10, 30)
 CORRUPT_KINDS = ("truncated", "garbage", "empty", "wrong-shape", "torn")
-STARTED = time.perf_counter()
-
-
-def progress(line: str) -> None:
-    print(f"[{time.perf_counter() - STARTED:5.0f} s] {line}", flush=True)
-
-
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tiny", "sd15-random"), default="tiny")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = model_parser(__doc__)
     parser.add_argument("--minutes", type=float, default=10.0, help="how long load and churn run")
     parser.add_argument("--concepts", type=int, default=32, help="concepts served (and churned)")
     parser.add_argument("--clients", type=int, default=8, help="closed-loop clients")
