@@ -47,11 +47,8 @@ Explicit rates (requests/s): --rates 2,4,8
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -68,7 +65,7 @@ import requests
 import torch
 from ray import serve
 
-from serve_throughput import deploy, finish, model_parser, progress, start_serve, stop_serve, write_residuals
+from serve_throughput import deploy, finish, model_parser, progress, run_serving
 
 ORDER = ("step", "static")  # step first: its deployment measures the capacity the default rates come from
 MAX_QUEUED = 4096  # nothing is shed (429) at the rates run here; an overloaded server shows as latency
@@ -305,23 +302,11 @@ def fairness_figures(results: dict) -> dict:
 
 def main() -> int:
     args = parse_args()
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no per-deployment INFO lines between results
-    workdir = Path(tempfile.mkdtemp(prefix="cv-serve-latency-"))
     pool = ThreadPoolExecutor(512)  # open loop: enough threads that a slow server never delays a send
-    results: dict = {}
-    try:
-        concepts = write_residuals(args.model, workdir, args.concepts)
-        args.port = start_serve(workdir)
-        progress("Ray and Serve started")
-        for scheduler in ORDER:  # one at a time: on one GPU they never share the device
-            results[scheduler] = measure(scheduler, args, workdir, concepts, pool)
-    except KeyboardInterrupt:
-        print("interrupted; shutting down Serve and Ray", file=sys.stderr)
+    results = run_serving(args, "serve-latency", lambda workdir, concepts: {  # one at a time: never sharing a GPU
+        scheduler: measure(scheduler, args, workdir, concepts, pool) for scheduler in ORDER}, pool)
+    if results is None:
         return 130
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        stop_serve()
-        shutil.rmtree(workdir, ignore_errors=True)
 
     ratio = lambda a, b: a / b if a is not None and b else float("nan")  # noqa: E731
     results["ratios"] = {}

@@ -27,11 +27,8 @@ Run (GPU, SD v1.5 shapes with random weights):
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -52,7 +49,7 @@ from ray import serve
 
 from serve.app import build_app
 from serve_latency import body, workload
-from serve_throughput import finish, model_parser, progress, start_serve, stop_serve, write_residuals
+from serve_throughput import finish, model_parser, progress, run_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 MIX_STEPS = (10, 30)
@@ -210,21 +207,10 @@ def report(args: argparse.Namespace, results: dict) -> None:
 
 def main() -> int:
     args = parse_args()
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    workdir = Path(tempfile.mkdtemp(prefix="cv-serve-overload-"))
     pool = ThreadPoolExecutor(512)  # open loop: enough threads that a slow server never delays a send
-    try:
-        concepts = write_residuals(args.model, workdir, args.concepts)
-        args.port = start_serve(workdir)
-        progress("Ray and Serve started")
-        results = measure(args, workdir, concepts, pool)
-    except KeyboardInterrupt:
-        print("interrupted; shutting down Serve and Ray", file=sys.stderr)
+    results = run_serving(args, "serve-overload", lambda workdir, concepts: measure(args, workdir, concepts, pool), pool)
+    if results is None:
         return 130
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        stop_serve()
-        shutil.rmtree(workdir, ignore_errors=True)
 
     base, over = results["phases"]["0.8x"], results["phases"]["2x"]
     phases = list(results["phases"].values())

@@ -36,6 +36,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -154,13 +155,15 @@ def deploy(name: str, args: argparse.Namespace, residuals: Path, max_batch_size:
            max_queued_requests: int) -> str:
     """Deploy one config as its own Serve app (one Generator, one Ingress replica); returns its base URL.
 
-    `args` needs model, device and port (Serve's HTTP port).
+    `args` needs model, device and port (Serve's HTTP port). Nothing is shed (`max_queued_work` has no
+    practical limit): these benchmarks measure batching and scheduling with every request queued, and
+    load shedding is serve_overload.py's to measure.
     """
     app = build_app({
         "residuals": str(residuals), "model": args.model, "device": args.device,
         "gpus_per_replica": 1 if args.device == "cuda" else 0,
         "max_batch_size": max_batch_size, "scheduler": scheduler,
-        "max_queued_requests": max_queued_requests,
+        "max_queued_requests": max_queued_requests, "max_queued_work": 10**9,
         "deployment_options": {
             "Generator": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
                           "max_ongoing_requests": max(64, max_batch_size)},
@@ -252,26 +255,41 @@ def report(args: argparse.Namespace, results: dict) -> None:
 
 def main() -> int:
     args = parse_args()
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no per-deployment INFO lines between results
-    workdir = Path(tempfile.mkdtemp(prefix="cv-serve-bench-"))
     pool = ThreadPoolExecutor(args.requests)
+
+    def both(workdir: Path, concepts: list[tuple[str, str]]) -> dict:
+        # One config deployed at a time, so on one GPU neither shares the device with the other.
+        return {"batched": measure("batched", args.max_batch_size, args, workdir, concepts, pool),
+                "single": measure("single", 1, args, workdir, concepts, pool)}
+
+    results = run_serving(args, "serve-bench", both, pool)
+    if results is None:
+        return 130
+    results["speedup"] = results["batched"]["images_per_s"] / results["single"]["images_per_s"]
+    finish(args, results, report)
+    return 0
+
+
+def run_serving(args: argparse.Namespace, name: str, measure: Callable[[Path, list[tuple[str, str]]], dict],
+                pool: ThreadPoolExecutor | None = None) -> dict | None:
+    """Write --concepts random residuals to a temporary folder, start a local Ray with Serve (its port in
+    ``args.port``), return ``measure(folder, concepts)``, and stop it all whatever happens (``pool`` too);
+    None when Ctrl-C stopped it."""
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no per-deployment INFO lines between results
+    workdir = Path(tempfile.mkdtemp(prefix=f"cv-{name}-"))
     try:
         concepts = write_residuals(args.model, workdir, args.concepts)
         args.port = start_serve(workdir)
-        # One config deployed at a time, so on one GPU neither shares the device with the other.
-        batched = measure("batched", args.max_batch_size, args, workdir, concepts, pool)
-        single = measure("single", 1, args, workdir, concepts, pool)
+        progress("Ray and Serve started")
+        return measure(workdir, concepts)
     except KeyboardInterrupt:
         print("interrupted; shutting down Serve and Ray", file=sys.stderr)
-        return 130
+        return None
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         stop_serve()
         shutil.rmtree(workdir, ignore_errors=True)
-
-    results = {"batched": batched, "single": single, "speedup": batched["images_per_s"] / single["images_per_s"]}
-    finish(args, results, report)
-    return 0
 
 
 def finish(args: argparse.Namespace, results: dict, report) -> None:

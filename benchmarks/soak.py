@@ -34,13 +34,10 @@ Run (CPU, tiny model; --minutes 10 takes 11 minutes):
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import random
 import re
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -63,7 +60,7 @@ from catversion import Residual, layout
 from catversion.encoder import patched_layers
 from catversion.models import load_base_model
 from serve.app import build_app
-from serve_throughput import finish, model_parser, progress, start_serve, stop_serve, write_residuals
+from serve_throughput import finish, model_parser, progress, run_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "soak"
@@ -302,19 +299,9 @@ def main() -> int:
     args = parse_args()
     if args.malloc_arena_max is not None:  # before Ray starts: its processes inherit the driver's environment
         os.environ["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    workdir = Path(tempfile.mkdtemp(prefix="cv-soak-"))
-    try:
-        concepts = write_residuals(args.model, workdir, args.concepts)
-        args.port = start_serve(workdir)
-        progress("Ray and Serve started")
-        results = soak(args, workdir, concepts)
-    except KeyboardInterrupt:
-        print("interrupted; shutting down Serve and Ray", file=sys.stderr)
+    results = run_serving(args, "soak", lambda workdir, concepts: soak(args, workdir, concepts))
+    if results is None:
         return 130
-    finally:
-        stop_serve()
-        shutil.rmtree(workdir, ignore_errors=True)
     finish(args, results, report)
     return 0
 
