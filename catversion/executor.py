@@ -92,6 +92,9 @@ class Sample:
     steps: int
     previews: dict[int, int] = field(default_factory=dict)  # steps done -> preview index (preview_steps)
     index: int = 0  # steps done
+    # SDXL's added conditioning rows [1, P + 6] (pooled embeds, time ids) of each branch; None for other families
+    added: torch.Tensor | None = None
+    uncond_added: torch.Tensor | None = None
 
     @property
     def finished(self) -> bool:
@@ -126,13 +129,17 @@ class Executor:
         self._schedules: dict[int, tuple[DDIMScheduler, list[int]]] = {}  # steps -> (scheduler, timesteps)
 
     def sample(self, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float,
-               steps: int, partial_images: int = 0) -> Sample:
+               steps: int, partial_images: int = 0, added: torch.Tensor | None = None,
+               uncond_added: torch.Tensor | None = None) -> Sample:
         """A sample at step 0 from its seed noise [1, C, h, w] and embeddings [1, 77, D]; ``uncond`` is
-        ignored at guidance 1 (that sample's UNet call has no unconditional row)."""
+        ignored at guidance 1 (that sample's UNet call has no unconditional row). ``added`` and
+        ``uncond_added`` [1, P + 6]: each branch's added conditioning (SDXL; catversion/conditioning.py)."""
         scheduler, _ = self._schedule(steps)
+        unguided = guidance == 1.0
         return Sample(latents=noise * scheduler.init_noise_sigma, cond=cond,
-                      uncond=None if guidance == 1.0 else uncond, guidance=guidance, steps=steps,
-                      previews=preview_steps(steps, partial_images))
+                      uncond=None if unguided else uncond, guidance=guidance, steps=steps,
+                      previews=preview_steps(steps, partial_images), added=added,
+                      uncond_added=None if unguided else uncond_added)
 
     @torch.no_grad()
     def step(self, samples: Sequence[Sample], synchronize: bool = False) -> StepResult:
@@ -177,9 +184,11 @@ class Executor:
     def _guided_eps(self, samples: Sequence[Sample]) -> torch.Tensor:
         """Guided noise predictions [S, C, h, w] (float32), one per sample, from one UNet call."""
         latents, timesteps, embeddings, uncond_rows, cond_rows, guided, scales = [], [], [], [], [], [], []
+        added = []
         for i, sample in enumerate(samples):
             # DDIM's scale_model_input is the identity: the latents go in as they are.
             rows = [sample.cond] if sample.uncond is None else [sample.uncond, sample.cond]
+            added += [sample.added] if sample.uncond is None else [sample.uncond_added, sample.added]
             if sample.uncond is not None:
                 uncond_rows.append(len(embeddings))
                 guided.append(i)
@@ -190,7 +199,8 @@ class Executor:
                 timesteps.append(self._timestep(sample))
                 embeddings.append(embedding)
         device = self.base.device
-        eps = self.runner(torch.cat(latents), torch.tensor(timesteps, device=device), torch.cat(embeddings))
+        extra = [] if added[0] is None else [torch.cat(added)]  # SDXL's added conditioning rows
+        eps = self.runner(torch.cat(latents), torch.tensor(timesteps, device=device), torch.cat(embeddings), *extra)
         out = eps[torch.tensor(cond_rows, device=device)]
         if guided:
             index = torch.tensor(guided, device=device)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .encoder import ResidualTextEncoder
-from .executor import Executor
+from .conditioning import Conditioner, Conditioning, time_ids
+from .executor import Executor, Sample
 from .images import to_pil
 from .limits import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_GUIDANCE, MAX_IMAGE_SIDE, MAX_RESIDUAL_SCALE, MAX_SEED, MAX_STEPS
 from .models import BaseModel
@@ -49,8 +49,13 @@ class GenerationRequest:
 
 
 class ImageGenerator:
-    """Holds one frozen base model and its patched text encoder; reuse it for every request.
+    """Holds one frozen base model and its patched text encoders; reuse it for every request.
 
+    Any family (catversion/families.py): the conditioning is the family's (catversion/conditioning.py),
+    SDXL's added conditioning (pooled embeds, time ids of the image size) goes with each sample, and the
+    unconditional branch follows the family's convention (SDXL: an empty negative prompt is all zeros);
+    it never carries the residual. ``layers``: None (the family's default), per encoder, or one flat
+    sequence for a one-encoder family.
     Unconditional embeddings are cached per negative prompt (the empty prompt is the usual one),
     so a batch pays the text encoder once for its conditional rows only. ``compile`` and
     ``buckets`` configure ``self.unet_runner`` (catversion/unetrun.py), which makes every UNet call
@@ -59,14 +64,14 @@ class ImageGenerator:
     CUDA graphs then rather than during a request.
     """
 
-    def __init__(self, base: BaseModel, layers: Sequence[int] | None = None, tokens: int = 1, uncond_cache_size: int = 64,
+    def __init__(self, base: BaseModel, layers: Sequence | None = None, tokens: int = 1, uncond_cache_size: int = 64,
                  compile: bool = False, buckets: Sequence[int] = DEFAULT_BUCKETS):
         for part in ("tokenizer", "text_encoder", "unet", "vae"):
             if getattr(base, part) is None:
                 raise ValueError(f"generation needs the base model's {part}; load it with that component")
         self.base = base
-        self.encoder = ResidualTextEncoder(base.text_encoder, layers=layers, tokens=tokens)
-        self._uncond: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.encoder = Conditioner(base, layers=layers, tokens=tokens)
+        self._uncond: OrderedDict[str, Conditioning] = OrderedDict()
         self._uncond_cache_size = uncond_cache_size
         unet_levels = len(base.unet.config.block_out_channels) - 1
         self.size_multiple = base.vae_scale_factor * 2**unet_levels
@@ -116,8 +121,8 @@ class ImageGenerator:
         residual_scale or seed; ``label`` prefixes the message."""
         if request.residual is not None:
             request.residual.check_compatible(
-                self.base.text_encoder, fingerprint=self.base.fingerprint, layers=self.encoder.layers,
-                tokens=self.encoder.tokens, base_model=self.base.model_id,
+                self.base.text_encoders, fingerprint=self.base.fingerprint, layers=self.encoder.layer_sets,
+                tokens=self.encoder.tokens, base_model=self.base.model_id, family=self.base.family.name,
             )
         if not _in_range(request.residual_scale, 0.0, MAX_RESIDUAL_SCALE):
             raise ValueError(f"{label}residual_scale must be in [0, {MAX_RESIDUAL_SCALE:g}], "
@@ -128,20 +133,57 @@ class ImageGenerator:
     @torch.no_grad()
     def encode(self, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         """Conditional embeddings (with residuals) and unconditional ones (without), [B, 77, D] each."""
-        ids = self.base.tokenize([r.prompt for r in requests])
-        cond = self.encoder(ids, [r.residual for r in requests], residual_scale=[r.residual_scale for r in requests])
-        uncond = torch.cat([self._unconditional(r.negative_prompt) for r in requests])
-        return cond, uncond
+        cond, uncond = self.conditioning(requests)
+        return cond.embeds, uncond.embeds
 
-    def _unconditional(self, negative_prompt: str) -> torch.Tensor:
+    @torch.no_grad()
+    def conditioning(self, requests: Sequence[GenerationRequest]) -> tuple[Conditioning, Conditioning]:
+        """The conditional branch (with residuals) and the unconditional one (without) of each request."""
+        cond = self.encoder([r.prompt for r in requests], [r.residual for r in requests],
+                            residual_scale=[r.residual_scale for r in requests])
+        parts = [self._unconditional(r.negative_prompt) for r in requests]
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return cond, Conditioning(torch.cat([p.embeds for p in parts]), pooled)
+
+    def _unconditional(self, negative_prompt: str) -> Conditioning:
         if negative_prompt in self._uncond:
             self._uncond.move_to_end(negative_prompt)
         else:
-            ids = self.base.tokenize([negative_prompt])
-            self._uncond[negative_prompt] = self.encoder(ids)  # no residual: the base model's embedding
+            made = self.encoder([negative_prompt])  # no residual: the base model's conditioning
+            if negative_prompt == "" and self.base.zero_empty_negative:  # SDXL's force_zeros_for_empty_prompt
+                made = Conditioning(torch.zeros_like(made.embeds),
+                                    None if made.pooled is None else torch.zeros_like(made.pooled))
+            self._uncond[negative_prompt] = made
             if len(self._uncond) > self._uncond_cache_size:
                 self._uncond.popitem(last=False)
         return self._uncond[negative_prompt]
+
+    def time_ids(self, size: Size) -> torch.Tensor | None:
+        """SDXL's time ids [6] for an image of ``size`` (no crop, original = target); None for other families."""
+        if not self.base.family.time_ids:
+            return None
+        return time_ids(image_size(size)).to(self.base.device)
+
+    @torch.no_grad()
+    def samples(self, requests: Sequence[GenerationRequest], guidance: float, steps: int, size: Size,
+                partial_images: int = 0, noise: torch.Tensor | None = None,
+                guidances: Sequence[float] | None = None, step_counts: Sequence[int] | None = None,
+                previews: Sequence[int] | None = None) -> list[Sample]:
+        """Each request as an executor `Sample` at step 0: its seed noise, both branches' conditioning and the
+        family's added conditioning. ``guidances``/``step_counts``/``previews`` give per-request values."""
+        cond, uncond = self.conditioning(requests)
+        ids = self.time_ids(size)
+        added, uncond_added = cond.added(ids), uncond.added(ids)
+        noise = self.initial_latents([r.seed for r in requests], size) if noise is None else noise
+        made = []
+        for i in range(len(requests)):
+            row = slice(i, i + 1)
+            made.append(self.executor.sample(
+                noise[row], cond.embeds[row], uncond.embeds[row],
+                guidance if guidances is None else guidances[i], steps if step_counts is None else step_counts[i],
+                partial_images if previews is None else previews[i],
+                added=None if added is None else added[row], uncond_added=None if uncond_added is None else uncond_added[row]))
+        return made
 
     def initial_latents(self, seeds: Sequence[int], size: Size) -> torch.Tensor:
         """Per-sample noise from each sample's own seed (on CPU, so it is the same on every device)."""
@@ -157,17 +199,15 @@ class ImageGenerator:
                          on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] (float32, CPU) for a batch of requests sharing one UNet batch.
 
-        DDIM with eta 0, so an image depends only on its request, steps, guidance and size.
+        DDIM with eta 0 (v-prediction models too: the executor steps by the scheduler config's prediction
+        type), so an image depends only on its request, steps, guidance and size.
         ``size`` is a square side or (height, width) in pixels; None is the model's native resolution.
         ``on_step(done, total)`` is called after each denoising step (for progress bars).
         """
         size = size or self.base.resolution
         self.check(requests, steps, guidance, size)
-        cond, uncond = self.encode(requests)
-        noise = self.initial_latents([r.seed for r in requests], size)
         executor = self.executor
-        samples = [executor.sample(noise[i : i + 1], cond[i : i + 1], uncond[i : i + 1], guidance, steps)
-                   for i in range(len(requests))]
+        samples = self.samples(requests, guidance, steps, size)
         for done in range(1, steps + 1):
             executor.step(samples)
             if on_step is not None:

@@ -5,9 +5,10 @@ shows the defaults without loading either.
 """
 
 # Base models: the hub's maintained copy of Stable Diffusion v1.5 (the runwayml repository was
-# withdrawn), and the built-ins that need no download ("tiny" for tests, "sd15-random" for benchmarks).
+# withdrawn), and the built-ins that need no download: one tiny model per family for tests and the demo,
+# one with the real shapes and random weights per family for benchmarks (docs/families.md).
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-BUILTIN_MODELS = ("tiny", "sd15-random")
+BUILTIN_MODELS = ("tiny", "tiny-sd2", "tiny-sdxl", "sd15-random", "sd2-random", "sdxl-random")
 
 # Precision policy: the text encoder and the residual path always run in float32 (they cost a few
 # milliseconds, and the residual's whole effect lives in the text embedding); the precision chosen

@@ -24,11 +24,12 @@ from safetensors.torch import save as st_save_bytes
 from . import storage
 
 FORMAT_NAME = "catversion-residual"
-FORMAT_VERSION = 1
-TENSOR_KEY = "residual"
+FORMAT_VERSION = 2  # written for residuals of several blocks (SDXL); one-block residuals are still written as 1
+READ_VERSIONS = (1, 2)
+TENSOR_KEY = "residual"  # version 1's one tensor
 
 # Header keys owned by the format; everything else in the header is `meta`.
-_FORMAT_KEYS = ("format", "format_version", "layers", "tokens", "hidden_size", "prefix_logit_bias", "sha256")
+_FORMAT_KEYS = ("format", "format_version", "layers", "tokens", "hidden_size", "blocks", "prefix_logit_bias", "sha256")
 
 # Reference code (adapter-transformers 3.2.1 prefix tuning) state-dict keys.
 _OFFICIAL_LAYER_KEY = (
@@ -55,28 +56,28 @@ class IncompatibleResidualError(ValueError):
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a residual tensor's float32 little-endian bytes, as 'sha256:<hex>'."""
-    data = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return blocks_sha256([tensor])
 
 
-class Residual:
-    """Residual Key/Value vectors: ``tensor[l, 0]`` are keys and ``tensor[l, 1]`` values for ``layers[l]``.
+def blocks_sha256(tensors: Sequence[torch.Tensor]) -> str:
+    """sha256 of the blocks' float32 little-endian bytes one after another, as 'sha256:<hex>' (for one block,
+    the version-1 hash of its tensor)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
 
-    The vectors live in post-projection space (after k_proj / v_proj), so one residual token is a
-    full hidden-size vector whose per-head slices are that head's extra key or value.
-    ``prefix_logit_bias`` is added to every query's logit for the residual tokens: 0.0 is the
-    paper's equation, 1.0 reproduces the reference code's checkpoints (docs/method.md, "The +1 logit
-    bias").
-    """
 
-    def __init__(
-        self,
-        tensor: torch.Tensor,
-        layers: tuple[int, ...] | list[int],
-        prefix_logit_bias: float = 0.0,
-        meta: dict[str, Any] | None = None,
-    ):
+class ResidualBlock:
+    """One text encoder's part of a residual: ``tensor[l, 0]`` are keys and ``tensor[l, 1]`` values for
+    ``layers[l]`` of the encoder named ``encoder`` (its diffusers subfolder: "text_encoder", "text_encoder_2")."""
+
+    __slots__ = ("encoder", "layers", "tensor")
+
+    def __init__(self, encoder: str, layers: Sequence[int], tensor: torch.Tensor):
         layers = tuple(int(i) for i in layers)
+        if not isinstance(encoder, str) or not re.fullmatch(r"text_encoder(_\d+)?", encoder):
+            raise ValueError(f"encoder must name a text encoder subfolder (text_encoder, text_encoder_2), got {encoder!r}")
         if not layers or any(i < 0 for i in layers) or len(set(layers)) != len(layers):
             raise ValueError(f"layers must be distinct non-negative layer indices, got {layers}")
         if list(layers) != sorted(layers):
@@ -92,19 +93,8 @@ class Residual:
         tensor = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
         if not torch.isfinite(tensor).all():
             raise ValueError("tensor has non-finite values (NaN or inf)")
-        bias = float(prefix_logit_bias)
-        if not math.isfinite(bias):
-            raise ValueError(f"prefix_logit_bias must be finite, got {prefix_logit_bias}")
-        self.tensor = tensor
-        self.layers = layers
-        self.prefix_logit_bias = bias
-        self.meta = dict(meta or {})
-        for key in _FORMAT_KEYS:
-            if key != "sha256":
-                self.meta.pop(key, None)
-        self.meta["sha256"] = tensor_sha256(tensor)
+        self.encoder, self.layers, self.tensor = encoder, layers, tensor
 
-    # ---- shape facts -------------------------------------------------------------------------
     @property
     def tokens(self) -> int:
         return int(self.tensor.shape[2])
@@ -114,32 +104,142 @@ class Residual:
         return int(self.tensor.shape[3])
 
     @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.tensor.shape)
+
+    def describe(self) -> dict[str, Any]:
+        return {"encoder": self.encoder, "layers": list(self.layers), "tokens": self.tokens,
+                "hidden_size": self.hidden_size}
+
+
+class Residual:
+    """Residual Key/Value vectors for a few self-attention layers of each text encoder the UNet reads.
+
+    One `ResidualBlock` per patched text encoder (SD 1.x and 2.x: one, SDXL: two); ``Residual(tensor,
+    layers, ...)`` makes the one-block residual of a model's "text_encoder", ``Residual.from_blocks`` any.
+    The vectors live in post-projection space (after k_proj / v_proj), so one residual token is a
+    full hidden-size vector whose per-head slices are that head's extra key or value.
+    ``prefix_logit_bias`` is added to every query's logit for the residual tokens: 0.0 is the
+    paper's equation, 1.0 reproduces the reference code's checkpoints (docs/method.md, "The +1 logit
+    bias"). ``tensor``, ``layers`` and ``hidden_size`` are the one block's; a residual of several
+    blocks has them per block (``blocks``, ``layer_sets``).
+    """
+
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        layers: tuple[int, ...] | list[int],
+        prefix_logit_bias: float = 0.0,
+        meta: dict[str, Any] | None = None,
+        *,
+        encoder: str = "text_encoder",
+    ):
+        self._init([ResidualBlock(encoder, layers, tensor)], prefix_logit_bias, meta)
+
+    @classmethod
+    def from_blocks(cls, blocks: Sequence[ResidualBlock | tuple[str, Sequence[int], torch.Tensor]],
+                    prefix_logit_bias: float = 0.0, meta: dict[str, Any] | None = None) -> "Residual":
+        """A residual of one block per text encoder, in the family's encoder order; every block has the
+        same token count."""
+        made = [b if isinstance(b, ResidualBlock) else ResidualBlock(*b) for b in blocks]
+        self = cls.__new__(cls)
+        self._init(made, prefix_logit_bias, meta)
+        return self
+
+    def _init(self, blocks: list[ResidualBlock], prefix_logit_bias: float, meta: dict[str, Any] | None) -> None:
+        if not blocks:
+            raise ValueError("a residual needs at least one block")
+        names = [b.encoder for b in blocks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a residual has one block per text encoder, got {names}")
+        if len({b.tokens for b in blocks}) != 1:
+            raise ValueError(f"every block of a residual has the same token count, got {[b.tokens for b in blocks]}")
+        bias = float(prefix_logit_bias)
+        if not math.isfinite(bias):
+            raise ValueError(f"prefix_logit_bias must be finite, got {prefix_logit_bias}")
+        self.blocks: tuple[ResidualBlock, ...] = tuple(blocks)
+        self.prefix_logit_bias = bias
+        self.meta = dict(meta or {})
+        for key in _FORMAT_KEYS:
+            if key != "sha256":
+                self.meta.pop(key, None)
+        self.meta["sha256"] = blocks_sha256([b.tensor for b in blocks])
+
+    # ---- shape facts -------------------------------------------------------------------------
+    def _single(self, what: str) -> ResidualBlock:
+        if len(self.blocks) != 1:
+            raise ValueError(f"this residual has {len(self.blocks)} blocks ({', '.join(self.encoders)}); "
+                             f"its {what} is per block: use .blocks")
+        return self.blocks[0]
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self._single("tensor").tensor
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self._single("layers").layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self._single("hidden_size").hidden_size
+
+    @property
+    def tokens(self) -> int:
+        return self.blocks[0].tokens
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        return tuple(b.encoder for b in self.blocks)
+
+    @property
+    def layer_sets(self) -> tuple[tuple[int, ...], ...]:
+        """The patched layers of each block, in block order."""
+        return tuple(b.layers for b in self.blocks)
+
+    @property
+    def patch(self) -> tuple[tuple[str, tuple[int, ...], int, int], ...]:
+        """What a patched encoder must apply to take this residual: (encoder, layers, tokens, width) per block."""
+        return tuple((b.encoder, b.layers, b.tokens, b.hidden_size) for b in self.blocks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.tensor.numel() * b.tensor.element_size() for b in self.blocks)
+
+    def flat(self) -> torch.Tensor:
+        """Every block's values in one 1-d float32 tensor, in block order (what a trainer optimizes)."""
+        return torch.cat([b.tensor.reshape(-1) for b in self.blocks])
+
+    @property
     def sha256(self) -> str:
         return self.meta["sha256"]
 
     def __repr__(self) -> str:
         word = self.meta.get("class_word")
-        return (
-            f"Residual(layers={self.layers}, tokens={self.tokens}, hidden_size={self.hidden_size}, "
-            f"prefix_logit_bias={self.prefix_logit_bias}, class_word={word!r}, {self.sha256[:15]}…)"
-        )
+        if len(self.blocks) == 1:
+            shape = f"layers={self.layers}, tokens={self.tokens}, hidden_size={self.hidden_size}"
+        else:
+            shape = ", ".join(f"{b.encoder}={b.layers}x{b.hidden_size}" for b in self.blocks) + f", tokens={self.tokens}"
+        return f"Residual({shape}, prefix_logit_bias={self.prefix_logit_bias}, class_word={word!r}, {self.sha256[:15]}…)"
 
     # ---- safetensors I/O ---------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        header = {
-            "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
-            "layers": json.dumps(list(self.layers)),
-            "tokens": str(self.tokens),
-            "hidden_size": str(self.hidden_size),
-            "prefix_logit_bias": repr(self.prefix_logit_bias),
-            "sha256": self.sha256,
-        }
+        """Format version 1 for a one-block residual of "text_encoder" (SD 1.x and 2.x: what every catversion
+        reads), version 2 (one tensor per block, named by its encoder) otherwise."""
+        header = {"format": FORMAT_NAME, "prefix_logit_bias": repr(self.prefix_logit_bias), "sha256": self.sha256}
+        if self.encoders == ("text_encoder",):
+            header.update({"format_version": "1", "layers": json.dumps(list(self.layers)),
+                           "tokens": str(self.tokens), "hidden_size": str(self.hidden_size)})
+            tensors = {TENSOR_KEY: self.tensor}
+        else:
+            header.update({"format_version": str(FORMAT_VERSION),
+                           "blocks": json.dumps([b.describe() for b in self.blocks])})
+            tensors = {b.encoder: b.tensor for b in self.blocks}
         for key, value in self.meta.items():
             if key in header:
                 continue
             header[str(key)] = json.dumps(value, sort_keys=True, default=str)
-        return st_save_bytes({TENSOR_KEY: self.tensor}, metadata=header)
+        return st_save_bytes(tensors, metadata=header)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: the file appears complete or not at all."""
@@ -181,35 +281,51 @@ class Residual:
             version = int(meta_raw.get("format_version", ""))
         except ValueError:
             raise refuse(f"format_version {meta_raw.get('format_version')!r} is not an integer") from None
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             hint = "upgrade catversion" if version > FORMAT_VERSION else "re-save it with the catversion that wrote it"
-            raise refuse(f"format version {version} is not supported (this catversion reads version {FORMAT_VERSION}); {hint}")
+            raise refuse(f"format version {version} is not supported (this catversion reads versions "
+                         f"{', '.join(map(str, READ_VERSIONS))}); {hint}")
         try:
-            layers = tuple(int(i) for i in json.loads(meta_raw["layers"]))
-            tokens = int(meta_raw["tokens"])
-            hidden = int(meta_raw["hidden_size"])
+            if version == 1:
+                shapes = [{"encoder": "text_encoder", "key": TENSOR_KEY, "layers": json.loads(meta_raw["layers"]),
+                           "tokens": meta_raw["tokens"], "hidden_size": meta_raw["hidden_size"]}]
+            else:
+                shapes = [dict(block, key=block["encoder"]) for block in json.loads(meta_raw["blocks"])]
+                if not shapes:
+                    raise ValueError("no blocks")
+            for block in shapes:
+                block["layers"] = tuple(int(i) for i in block["layers"])
+                block["tokens"], block["hidden_size"] = int(block["tokens"]), int(block["hidden_size"])
+                if not isinstance(block["encoder"], str):
+                    raise TypeError("a block's encoder is not a name")
             bias = float(meta_raw["prefix_logit_bias"])
             expected_hash = meta_raw["sha256"]
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise refuse(f"header is missing or has a malformed format field ({exc!r})") from None
         try:
             tensors = st_load_bytes(data)
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise refuse(f"truncated or corrupt safetensors data ({exc})") from None
-        if set(tensors) != {TENSOR_KEY}:
-            raise refuse(f"expected exactly one tensor named {TENSOR_KEY!r}, found {sorted(tensors)}")
-        tensor = tensors[TENSOR_KEY]
-        if tensor.dtype != torch.float32:
-            raise refuse(f"tensor dtype is {tensor.dtype}, expected torch.float32")
-        expected_shape = (len(layers), 2, tokens, hidden)
-        if tuple(tensor.shape) != expected_shape:
-            raise refuse(
-                f"tensor shape {tuple(tensor.shape)} does not match the header "
-                f"(layers={list(layers)}, tokens={tokens}, hidden_size={hidden} → {expected_shape})"
-            )
-        if not torch.isfinite(tensor).all():
-            raise refuse("tensor has non-finite values (NaN or inf); the training run that wrote it diverged")
-        actual_hash = tensor_sha256(tensor)
+        keys = [block["key"] for block in shapes]
+        if set(tensors) != set(keys) or len(keys) != len(set(keys)):
+            raise refuse(f"expected the tensors {keys}, found {sorted(tensors)}")
+        blocks = []
+        for block in shapes:
+            tensor = tensors[block["key"]]
+            if tensor.dtype != torch.float32:
+                raise refuse(f"tensor {block['key']!r} dtype is {tensor.dtype}, expected torch.float32")
+            layers = block["layers"]
+            expected_shape = (len(layers), 2, block["tokens"], block["hidden_size"])
+            if tuple(tensor.shape) != expected_shape:
+                raise refuse(
+                    f"tensor {block['key']!r} shape {tuple(tensor.shape)} does not match the header "
+                    f"(layers={list(layers)}, tokens={block['tokens']}, hidden_size={block['hidden_size']} → "
+                    f"{expected_shape})"
+                )
+            if not torch.isfinite(tensor).all():
+                raise refuse("tensor has non-finite values (NaN or inf); the training run that wrote it diverged")
+            blocks.append((block["encoder"], layers, tensor))
+        actual_hash = blocks_sha256([tensor for _, _, tensor in blocks])
         if actual_hash != expected_hash:
             raise refuse(
                 f"sha256 mismatch: header says {expected_hash}, tensor bytes hash to {actual_hash} "
@@ -224,50 +340,50 @@ class Residual:
             except ValueError:
                 meta[key] = value
         try:
-            return cls(tensor, layers, bias, meta)
+            return cls.from_blocks(blocks, bias, meta)
         except ValueError as exc:
             raise refuse(str(exc)) from None
 
     # ---- compatibility -----------------------------------------------------------------------
     def check_compatible(self, text_encoder: Any = None, *, fingerprint: str | None = None, strict: bool = True,
-                         layers: Sequence[int] | None = None, tokens: int | None = None,
-                         base_model: str | None = None) -> None:
-        """Raise IncompatibleResidualError explaining why this residual does not fit the encoder.
+                         layers: Sequence | None = None, tokens: int | None = None,
+                         base_model: str | None = None, family: str | None = None) -> None:
+        """Raise IncompatibleResidualError explaining why this residual does not fit the base model.
 
-        ``text_encoder`` is a transformers CLIPTextModel (or anything with a CLIP-like ``config``);
-        ``fingerprint`` is the base model's text-encoder fingerprint (``models.text_encoder_fingerprint``),
-        compared with the one recorded at training time when both are known. ``layers`` and
-        ``tokens`` are what the patched encoder that will apply the residual takes (exactly those).
-        ``base_model`` is the loaded base model's id: when either fingerprint is unknown, a residual
-        whose header names another base model is refused. ``strict=False`` skips only the base-model
-        comparisons (fingerprint and name).
+        ``text_encoder`` is a transformers CLIPTextModel (anything with a CLIP-like ``config``) for a
+        one-encoder base, or {encoder name: model} for every text encoder of the base (SDXL: two);
+        ``fingerprint`` is the base model's text-encoder fingerprint (``models.BaseModel.fingerprint``),
+        compared with the one recorded at training time when both are known. ``layers`` (per encoder, or
+        one sequence for a one-encoder base) and ``tokens`` are what the patched encoder that will apply
+        the residual takes (exactly those). ``base_model`` is the loaded base model's id: when either
+        fingerprint is unknown, a residual whose header names another base model is refused. ``family`` is
+        the base's family name ("sd1", "sd2", "sdxl"): a residual recorded for another family is refused
+        naming both. ``strict=False`` skips only the base-model comparisons (fingerprint and name).
         """
         trained_on = self.meta.get("base_model") or "an unknown base model"
-        if self.tensor.dtype != torch.float32:
-            raise IncompatibleResidualError(f"residual tensor is {self.tensor.dtype}; residuals are float32")
-        if text_encoder is not None:
-            config = text_encoder.config
-            if config.hidden_size != self.hidden_size:
-                raise IncompatibleResidualError(
-                    f"residual has hidden size {self.hidden_size} but the text encoder has {config.hidden_size}: "
-                    f"it was trained for {trained_on}, a different base model"
-                )
-            depth = config.num_hidden_layers
-            if max(self.layers) >= depth:
-                raise IncompatibleResidualError(
-                    f"residual patches encoder layers {list(self.layers)} but the text encoder has only {depth} "
-                    f"layers (0..{depth - 1}): it was trained for {trained_on}, a different base model"
-                )
-            heads = config.num_attention_heads
-            if self.hidden_size % heads:
-                raise IncompatibleResidualError(
-                    f"residual hidden size {self.hidden_size} is not divisible by the encoder's {heads} heads"
-                )
-        if layers is not None and tuple(layers) != tuple(self.layers):
+        recorded_family = self.meta.get("base_family")
+        if family and recorded_family and recorded_family != family:
             raise IncompatibleResidualError(
-                f"residual patches encoder layers {list(self.layers)} but this server patches {list(layers)}: "
-                "retrain it with the same layers"
-            )
+                f"residual was trained for a {recorded_family} base model ({trained_on}) but the loaded base model "
+                f"{base_model or ''} is {family}: serve or load a {recorded_family} base model for it, or retrain it "
+                f"on this one")
+        encoders = text_encoder if isinstance(text_encoder, dict) else (
+            {} if text_encoder is None else {"text_encoder": text_encoder})
+        if encoders and set(encoders) != set(self.encoders):
+            raise IncompatibleResidualError(
+                f"residual patches the text encoder(s) {', '.join(self.encoders)} but the base model "
+                f"{base_model or ''} has {', '.join(encoders)}: it was trained for {trained_on}, a base model of "
+                "another family")
+        for block in self.blocks:
+            if block.encoder in encoders:
+                _check_block(block, encoders[block.encoder].config, trained_on)
+        if layers is not None:
+            wanted = tuple(tuple(int(i) for i in s) for s in layers) if layers and not isinstance(
+                next(iter(layers)), int) else (tuple(int(i) for i in layers),)
+            if wanted != self.layer_sets:
+                raise IncompatibleResidualError(
+                    f"residual patches encoder layers {_layers_text(self.layer_sets)} but this server patches "
+                    f"{_layers_text(wanted)}: retrain it with the same layers")
         if tokens is not None and int(tokens) != self.tokens:
             raise IncompatibleResidualError(
                 f"residual has {self.tokens} token(s) per layer but this server applies {int(tokens)}: "
@@ -373,6 +489,12 @@ class Residual:
         The reference code always adds +1.0 to the residual logits, so a residual trained with
         another ``prefix_logit_bias`` would behave differently there; that needs ``force=True``.
         """
+        family = self.meta.get("base_family")
+        if len(self.blocks) != 1 or family not in (None, "sd1"):
+            raise IncompatibleResidualError(
+                f"the reference code's pytorch_adapter.bin holds Stable Diffusion 1.x residuals only; this one is for "
+                f"{family or 'a base model with the text encoders ' + ', '.join(self.encoders)}: keep it as a "
+                "catversion .safetensors file")
         if self.prefix_logit_bias != OFFICIAL_PREFIX_LOGIT_BIAS and not force:
             raise IncompatibleResidualError(
                 f"this residual uses prefix_logit_bias={self.prefix_logit_bias}, but the reference code always "
@@ -410,6 +532,27 @@ class Residual:
             "name": adapter_name,
             "version": "3.2.1",
         }
+
+
+def _layers_text(layer_sets: Sequence[Sequence[int]]) -> str:
+    return str(list(layer_sets[0])) if len(layer_sets) == 1 else " and ".join(str(list(s)) for s in layer_sets)
+
+
+def _check_block(block: ResidualBlock, config: Any, trained_on: str) -> None:
+    """Whether one block fits its text encoder's config (width, depth, heads)."""
+    if config.hidden_size != block.hidden_size:
+        raise IncompatibleResidualError(
+            f"residual block {block.encoder} has hidden size {block.hidden_size} but the text encoder has "
+            f"{config.hidden_size}: it was trained for {trained_on}, a different base model")
+    depth = config.num_hidden_layers
+    if max(block.layers) >= depth:
+        raise IncompatibleResidualError(
+            f"residual patches {block.encoder} layers {list(block.layers)} but the text encoder has only {depth} "
+            f"layers (0..{depth - 1}): it was trained for {trained_on}, a different base model")
+    if block.hidden_size % config.num_attention_heads:
+        raise IncompatibleResidualError(
+            f"residual hidden size {block.hidden_size} is not divisible by the encoder's "
+            f"{config.num_attention_heads} heads")
 
 
 def _safetensors_header(data: bytes, refuse) -> dict:

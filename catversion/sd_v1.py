@@ -45,6 +45,7 @@ wearing floating sitting sleeping cute small big old new fancy
 """.split()
 TINY_VOCAB_SIZE = 787  # 512 byte symbols + 273 merges learned from TINY_WORDS + 2 special tokens
 BUILTIN_SEED = 20231124
+BUILTINS = ("tiny", "sd15-random")  # the SD 1.x built-ins (builtin_families.py has the others)
 
 SD15_TEXT_VOCAB_SIZE = 49408
 SD_VAE_SCALING_FACTOR = 0.18215

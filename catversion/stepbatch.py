@@ -171,12 +171,13 @@ class StepBatcher:
         started = time.perf_counter()
         self.generator.warm_up()
         with torch.no_grad():
-            cond, uncond = self.generator.encode([GenerationRequest("")])
             native = self.generator.unet_runner.latent_size
             channels = self.generator.base.unet.config.in_channels
             noise = torch.zeros((1, channels, *native), device=self.generator.base.device)
             self.executor.decode(noise)
-            sample = self.executor.sample(noise, cond, uncond, DEFAULT_GUIDANCE, WARM_UP_STEPS)
+            factor = self.generator.base.vae_scale_factor
+            sample = self.generator.samples([GenerationRequest("")], DEFAULT_GUIDANCE, WARM_UP_STEPS,
+                                            (native[0] * factor, native[1] * factor), noise=noise)[0]
             seconds = []
             for _ in range(WARM_UP_STEPS):
                 step_started = time.perf_counter()
@@ -300,11 +301,11 @@ class StepBatcher:
 
     def _start(self, entries: list[Entry]) -> None:
         jobs = [entry.payload.ticket.job for entry in entries]
-        cond, uncond = self.generator.encode(jobs)
-        noise = self.generator.initial_latents([job.seed for job in jobs], entries[0].bucket)
-        for i, (entry, job) in enumerate(zip(entries, jobs)):
-            entry.payload.sample = self.executor.sample(noise[i : i + 1], cond[i : i + 1], uncond[i : i + 1],
-                                                        job.guidance, job.steps, job.partial_images)
+        made = self.generator.samples(jobs, 0.0, 0, entries[0].bucket, guidances=[job.guidance for job in jobs],
+                                      step_counts=[job.steps for job in jobs],
+                                      previews=[job.partial_images for job in jobs])
+        for entry, sample in zip(entries, made):
+            entry.payload.sample = sample
 
     def _denoise(self, bucket: Bucket, batch: list[Entry]) -> None:
         """One executor step over ``batch``, then its previews and finished images."""

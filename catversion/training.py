@@ -50,7 +50,7 @@ from diffusers import DDPMScheduler
 from torch.optim.adamw import adamw as adamw_step  # the functional form of torch.optim.AdamW
 
 from . import __version__
-from .encoder import ResidualTextEncoder, patched_layers
+from .conditioning import Conditioner, added_cond_kwargs, added_width, layers_key, normalise_layers
 from .images import ImageError, decode_image, read_source, to_tensor
 from .models import BaseModel
 from .recipe import (  # noqa: F401  (the recipe's names are part of this module's API too)
@@ -108,32 +108,39 @@ class Progress:
     images_per_s: float  # training rows per second since the start
 
 
-def training_target(base: BaseModel, resolution: int | None = None, layers: Sequence[int] | None = None,
+def training_target(base: BaseModel, resolution: int | None = None, layers: Sequence | None = None,
                     tokens: int = 1, precision: str | None = None) -> TrainingTarget:
     """What residuals trained on ``base`` are trained against (for the training fingerprint).
 
-    Needs only the base model's text encoder, so the batch driver can call it without the UNet;
-    ``precision`` (default: the base model's) is the UNet/VAE precision the training runs at.
+    Needs only the base model's text encoders, so the batch driver can call it without the UNet;
+    ``precision`` (default: the base model's) is the UNet/VAE precision the training runs at. ``layers``
+    as `Conditioner` takes them (None: the family's default).
     """
-    depth = base.text_encoder.config.num_hidden_layers
-    return TrainingTarget(base.fingerprint, resolution or base.resolution, patched_layers(depth, layers), int(tokens),
+    family = base.family
+    depths = [base.text_encoders[spec.name].config.num_hidden_layers for spec in family.encoders]
+    chosen = normalise_layers(layers, len(depths))
+    sets = family.default_layers(depths) if chosen is None else family.check_layers(chosen, depths)
+    return TrainingTarget(base.fingerprint, resolution or base.resolution, layers_key(sets), int(tokens),
                           precision or base.precision)
 
 
 class _ConceptState:
     """A concept in a pack: cached latents, its residual and AdamW moments, and its own RNG stream."""
 
-    def __init__(self, concept: Concept, mean: torch.Tensor, std: torch.Tensor, prefix_hidden: torch.Tensor,
-                 fingerprint: str, residual_shape: tuple[int, ...], device: torch.device):
+    def __init__(self, concept: Concept, mean: torch.Tensor, std: torch.Tensor,
+                 prefix: tuple[list[torch.Tensor], list[torch.Tensor]], fingerprint: str,
+                 residual_shape: tuple[int, ...], device: torch.device, sizes: torch.Tensor | None = None):
         cfg = concept.config
         self.concept, self.cfg = concept, cfg
         self.mean, self.std = mean, std  # [N, 2 (flip), C, h, w] posterior of each image and its flip
-        self.prefix_hidden = prefix_hidden  # [1, S, D] states entering the first patched layer
+        # Per text encoder: [1, S, D] states entering its first patched layer, and the caption's token ids [1, S]
+        self.prefix_hidden, self.prefix_ids = prefix
+        self.sizes = sizes  # [N, 2] each image's original (height, width): SDXL's time ids
         self.fingerprint = fingerprint
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         # The residual path's dtype is the text encoder's (that of its cached states): see the module docstring.
         # Random numbers are drawn in float32 whatever that dtype (_draw), so a float64 run is the same computation.
-        init = _draw(residual_shape, self.generator, prefix_hidden.dtype)
+        init = _draw(residual_shape, self.generator, self.prefix_hidden[0].dtype)
         self.residual = torch.nn.Parameter(init * cfg.init_std)
         # AdamW state as torch.optim.AdamW(fused=True) keeps it: {"step", "exp_avg", "exp_avg_sq"},
         # created at the first step (the trainer's one fused update serves every concept in the pack).
@@ -148,7 +155,8 @@ class _ConceptState:
         self.resume_problem: str | None = None  # why an offered saved state was not used
 
     def sample(self, scheduler: DDPMScheduler, scaling: float):
-        """This step's rows: noisy latents, timesteps and target noise, all from this concept's RNG."""
+        """This step's rows: noisy latents, timesteps, the target (the noise, or for a v-prediction model the
+        velocity) and the images' indexes, all from this concept's RNG."""
         g, n, b = self.generator, self.mean.shape[0], self.cfg.batch_size
         picks = []
         while len(picks) < b:  # epochs of shuffled images, as the reference data loader does
@@ -162,7 +170,10 @@ class _ConceptState:
         latents = (mean + std * _draw(mean.shape, g, mean.dtype)) * scaling
         noise = _draw(latents.shape, g, mean.dtype)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g, device=g.device)
-        return scheduler.add_noise(latents, noise, timesteps), timesteps, noise
+        target = noise
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        return scheduler.add_noise(latents, noise, timesteps), timesteps, target, index
 
     def result(self, status: str, residual: Residual | None = None, error: str | None = None) -> TrainResult:
         """This concept's outcome as train() reports it, at its current step."""
@@ -177,13 +188,14 @@ class _ConceptState:
         cfg = self.cfg
         return (cfg.learning_rate, tuple(cfg.adam_betas), cfg.adam_eps, cfg.weight_decay)
 
-    def snapshot(self, base: BaseModel, layers: Sequence[int], final: bool) -> Residual:
+    def snapshot(self, base: BaseModel, conditioner: Conditioner, final: bool) -> Residual:
         window = self.losses[-LOSS_WINDOW:]
         meta = {
             "concept_id": self.concept.concept_id,
             "class_word": self.concept.class_word,
             "caption": self.concept.prompt,
             "base_model": base.model_id,
+            "base_family": base.family.name,
             "base_fingerprint": base.fingerprint,
             "precision": base.precision,
             **self.cfg.hyperparameters(),
@@ -194,7 +206,7 @@ class _ConceptState:
         }
         if not final:
             meta["checkpoint_of_steps"] = self.cfg.steps
-        return Residual(self.residual.detach(), layers, self.cfg.prefix_logit_bias, meta)
+        return conditioner.residual(self.residual.detach(), self.cfg.prefix_logit_bias, meta)
 
     # ---- resumable state -----------------------------------------------------------------------
     def state_bytes(self) -> bytes:
@@ -265,7 +277,8 @@ class _ConceptState:
 
     def record_stream(self, stream: torch.cuda.Stream) -> None:
         """Tell the CUDA allocator that ``stream`` uses this state's tensors (they were made on a side stream)."""
-        tensors = [self.mean, self.std, self.prefix_hidden, self.residual.data, self.order]
+        tensors = [self.mean, self.std, *self.prefix_hidden, *self.prefix_ids, self.residual.data, self.order]
+        tensors += [] if self.sizes is None else [self.sizes]
         tensors += [v for v in self.moments.values() if isinstance(v, torch.Tensor)]
         for tensor in tensors:
             if tensor.is_cuda:
@@ -404,7 +417,7 @@ class ResidualTrainer:
     switched to channels-last memory format (the same numbers, faster convolutions).
     """
 
-    def __init__(self, base: BaseModel, *, pack: int | None = None, layers: Sequence[int] | None = None,
+    def __init__(self, base: BaseModel, *, pack: int | None = None, layers: Sequence | None = None,
                  tokens: int = 1, resolution: int | None = None, compile: bool = False, batch_size: int = 2):
         for part in ("tokenizer", "text_encoder", "unet", "vae"):
             if getattr(base, part) is None:
@@ -412,14 +425,15 @@ class ResidualTrainer:
         if pack is not None and (not isinstance(pack, int) or isinstance(pack, bool) or pack < 1):
             raise ValueError(f"pack must be an integer >= 1 (or None to choose), got {pack!r}")
         self.base = base
-        self.encoder = ResidualTextEncoder(base.text_encoder, layers=layers, tokens=tokens)
+        self.encoder = Conditioner(base, layers=layers, tokens=tokens)
         self.scheduler = DDPMScheduler.from_config(base.scheduler_config)
         self.resolution = resolution or base.resolution
         if self.resolution % base.vae_scale_factor:
             raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE factor {base.vae_scale_factor}")
         self.device = base.device
-        self.target = training_target(base, self.resolution, self.encoder.layers, self.encoder.tokens)
-        self._prefix_cache: dict[str, torch.Tensor] = {}
+        self.target = training_target(base, self.resolution, self.encoder.layer_sets, self.encoder.tokens)
+        self._prefix_cache: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._added_width = added_width(base.unet)  # SDXL: pooled embeds + time ids per row
         self._side_stream: torch.cuda.Stream | None = None  # background preparation's stream on CUDA
         self._channels_last = self.device.type == "cuda"
         if self._channels_last:
@@ -462,7 +476,8 @@ class ResidualTrainer:
         cond = torch.randn(rows, self.base.tokenizer.model_max_length, unet.config.cross_attention_dim,
                            device=self.device, dtype=unet.dtype, requires_grad=True)
         timesteps = torch.zeros(rows, dtype=torch.long, device=self.device)
-        unet(latents, timesteps, encoder_hidden_states=cond).sample.float().square().mean().backward()
+        extra = added_cond_kwargs(self._zero_added(rows, unet.dtype))
+        unet(latents, timesteps, encoder_hidden_states=cond, **extra).sample.float().square().mean().backward()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
         del latents, cond
@@ -479,11 +494,15 @@ class ResidualTrainer:
     def fingerprint(self, concept: Concept, image_bytes: Sequence[bytes]) -> str:
         return training_fingerprint(concept, [image_digest(b) for b in image_bytes], self.target)
 
-    def _prefix_hidden(self, caption: str) -> torch.Tensor:
+    def _zero_added(self, rows: int, dtype: torch.dtype) -> torch.Tensor | None:
+        return torch.zeros(rows, self._added_width, device=self.device, dtype=dtype) if self._added_width else None
+
+    def _prefix_hidden(self, caption: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per text encoder, the caption's states entering the first patched layer, and its token ids."""
         if caption not in self._prefix_cache:
             with torch.no_grad():
-                ids = self.base.tokenize([caption])
-                self._prefix_cache[caption] = self.encoder.pre_patch_states(ids)
+                ids = self.encoder.tokenize([caption])
+                self._prefix_cache[caption] = (self.encoder.pre_patch_states(ids), ids)
         return self._prefix_cache[caption]
 
     @torch.no_grad()
@@ -504,11 +523,15 @@ class ResidualTrainer:
             raise ImageError(f"concept {concept.concept_id!r} has no images")
         names = list(concept.image_names or [None] * len(concept.images))
         raw = [read_source(src, name) for src, name in zip(concept.images, names)]
-        pixels = torch.stack([to_tensor(decode_image(data, label), self.resolution) for data, label in raw])
+        images = [decode_image(data, label) for data, label in raw]
+        pixels = torch.stack([to_tensor(image, self.resolution) for image in images])
         mean, std = self._encode_latents(pixels)
         fingerprint = self.fingerprint(concept, [data for data, _ in raw])
+        # SDXL's original size: each photo's (height, width) before the resize (no crop: images.to_tensor)
+        sizes = (torch.tensor([[image.height, image.width] for image in images], dtype=torch.float32,
+                              device=self.device) if self.base.family.time_ids else None)
         return _ConceptState(concept, mean, std, self._prefix_hidden(concept.prompt), fingerprint,
-                             self.encoder.residual_shape, self.device)
+                             self.encoder.residual_shape, self.device, sizes)
 
     def prepare(self, concept: Concept, resume: bytes | None = None) -> _ConceptState:
         """Read, decode and encode a concept's images; ``resume`` (``state_bytes()`` output) continues it.
@@ -630,21 +653,31 @@ class ResidualTrainer:
     def _forward_backward(self, active: list[_ConceptState], bucket: int | None = None,
                           check: bool = False) -> list[torch.Tensor]:
         """The pack's losses, with the gradients in each residual; ``bucket``: pad the UNet batch to it."""
-        noisy, timesteps, noise, residuals, biases, hidden, sizes = [], [], [], [], [], [], []
+        noisy, timesteps, targets, residuals, biases, sizes, times = [], [], [], [], [], [], []
+        hidden = [[] for _ in self.encoder.parts]
+        ids = [[] for _ in self.encoder.parts]
         for state in active:
-            x, t, n = state.sample(self.scheduler, self.base.vae_scaling_factor)
+            x, t, target, index = state.sample(self.scheduler, self.base.vae_scaling_factor)
             b = x.shape[0]
             noisy.append(x)
             timesteps.append(t)
-            noise.append(n)
+            targets.append(target)
             residuals += [state.residual] * b
             biases += [state.cfg.prefix_logit_bias] * b
-            hidden.append(state.prefix_hidden.expand(b, -1, -1))
+            for part in range(len(hidden)):
+                hidden[part].append(state.prefix_hidden[part].expand(b, -1, -1))
+                ids[part].append(state.prefix_ids[part].expand(b, -1))
+            if state.sizes is not None:
+                times.append(self._time_ids(state.sizes[index]))
             sizes.append(b)
         dtype = self.base.unet.dtype
         # Conditioning from the cached pre-patch states: only the patched layers run per step, in the text
         # encoder's dtype (float32).
-        cond = self.encoder.forward_patched(torch.cat(hidden), residuals, prefix_logit_bias=biases).to(dtype)
+        conditioning = self.encoder.encode_patched([torch.cat(h) for h in hidden], [torch.cat(i) for i in ids],
+                                                   residuals, prefix_logit_bias=biases)
+        cond = conditioning.embeds.to(dtype)
+        added = conditioning.added(torch.cat(times)) if times else None
+        inputs = [cond] + ([] if added is None else [added.to(dtype)])
         latents, steps = torch.cat(noisy).to(dtype), torch.cat(timesteps)
         rows = latents.shape[0]
         if bucket is not None and bucket > rows:
@@ -652,14 +685,14 @@ class ResidualTrainer:
             pad = bucket - rows
             latents = torch.cat([latents, latents.new_zeros((pad, *latents.shape[1:]))])
             steps = torch.cat([steps, steps.new_zeros(pad)])
-            cond = torch.cat([cond, cond.new_zeros((pad, *cond.shape[1:]))])
+            inputs = [torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) for x in inputs]
         # One memory format whatever the VAE handed back (strides are part of a compiled graph's guards).
         latents = latents.contiguous(memory_format=torch.channels_last if self._channels_last else torch.contiguous_format)
-        cond = cond.contiguous()
-        if check and not self._compiled_gradients_match(latents, steps, cond):
+        cond, extra = inputs[0].contiguous(), added_cond_kwargs(inputs[1].contiguous() if len(inputs) > 1 else None)
+        if check and not self._compiled_gradients_match(latents, steps, cond, extra):
             self.compiled, self.unet = False, self.base.unet
-        pred = self.unet(latents, steps, encoder_hidden_states=cond).sample[:rows]
-        per_row = (pred.to(self.encoder.dtype) - torch.cat(noise)).square().mean(dim=(1, 2, 3))
+        pred = self.unet(latents, steps, encoder_hidden_states=cond, **extra).sample[:rows]
+        per_row = (pred.to(self.encoder.dtype) - torch.cat(targets)).square().mean(dim=(1, 2, 3))
         per_concept = torch.stack([rows.mean() for rows in per_row.split(sizes)])
         # loss = sum of per-concept means: each residual gets exactly the gradient it gets alone. A
         # diverged concept is masked out of the sum (its NaNs stay in its own rows) and dropped once read.
@@ -667,7 +700,16 @@ class ResidualTrainer:
         (loss * self._loss_scale if self._loss_scale != 1.0 else loss).backward()
         return list(per_concept.detach().unbind())
 
-    def _compiled_gradients_match(self, latents: torch.Tensor, steps: torch.Tensor, cond: torch.Tensor) -> bool:
+    def _time_ids(self, original: torch.Tensor) -> torch.Tensor:
+        """SDXL's time ids [b, 6] for images of these original sizes [b, 2], resized whole (no crop) to the
+        training resolution, as diffusers' SDXL training scripts compute them."""
+        rows = original.shape[0]
+        crop = original.new_zeros(rows, 2)
+        target = original.new_tensor([self.resolution, self.resolution]).expand(rows, 2)
+        return torch.cat([original, crop, target], dim=1)
+
+    def _compiled_gradients_match(self, latents: torch.Tensor, steps: torch.Tensor, cond: torch.Tensor,
+                                  extra: dict) -> bool:
         """Compare the compiled UNet's gradient to the conditioning with the eager one on this step's
         inputs (once per bucket, where it compiles); a mismatch is logged and training goes on eager.
 
@@ -676,7 +718,7 @@ class ResidualTrainer:
         """
         def gradient(unet) -> torch.Tensor:
             leaf = cond.detach().requires_grad_()
-            out = unet(latents, steps, encoder_hidden_states=leaf).sample.float()
+            out = unet(latents, steps, encoder_hidden_states=leaf, **extra).sample.float()
             return torch.autograd.grad(out.square().mean() * self._loss_scale, leaf)[0].float()
 
         expected, got = gradient(self.base.unet), gradient(self.unet)
@@ -820,7 +862,7 @@ class _PackedRun:
 
     def _settle(self) -> None:
         """With the losses on the host: drop diverged concepts, finish complete ones, hand out checkpoints and states."""
-        base, layers, callbacks = self.trainer.base, self.trainer.encoder.layers, self.callbacks
+        base, layers, callbacks = self.trainer.base, self.trainer.encoder, self.callbacks
         for state in list(self.active):
             bad = next((i for i, x in enumerate(state.losses) if not math.isfinite(x)), None)
             if bad is not None:

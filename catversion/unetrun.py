@@ -44,6 +44,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .conditioning import added_cond_kwargs, added_width
 from .sd_v1 import MAX_LENGTH
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)  # UNet rows per call; a guided (CFG) sample is two rows
@@ -97,6 +98,7 @@ class UNetRunner:
         self.device = unet.device
         self.channels_last = self.device.type == "cuda"
         self.warm_up_seconds: float | None = None
+        self.added_width = added_width(unet)  # SDXL: pooled text embeds + time ids per row; 0: none
         if self.channels_last:
             unet.to(memory_format=torch.channels_last)
         if compile:
@@ -117,50 +119,59 @@ class UNetRunner:
         return self._compiled is not None and (self.latent_size is None or tuple(latent_size) == self.latent_size)
 
     @torch.no_grad()
-    def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction, float32 [R, C, h, w], for latents [R, C, h, w], timesteps [R] and
-        embeddings [R, 77, D]; a new tensor the caller may keep."""
+    def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor,
+                 added: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's prediction, float32 [R, C, h, w], for latents [R, C, h, w], timesteps [R],
+        embeddings [R, 77, D] and, for a UNet with added conditioning (SDXL), ``added`` [R, P + 6]
+        (catversion/conditioning.py); a new tensor the caller may keep."""
         rows = latents.shape[0]
         if timesteps.shape != (rows,) or embeddings.shape[0] != rows:
             raise ValueError(f"one timestep and one embedding per latent row: got latents {tuple(latents.shape)}, "
                              f"timesteps {tuple(timesteps.shape)}, embeddings {tuple(embeddings.shape)}")
+        if (added is None) != (self.added_width == 0) or (added is not None and added.shape != (rows, self.added_width)):
+            raise ValueError(f"this UNet takes added conditioning rows of width {self.added_width} (0: none), got "
+                             f"{None if added is None else tuple(added.shape)} for {rows} rows")
         out = torch.empty(latents.shape, dtype=torch.float32, device=self.device)
         compiled = self.runs_compiled(latents.shape[-2:])
         largest = self.buckets[-1]
         for start in range(0, rows, largest):
             stop = min(start + largest, rows)
-            out[start:stop] = self._run(latents[start:stop], timesteps[start:stop], embeddings[start:stop], compiled)
+            part = None if added is None else added[start:stop]
+            out[start:stop] = self._run(latents[start:stop], timesteps[start:stop], embeddings[start:stop], part,
+                                        compiled)
         return out
 
     def _run(self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor,
-             compiled: bool) -> torch.Tensor:
+             added: torch.Tensor | None, compiled: bool) -> torch.Tensor:
         """One UNet call over at most the largest bucket's rows; the result's first rows are theirs."""
         rows = latents.shape[0]
         device, dtype = self.device, self.dtype
         latents = latents.to(device=device, dtype=dtype)
         timesteps = timesteps.to(device=device, dtype=torch.long)
-        embeddings = embeddings.to(device=device, dtype=dtype)
+        inputs = [embeddings] + ([] if added is None else [added])
+        inputs = [x.to(device=device, dtype=dtype) for x in inputs]
         pad = self.bucket(rows) - rows if compiled or self.pad_eager else 0
         if pad > 0:
             latents = torch.cat([latents, latents.new_zeros((pad, *latents.shape[1:]))])
             timesteps = torch.cat([timesteps, timesteps.new_zeros(pad)])
-            embeddings = torch.cat([embeddings, embeddings.new_zeros((pad, *embeddings.shape[1:]))])
+            inputs = [torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) for x in inputs]
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         if compiled and pad == 0:
             # Fresh tensors, never views of the caller's: Dynamo guards on whether an input is a view,
             # so a view here (warm-up's full-bucket slices) and a padded copy (a request's) would be
             # two compiles, the second one in the middle of serving.
-            latents, timesteps, embeddings = (latents.clone(memory_format=layout), timesteps.clone(),
-                                              embeddings.clone())
+            latents, timesteps = latents.clone(memory_format=layout), timesteps.clone()
+            inputs = [x.clone() for x in inputs]
         latents = latents.contiguous(memory_format=layout)
-        timesteps, embeddings = timesteps.contiguous(), embeddings.contiguous()
+        timesteps, inputs = timesteps.contiguous(), [x.contiguous() for x in inputs]
+        extra = added_cond_kwargs(inputs[1] if len(inputs) > 1 else None)
         if not compiled:
-            return self.unet(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0][:rows]
-        for tensor in (latents, timesteps, embeddings):
+            return self.unet(latents, timesteps, encoder_hidden_states=inputs[0], return_dict=False, **extra)[0][:rows]
+        for tensor in (latents, timesteps, *inputs):
             torch._dynamo.mark_dynamic(tensor, 0)  # one graph for every bucket (see the module docstring)
         if device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs were copied out already
-        return self._compiled(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0][:rows]
+        return self._compiled(latents, timesteps, encoder_hidden_states=inputs[0], return_dict=False, **extra)[0][:rows]
 
     @torch.no_grad()
     def warm_up(self) -> float:
@@ -176,8 +187,9 @@ class UNetRunner:
             latents = torch.zeros((rows, config.in_channels, *self.latent_size), device=self.device)
             timesteps = torch.zeros(rows, dtype=torch.long, device=self.device)
             embeddings = torch.zeros((rows, MAX_LENGTH, config.cross_attention_dim), device=self.device)
+            added = torch.zeros((rows, self.added_width), device=self.device) if self.added_width else None
             for _ in range(2 if cuda and self.compiled else 1):  # CUDA graph trees record a shape's second call
-                self(latents, timesteps, embeddings)
+                self(latents, timesteps, embeddings, added)
         if cuda:
             torch.cuda.synchronize(self.device)
         self.warm_up_seconds = time.perf_counter() - started

@@ -39,8 +39,16 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[name], sb[name]), name
 
 
-def test_builtin_names():
-    assert BUILTIN_MODELS == ("tiny", "sd15-random")
+@pytest.mark.parametrize("name, family, prediction, encoders", [
+    ("tiny", "sd1", "epsilon", ["text_encoder"]),
+    ("tiny-sd2", "sd2", "v_prediction", ["text_encoder"]),
+    ("tiny-sdxl", "sdxl", "epsilon", ["text_encoder", "text_encoder_2"]),
+])
+def test_each_tiny_builtin_is_a_model_of_its_family(name, family, prediction, encoders):
+    assert name in BUILTIN_MODELS
+    base = load_base_model(name, components=("tokenizer", "text_encoder"))
+    assert (base.family.name, base.prediction_type, list(base.text_encoders)) == (family, prediction, encoders)
+    assert list(base.tokenizers) == encoders
 
 
 def test_tiny_builds_identically_every_time(tiny):

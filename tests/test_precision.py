@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from catversion.encoder import ResidualTextEncoder
 from catversion.generation import GenerationRequest, ImageGenerator
 from catversion.images import decode_image, to_tensor
 from catversion.models import load_base_model, resolve_precision
@@ -84,8 +85,7 @@ def reference_training(base, concept: Concept) -> list[torch.Tensor]:
     the text encoder's dtype, as the trainer draws them), so the two must agree.
     """
     cfg = concept.config
-    trainer = ResidualTrainer(base, pack=1)  # for its patched encoder only
-    encoder, vae, unet = trainer.encoder, base.vae, base.unet
+    encoder, vae, unet = ResidualTextEncoder(base.text_encoder), base.vae, base.unet
     dtype = encoder.dtype
     scheduler = DDPMScheduler.from_config(base.scheduler_config)
     pixels = torch.stack([to_tensor(decode_image(data, "photo"), base.resolution) for data in concept.images])

@@ -80,7 +80,7 @@ def _header(r):
     [
         (lambda h, t: ({**h, "format": "something-else"}, t), "not a catversion residual"),
         (lambda h, t: ({k: v for k, v in h.items() if k != "format"}, t), "not a catversion residual"),
-        (lambda h, t: ({**h, "format_version": "2"}, t), "format version 2 is not supported.*upgrade"),
+        (lambda h, t: ({**h, "format_version": "3"}, t), "format version 3 is not supported.*upgrade"),
         (lambda h, t: ({**h, "tokens": "2"}, t), "does not match the header"),
         (lambda h, t: (h, t.to(torch.float16)), "dtype is torch.float16"),
         (lambda h, t: (h, t.clone().index_fill_(3, torch.tensor([5]), math.inf)), "non-finite"),

@@ -168,14 +168,14 @@ def test_an_incompatible_residual_is_refused_without_touching_running_jobs(gener
 
 
 def test_a_job_failing_while_encoding_fails_alone(generator, monkeypatch, noise):
-    encode = generator.encode
+    encode = generator.conditioning
 
     def fragile(requests):
         if any(r.prompt == "poison" for r in requests):
             raise RuntimeError("cannot encode poison")
         return encode(requests)
 
-    monkeypatch.setattr(generator, "encode", fragile)
+    monkeypatch.setattr(generator, "conditioning", fragile)
     batcher = StepBatcher(generator)
     events = []
     jobs = {"a": Job("a teapot", residual(generator, 1), seed=1, steps=4, **SMALL),
