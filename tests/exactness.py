@@ -32,11 +32,12 @@ FLOAT64_RTOL = 1e-10
 FLOAT32_EPS = torch.finfo(torch.float32).eps  # 2**-23: the gap between 1 and the next float32
 
 
-def float64_model() -> BaseModel:
-    """The tiny model with its text encoder, UNet and VAE in float64 (weights are the same values: float32
-    converts exactly). No loader offers float64; the trainer's residual path follows the text encoder's dtype."""
-    base = load_base_model("tiny")  # fresh modules, converted in place
-    for module in (base.text_encoder, base.unet, base.vae):
+def float64_model(name: str = "tiny") -> BaseModel:
+    """A tiny model ("tiny", "tiny-sd2", "tiny-sdxl") with its text encoders, UNet and VAE in float64 (weights are
+    the same values: float32 converts exactly). No loader offers float64; the trainer's residual path follows
+    the text encoder's dtype."""
+    base = load_base_model(name)  # fresh modules, converted in place
+    for module in (*base.text_encoders.values(), base.unet, base.vae):
         module.double()
     return dataclasses.replace(base, dtype=torch.float64)
 

@@ -8,6 +8,7 @@
 - the precision is recorded in the residual and is part of the training fingerprint.
 """
 
+import io
 import subprocess
 import sys
 
@@ -15,8 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from PIL import Image
 
-from catversion.encoder import ResidualTextEncoder
+from catversion.conditioning import Conditioner
 from catversion.generation import GenerationRequest, ImageGenerator
 from catversion.images import decode_image, to_tensor
 from catversion.models import load_base_model, resolve_precision
@@ -85,7 +87,7 @@ def reference_training(base, concept: Concept) -> list[torch.Tensor]:
     the text encoder's dtype, as the trainer draws them), so the two must agree.
     """
     cfg = concept.config
-    encoder, vae, unet = ResidualTextEncoder(base.text_encoder), base.vae, base.unet
+    encoder, vae, unet = Conditioner(base), base.vae, base.unet
     dtype = encoder.dtype
     scheduler = DDPMScheduler.from_config(base.scheduler_config)
     pixels = torch.stack([to_tensor(decode_image(data, "photo"), base.resolution) for data in concept.images])
@@ -93,7 +95,9 @@ def reference_training(base, concept: Concept) -> list[torch.Tensor]:
     residual = torch.nn.Parameter(torch.randn(encoder.residual_shape, generator=g).to(dtype) * cfg.init_std)
     optimizer = torch.optim.AdamW([residual], lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
-    ids = base.tokenize([concept.prompt] * cfg.batch_size)
+    ids = encoder.tokenize([concept.prompt] * cfg.batch_size)
+    # SDXL's time ids: each photo's original (height, width), no crop, the training size (diffusers' SDXL scripts)
+    sizes = [Image.open(io.BytesIO(data)).size[::-1] for data in concept.images]
     order = torch.empty(0, dtype=torch.long)
     after_each_step = []
     for _ in range(cfg.steps):
@@ -110,26 +114,38 @@ def reference_training(base, concept: Concept) -> list[torch.Tensor]:
         latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(dtype)) * base.vae_scaling_factor
         noise = torch.randn(latents.shape, generator=g).to(dtype)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
-        cond = encoder(ids, [residual] * cfg.batch_size, prefix_logit_bias=cfg.prefix_logit_bias)
-        pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=cond).sample
-        F.mse_loss(pred, noise).backward()
+        cond = encoder.encode(ids, [residual] * cfg.batch_size, prefix_logit_bias=cfg.prefix_logit_bias)
+        extra = {}
+        if cond.pooled is not None:
+            times = torch.tensor([[*sizes[int(i)], 0, 0, base.resolution, base.resolution] for i in torch.stack(picks)])
+            extra = {"added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": times.to(dtype)}}
+        pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=cond.embeds,
+                    **extra).sample
+        # ε-prediction learns the noise; v-prediction (SD 2.x at 768 px) the velocity
+        target = (scheduler.get_velocity(latents, noise, timesteps)
+                  if scheduler.config.prediction_type == "v_prediction" else noise)
+        F.mse_loss(pred, target).backward()
         optimizer.step()
         optimizer.zero_grad()
         after_each_step.append(residual.detach().clone())
     return after_each_step
 
 
-def test_training_is_the_reference_computation(fp64):
+@pytest.mark.parametrize("name", ["tiny", "tiny-sd2", "tiny-sdxl"])
+def test_training_is_the_reference_computation(name):
     """In float64, where another order of the same arithmetic (the VAE encoding all images at once, the
     cached lower text layers, one fused AdamW) changes only the last bits, whatever the machine's BLAS.
     The tolerance is 600 times below float32's precision, so a float32 rounding anywhere on the trainer's
-    path (a cast left in the loss, say) fails it too."""
+    path (a cast left in the loss, say) fails it too. Each family: SD 2.x's v-prediction target, SDXL's two
+    encoders, pooled embeds and time ids."""
+    fp64 = float64_model(name)
     concept = teapot()
     expected = reference_training(fp64, concept)
     results, states = train_saving_every_state(ResidualTrainer(fp64, pack=1), [concept])
     for step in range(1, concept.config.steps):
         assert_float64_close(states["teapot", step]["residual"], expected[step - 1], f"residual after step {step}")
-    assert_same_float32_rounding(results["teapot"].residual.tensor, expected[-1].float(), "final residual")
+    final = results["teapot"].residual.flat().view(expected[-1].shape)  # every block's values, in block order
+    assert_same_float32_rounding(final, expected[-1].float(), "final residual")
 
 
 @pytest.mark.parametrize("model", ["fp32", "fp64"])
