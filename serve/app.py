@@ -1,4 +1,4 @@
-"""The Ray Serve application: an OpenAI-Images-compatible HTTP ingress and a step-batching generator.
+"""The Ray Serve application: an OpenAI-Images-compatible HTTP ingress and a step-batching generator per base model.
 
 `Generator` loads the frozen base model once per replica (UNet/VAE in the `precision` setting) and runs
 a `StepBatcher` (catversion/stepbatch.py) on a thread of its own: every sample of any concept, step count
@@ -9,6 +9,12 @@ requests only once it is warm. Residuals come from a `ResidualCache` that revali
 storage. `Ingress` (FastAPI) checks the API key and the body size before anything else, validates
 requests, fans a request's n images out to the generator and speaks OpenAI's request, response,
 streaming (SSE) and error formats. `build_app(args)` is the Serve config YAML entry point.
+
+Several base models (any family: SD 1.x, 2.x, XL) can be served from one endpoint: the settings' ``model`` and
+``models`` each get a generator deployment of their own (autoscaled on its own), and the ingress sends a concept's
+request to the generator of the base model its residual was trained on (`match_base`: the text encoders'
+fingerprint, else the base model's name, else the residual's shape); "base" is the default base model,
+"base:<model>" another one. docs/families.md, "Serving several base models".
 """
 
 
@@ -20,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import tempfile
 import threading
@@ -46,7 +53,8 @@ from .cache import LISTING_DEADLINE_S, CacheEvents, ListingUnavailableError, Mod
 from .autoscaling import DEMAND_POLICY, SHED_DEMAND, ShedDemand
 from .config import ServeSettings
 from .errors import (GenerationFailedError, GeneratorUnavailableError, InvalidParameterError, OverloadedError,
-                     RequestError, ServiceUnavailableError, UnusableResidualError, openai_error, request_error)
+                     RequestError, ServiceUnavailableError, UnknownConceptError, UnusableResidualError, openai_error,
+                     request_error)
 from .images import MEDIA_TYPES, ImageNotFoundError, ImageStore, encode_image
 
 logger = logging.getLogger("catversion.serve")
@@ -60,7 +68,7 @@ IGNORED_FIELDS = ("quality", "style", "user", "moderation", "safety_identifier",
 # OpenAI fields that would change the result and that this server cannot honour: 400 when set.
 UNSUPPORTED_FIELDS = {"svg": "SVG output is not supported", "frame_count": "GIF output is not supported",
                       "frame_duration_ms": "GIF output is not supported"}
-GENERATOR_DEPLOYMENT = "Generator"  # the deployment's name: its class's
+GENERATOR_DEPLOYMENT = "Generator"  # the default base model's deployment: its class's name (others: "Generator-<model>")
 GENERATOR_MAX_ONGOING = 4096  # requests a generator replica takes at once: its own work bound refuses sooner
 # A denoising step that has not finished after this long fails the generator's health check: a UNet call
 # that hangs. Far above any real step (SD1.5 on a CPU with a full batch takes tens of seconds).
@@ -90,7 +98,7 @@ class ImageGenerationRequest(BaseModel):
 
     model: str = Field(BASE_MODEL_ID, max_length=256,
                        description='a concept id from GET /v1/models, "<concept id>@<sha256 prefix>" to pin a version, '
-                                   'or "base" for the plain model')
+                                   'or "base" for the plain (default) base model, "base:<model>" for another served one')
     prompt: str = Field(..., min_length=1, max_length=4000, description="use the concept's class word, e.g. 'a teapot on a beach'")
     n: int | None = Field(1, ge=1, description="number of images (up to the server's max_n)")
     size: str | None = Field("auto", max_length=32,
@@ -263,9 +271,11 @@ class _CacheMetrics(CacheEvents):
                   autoscaling_config={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16,
                                       "policy": {"policy_function": DEMAND_POLICY}})
 class Generator:
-    """One frozen base model per replica, one step-level running batch, residuals from a fresh cache."""
+    """One frozen base model per replica, one step-level running batch, residuals from a fresh cache.
 
-    def __init__(self, settings: dict):
+    ``model``: the base model this deployment serves (default: the settings' ``model``)."""
+
+    def __init__(self, settings: dict, model: str | None = None):
         from catversion.generation import ImageGenerator
         from catversion.models import load_base_model, resolve_device
         from catversion.stepbatch import StepBatcher
@@ -273,7 +283,7 @@ class Generator:
 
         self.settings = ServeSettings.from_dict(settings)
         device = resolve_device(self.settings.device)
-        self.base = load_base_model(self.settings.model, device=device, precision=self.settings.precision)
+        self.base = load_base_model(model or self.settings.model, device=device, precision=self.settings.precision)
         compile_unet = self.settings.compile == "on" or (self.settings.compile == "auto" and device.type == "cuda")
         self.images = ImageGenerator(self.base, compile=compile_unet, buckets=buckets_for(self.settings.max_batch_size))
         step_seconds, occupancy, wait = (ray_metric(s) for s in (telemetry.UNET_STEP_SECONDS, telemetry.BATCH_SIZE,
@@ -301,8 +311,9 @@ class Generator:
         self.cache = ResidualCache(
             self.settings.residuals, self.settings.cache_capacity, ttl_s=self.settings.residual_ttl_s,
             max_stale_s=self.settings.residual_max_stale_s, budget=storage.deadline(self.settings.storage_deadline_s),
-            check=lambda r: r.check_compatible(self.base.text_encoder, fingerprint=self.base.fingerprint,
-                                               layers=encoder.layers, tokens=encoder.tokens, base_model=self.base.model_id),
+            check=lambda r: r.check_compatible(self.base.text_encoders, fingerprint=self.base.fingerprint,
+                                               layers=encoder.layer_sets, tokens=encoder.tokens,
+                                               base_model=self.base.model_id, family=self.base.family.name),
             events=_CacheMetrics(replica),
         )
 
@@ -347,7 +358,9 @@ class Generator:
 
     def info(self) -> dict:
         runner = self.images.unet_runner
-        return {"model": self.base.model_id, "resolution": self.base.resolution, "size_multiple": self.images.size_multiple,
+        patch = [[name, list(layers), tokens, width] for name, layers, tokens, width in self.images.encoder.patch]
+        return {"model": self.base.model_id, "family": self.base.family.name, "fingerprint": self.base.fingerprint,
+                "patch": patch, "resolution": self.base.resolution, "size_multiple": self.images.size_multiple,
                 "device": str(self.base.device), "precision": self.base.precision, "compiled": runner.compiled,
                 "unet_buckets": list(runner.buckets), "warm_up_seconds": self.warm_up_seconds, "pid": os.getpid()}
 
@@ -364,7 +377,9 @@ class Generator:
         copy when the store cannot answer); raises a RequestError."""
         residual = await asyncio.to_thread(self.cache.revalidate, model)
         keys = ("class_word", "caption", "base_model", "steps", "final_loss")
-        return {**{k: residual.meta.get(k) for k in keys}, "sha256": residual.sha256}
+        return {**{k: residual.meta.get(k) for k in keys}, "base_model": self.base.model_id,
+                "base_family": self.base.family.name, "trained_on": residual.meta.get("base_model"),
+                "sha256": residual.sha256}
 
     async def generate_stream(self, item: dict):
         """{"kind": "accepted"}, then {"kind": "partial", "index", "image"} previews, then {"kind": "done", …};
@@ -381,7 +396,7 @@ class Generator:
         from catversion.stepbatch import Job, QueueFull
 
         residual = None
-        if item["model"] != BASE_MODEL_ID:
+        if not is_base(item["model"]):
             residual = await asyncio.to_thread(self.cache.get, item["model"])
         job = Job(prompt=item["prompt"], residual=residual, seed=item["seed"], residual_scale=item["residual_scale"],
                   negative_prompt=item["negative_prompt"], steps=item["steps"], guidance=item["guidance"],
@@ -428,6 +443,44 @@ class Generator:
         finally:
             if not ticket.done:
                 ticket.cancel()  # the client went away: the sample leaves the running batch at the next step
+
+
+# ---- base models: naming their generators, and routing a residual to one -----------------------
+
+
+def is_base(model: str) -> bool:
+    """Whether a request's model is a plain base model: "base" (the default) or "base:<model>"."""
+    return model == BASE_MODEL_ID or model.startswith(BASE_MODEL_ID + ":")
+
+
+def generator_names(settings: ServeSettings) -> list[str]:
+    """The generator deployment of each base model served (settings.base_models' order): "Generator" for the
+    default one, "Generator-<model>" for the others (a folder's last part; unique)."""
+    names = [GENERATOR_DEPLOYMENT]
+    for model in settings.base_models[1:]:
+        slug = re.sub(r"[^a-z0-9]+", "-", os.path.basename(model.rstrip("/\\")).lower()).strip("-")[:40] or "model"
+        name, n = f"{GENERATOR_DEPLOYMENT}-{slug}", 2
+        while name in names:
+            name, n = f"{GENERATOR_DEPLOYMENT}-{slug}-{n}", n + 1
+        names.append(name)
+    return names
+
+
+def match_base(meta: dict, patch: list, infos: list[dict]) -> int | None:
+    """Which served base model (its generator's ``info()``) a residual with this metadata and ``patch`` belongs
+    to: the one whose text encoders' fingerprint it records, else (no fingerprint recorded) the one it names, else
+    (neither: imported from the reference code, say) the first of its family whose patched encoders take its
+    shape; None when none does."""
+    recorded = meta.get("base_fingerprint")
+    if recorded:
+        return next((i for i, info in enumerate(infos) if info["fingerprint"] == recorded), None)
+    named = meta.get("base_model")
+    if named:
+        return next((i for i, info in enumerate(infos) if info["model"] == named), None)
+    family = meta.get("base_family")
+    shape = [[name, list(layers), tokens, width] for name, layers, tokens, width in patch]
+    return next((i for i, info in enumerate(infos)
+                 if info["patch"] == shape and family in (None, info["family"])), None)
 
 
 # ---- the HTTP ingress --------------------------------------------------------------------------
@@ -557,16 +610,23 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, generator, settings: dict):
-        self.generator = generator
+    def __init__(self, generator, settings: dict, *more_generators):
+        self.generator = generator  # the default base model's
+        self.generators = [generator, *more_generators]  # one per base model, settings.base_models' order
         self.settings = s = ServeSettings.from_dict(settings)
+        self._names = generator_names(s)
         _Guard.keys = read_keys(s.api_key_file)
         _Guard.max_bytes = s.max_body_bytes
         prefix = s.images_prefix or str(Path(tempfile.gettempdir()) / "catversion-images")
         secret = (s.url_secret or secrets.token_hex(32)).encode()
         self.stored = ImageStore(prefix, ttl_s=s.image_url_ttl_s, secret=secret, links=s.image_links)
-        self._info: dict | None = None
+        self._info: list[dict | None] = [None] * len(self.generators)
         self._info_lock = asyncio.Lock()
+        # With several base models, the ingress reads a concept's residual (cached, revalidated like a generator's)
+        # to know which generator it goes to.
+        self._residuals = (ResidualCache(s.residuals, s.cache_capacity, lambda r: None, ttl_s=s.residual_ttl_s,
+                                         max_stale_s=s.residual_max_stale_s, budget=storage.deadline(s.storage_deadline_s))
+                           if len(self.generators) > 1 else None)
         self._models = ModelListing(lambda: layout.list_concepts(s.residuals, budget=storage.deadline(LISTING_DEADLINE_S)),
                                     ttl_s=s.models_ttl_s, wait_s=s.storage_deadline_s)
         self.requests = ray_metric(telemetry.REQUESTS)
@@ -575,17 +635,43 @@ class Ingress:
         self._readiness: tuple[float, int] = (-math.inf, 0)  # (when asked, warm generator replicas then)
         self._readiness_lock = asyncio.Lock()
 
-    async def _model_info(self) -> dict:
+    async def _model_info(self, generator: int = 0) -> dict:
         async with self._info_lock:  # one call in flight, not one per request of the first burst
-            if self._info is None:
-                self._info = await self._call("info")
-        return self._info
+            if self._info[generator] is None:
+                self._info[generator] = await self._call("info", generator=generator)
+        return self._info[generator]
 
-    async def _call(self, method: str, *args) -> Any:
+    async def _route(self, model: str) -> int:
+        """The generator (index) that serves ``model``: "base" the default base model, "base:<model>" that one, a
+        concept the base model its residual was trained on. A RequestError when there is none."""
+        served = self.settings.base_models
+        if model == BASE_MODEL_ID:
+            return 0
+        if model.startswith(BASE_MODEL_ID + ":"):
+            name = model[len(BASE_MODEL_ID) + 1:]
+            for index in range(len(served)):
+                if name in (served[index], (await self._model_info(index))["model"]):
+                    return index
+            raise UnknownConceptError(f"base model {name!r} is not served here; served: {', '.join(served)}")
+        if self._residuals is None:
+            return 0
+        residual = await asyncio.to_thread(self._residuals.get, model)
+        infos = [await self._model_info(index) for index in range(len(served))]
+        index = match_base(residual.meta, residual.patch, infos)
+        if index is None:
+            trained = residual.meta.get("base_model") or "an unrecorded base model"
+            family = residual.meta.get("base_family")
+            offered = ", ".join(f"{info['model']} ({info['family']})" for info in infos)
+            raise UnusableResidualError(
+                f"model {model!r} was trained on {trained}{f' ({family})' if family else ''}, which this server does "
+                f"not serve (it serves {offered}): serve that base model too, or retrain the concept on one of these")
+        return index
+
+    async def _call(self, method: str, *args, generator: int = 0) -> Any:
         """A generator method's result within replica_wait_s (TimeoutError after it), called again once
         when its replica is gone (Serve routes the second call to a live replica)."""
         for attempt in (1, 2):
-            response = getattr(self.generator, method).remote(*args)
+            response = getattr(self.generators[generator], method).remote(*args)
             try:
                 return await asyncio.wait_for(_result(response), self.settings.replica_wait_s)
             except REPLICA_GONE as exc:
@@ -607,7 +693,7 @@ class Ingress:
         generator (the client went away) cancels the call, and the sample leaves the running batch."""
         passed_on = accepted = False
         for attempt in (1, 2):
-            stream = self.generator.options(stream=True).generate_stream.remote(item)
+            stream = self.generators[item.get("generator", 0)].options(stream=True).generate_stream.remote(item)
             done = False
             try:
                 event = await asyncio.wait_for(anext(stream), self.settings.replica_wait_s)
@@ -655,9 +741,13 @@ class Ingress:
                                      "retry after the Retry-After seconds")
 
     def _warm_generators(self) -> int:
+        """Warm replicas of the least-warm generator deployment (ready = every base model can be served)."""
         application = serve.status().applications.get(self._app)
-        deployment = application.deployments.get(GENERATOR_DEPLOYMENT) if application else None
-        return deployment.replica_states.get("RUNNING", 0) if deployment else 0
+        counts = []
+        for name in self._names:
+            deployment = application.deployments.get(name) if application else None
+            counts.append(deployment.replica_states.get("RUNNING", 0) if deployment else 0)
+        return min(counts)
 
     async def _concepts(self) -> list[str]:
         """The concept ids: the last good listing at once; ListingUnavailableError (503) only before the first."""
@@ -692,22 +782,53 @@ class Ingress:
 
     @api.get("/v1/models", dependencies=[Depends(bearer)], response_model=ModelList, responses=_errors(401, 503))
     async def list_models(self) -> JSONResponse:
+        """"base" (and "base:<model>" for each further base model), then every concept, each with the base model
+        that serves it ("base_model"; null while a concept's residual could not be read in time)."""
         created = int(time.time())
         try:
-            ids = [BASE_MODEL_ID] + await self._concepts()
+            concepts = await self._concepts()
         except ListingUnavailableError as exc:  # never listed yet and the store does not answer
             return request_error_response(exc)
+        served = [(await self._model_info(i))["model"] for i in range(len(self.generators))]
+        entries = [(BASE_MODEL_ID, served[0])] + [(f"{BASE_MODEL_ID}:{m}", m) for m in served[1:]]
+        bases = await self._bases_of(concepts, served)
+        entries += [(concept, bases.get(concept)) for concept in concepts]
         return JSONResponse({"object": "list", "data": [{"id": i, "object": "model", "created": created,
-                                                         "owned_by": "catversion"} for i in ids]})
+                                                         "owned_by": "catversion", "base_model": base}
+                                                        for i, base in entries]})
+
+    async def _bases_of(self, concepts: list[str], served: list[str]) -> dict[str, str]:
+        """{concept: the base model serving it}: the one base model, or with several each concept's route, found
+        for as many concepts as the residual cache holds within storage_deadline_s (the rest are left out)."""
+        if len(served) == 1:
+            return {concept: served[0] for concept in concepts}
+        found: dict[str, str] = {}
+        gate = asyncio.Semaphore(16)
+
+        async def route(concept: str) -> None:
+            async with gate:
+                try:
+                    found[concept] = served[await self._route(concept)]
+                except RequestError:
+                    pass  # unreadable, or of no served base model: no base model to show
+
+        tasks = [asyncio.ensure_future(route(c)) for c in concepts[: self.settings.cache_capacity]]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.settings.storage_deadline_s)
+            for task in pending:
+                task.cancel()
+        return found
 
     @api.get("/v1/models/{model_id}", dependencies=[Depends(bearer)], response_model=ModelObject,
              responses=_errors(400, 401, 404, 422, 503))
     async def get_model(self, model_id: str) -> JSONResponse:
         body = {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "catversion"}
-        if model_id == BASE_MODEL_ID:
-            return JSONResponse({**body, "base_model": (await self._model_info())["model"]})
         try:
-            described = await self._call("model", model_id)
+            generator = await self._route(model_id)
+            if is_base(model_id):
+                info = await self._model_info(generator)
+                return JSONResponse({**body, "base_model": info["model"], "base_family": info["family"]})
+            described = await self._call("model", model_id, generator=generator)
         except Exception as exc:
             return request_error_response(as_request_error(exc, "describing a model"))
         if "error" in described:
@@ -793,7 +914,8 @@ class Ingress:
         if steps > s.max_steps:
             raise InvalidParameterError(f"num_inference_steps must be between 1 and {s.max_steps}, got {steps}",
                                         param="num_inference_steps")
-        width, height = await self._size(body.size)
+        generator = await self._route(body.model)
+        width, height = await self._size(body.size, generator)
         first_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - n)
         if first_seed + n - 1 > MAX_SEED:
             raise InvalidParameterError(f"seed + n - 1 must be at most {MAX_SEED}", param="seed")
@@ -802,11 +924,12 @@ class Ingress:
                 "steps": steps, "height": height, "width": width,
                 "guidance": s.default_guidance if body.guidance_scale is None else body.guidance_scale,
                 "partial_images": (body.partial_images or 0) if body.stream else 0,
-                "output_format": body.output_format or "png", "output_compression": body.output_compression}
+                "output_format": body.output_format or "png", "output_compression": body.output_compression,
+                "generator": generator}
         return [{**item, "seed": first_seed + i, "index": i} for i in range(n)], f"{width}x{height}"
 
-    async def _size(self, size: str | None) -> tuple[int, int]:
-        info = await self._model_info()
+    async def _size(self, size: str | None, generator: int = 0) -> tuple[int, int]:
+        info = await self._model_info(generator)
         native = info["resolution"]
         if size is None or size == "auto":
             return native, native
@@ -866,5 +989,9 @@ def build_app(args: dict[str, Any]):
     if settings.gpus_per_replica:  # on top of the deployment's own ray_actor_options (num_cpus, say)
         generator_options["ray_actor_options"] = {**(generator_options.get("ray_actor_options") or {}),
                                                   "num_gpus": settings.gpus_per_replica}
-    generator = Generator.options(**generator_options).bind(settings.to_dict())
-    return Ingress.options(**options.get("Ingress", {})).bind(generator, settings.to_dict())
+    generators = []
+    for name, model in zip(generator_names(settings), settings.base_models):
+        # Each base model's generator: the default one's options, with its own deployment entry on top.
+        own = {**generator_options, **options.get(name, {}), "name": name} if name != GENERATOR_DEPLOYMENT else generator_options
+        generators.append(Generator.options(**own).bind(settings.to_dict(), model))
+    return Ingress.options(**options.get("Ingress", {})).bind(generators[0], settings.to_dict(), *generators[1:])

@@ -60,8 +60,11 @@ def register(sub) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--residuals", metavar="PREFIX",
                    help=f"s3://bucket/prefix or a folder holding {layout.RESIDUAL_PATTERN.removeprefix('PREFIX/')}")
-    p.add_argument("--model", help=f"base model: {' | '.join(BUILTIN_MODELS)} | a diffusers folder | a hub id "
-                                   f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--model", action="append",
+                   help=f"base model: {' | '.join(BUILTIN_MODELS)} | a diffusers folder | a hub id (default: "
+                        f"{DEFAULT_MODEL}); repeat it to serve several base models (any family) from one endpoint, "
+                        "each with its own generator deployment: the first is \"base\", each concept goes to the one "
+                        "its residual was trained on")
     p.add_argument("--config", help="Ray Serve config YAML: serve/config.yaml (GPU replicas) or serve/config-cpu.yaml (CPU)")
     p.add_argument("--host", help="HTTP host (default: 127.0.0.1, or the config's)")
     p.add_argument("--port", type=int, help="HTTP port (default: 8000, or the config's)")
@@ -108,10 +111,12 @@ def application_args(args: argparse.Namespace) -> tuple[dict, dict]:
     """(application args, http options): the --config file's, with the flags given on the command line
     put over them."""
     app_args, http, _ = load_config(args.config)
-    for flag, key in (("residuals", "residuals"), ("model", "model"), ("api_key_file", "api_key_file"), ("device", "device"),
+    for flag, key in (("residuals", "residuals"), ("api_key_file", "api_key_file"), ("device", "device"),
                       ("precision", "precision")):
         if getattr(args, flag):
             app_args[key] = getattr(args, flag)
+    if args.model:  # the first is the default base model, the others are served beside it
+        app_args["model"], app_args["models"] = args.model[0], list(args.model[1:]) or None
     if getattr(args, "gpus_per_replica", None) is not None:
         app_args["gpus_per_replica"] = args.gpus_per_replica
         actor = app_args.get("deployment_options", {}).get("Generator", {}).get("ray_actor_options") or {}
@@ -144,9 +149,11 @@ def replica_requests(application) -> list:
         each.update({key: float(value) for key, value in (options.get("resources") or {}).items()})
         autoscaling = deployment._deployment_config.autoscaling_config
         count = autoscaling.min_replicas if autoscaling is not None else deployment.num_replicas
-        what = "generator replica" if name == "Generator" else f"{name.lower()} replica"
+        generator = name == "Generator" or name.startswith("Generator-")  # one per base model served
+        what = ("generator replica" if name == "Generator" else f"generator replica ({name})" if generator
+                else f"{name.lower()} replica")
         flags = {"CPU": f"a smaller num_cpus (ray_actor_options of {name} in --config)"}
-        if name == "Generator":
+        if generator:
             flags["GPU"] = "--gpus-per-replica 0"
         requests.append(Request(what, max(1, int(count or 0)), each, flags=flags,
                                 count_flag=f"min_replicas of {name} in --config"))
@@ -204,6 +211,8 @@ def run(args: argparse.Namespace) -> None:
         app_args["api_key_file"] = storage.absolute(app_args["api_key_file"])
     if app_args.get("model"):
         app_args["model"] = storage.absolute_model(app_args["model"])
+    if app_args.get("models"):
+        app_args["models"] = [storage.absolute_model(m) for m in app_args["models"]]
     host = args.host or (http.get("host") if args.config else None) or "127.0.0.1"
     port = args.port or http.get("port") or 8000
     application = build_app(app_args)

@@ -22,7 +22,10 @@ class ServeSettings:
     """Application arguments (the `args:` of an application in a Serve config YAML)."""
 
     residuals: str  # the batch job's --output PREFIX (its residuals/ folder) or any folder of <concept>.safetensors
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # the default base model: "base" in requests, and the first generator deployment
+    # More base models served from the same endpoint (any family), each with its own autoscaled generator deployment
+    # ("Generator-<name>"); a concept's request goes to the generator of the base model its residual was trained on
+    models: list | None = None
     device: str = "auto"  # auto: the GPU Ray gave the replica, else CPU
     precision: str = DEFAULT_PRECISION  # UNet/VAE: auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16, fp16; the text encoder is always fp32
     compile: str = "auto"  # UNet compiled with a CUDA graph per batch bucket, warmed up before the replica serves; auto: on for CUDA
@@ -87,8 +90,18 @@ class ServeSettings:
         if not self.residual_max_stale_s >= self.residual_ttl_s:
             problems.append(f"residual_max_stale_s must be >= residual_ttl_s ({self.residual_ttl_s}), "
                             f"got {self.residual_max_stale_s}")
+        if self.models is not None:
+            if isinstance(self.models, str) or not all(isinstance(m, str) and m for m in self.models):
+                problems.append(f"models must be a list of base model names, got {self.models!r}")
+            elif len(set(self.base_models)) != len(self.base_models):
+                problems.append(f"models must not repeat a base model (nor `model`, {self.model!r}), got {self.models!r}")
         if problems:
             raise ValueError("invalid serve settings: " + "; ".join(problems))
+
+    @property
+    def base_models(self) -> list[str]:
+        """Every base model served, the default (``model``) first."""
+        return [self.model, *(self.models or [])]
 
     @classmethod
     def from_dict(cls, values: dict) -> "ServeSettings":
