@@ -38,6 +38,16 @@ def class_word_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def layers_arg(text: str) -> tuple[tuple[int, ...], ...]:
+    """argparse `type=` for --layers: "9,10,11", or per text encoder "8,9,10;28,29,30" (checked against the model later)."""
+    from .families import parse_layers
+
+    try:
+        return parse_layers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_import_official(args: argparse.Namespace) -> None:
     from .residual import Residual
 
@@ -69,10 +79,11 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     from .residual import Residual
 
     residual = Residual.load(args.residual)
+    shape = {"layers": list(residual.layers), "hidden_size": residual.hidden_size} if len(residual.blocks) == 1 else {}
     info = {
-        "layers": list(residual.layers),
+        **shape,
+        "blocks": [block.describe() for block in residual.blocks],  # one per text encoder it patches
         "tokens": residual.tokens,
-        "hidden_size": residual.hidden_size,
         "prefix_logit_bias": residual.prefix_logit_bias,
         **residual.meta,
     }
@@ -131,11 +142,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
         raise CLIError(str(exc)) from None
     out = Path(args.out)
     base = _load_model(args.model, args.device, args.precision)
-    trainer = ResidualTrainer(base, pack=1, resolution=args.resolution, compile=args.compile)
+    try:
+        trainer = ResidualTrainer(base, pack=1, resolution=args.resolution, compile=args.compile, layers=args.layers)
+    except ValueError as exc:  # layers that the model's encoders do not have, say
+        raise CLIError(f"--layers: {exc}" if args.layers else str(exc)) from None
     concept = Concept(out.stem, images, args.class_word, args.caption, config)
     print(f"training {out.stem!r} on {len(images)} images, class word {args.class_word!r}, "
-          f"{config.steps} steps, model {base.model_id} on {base.device} (UNet/VAE {base.precision}, text encoder "
-          f"fp32{', UNet compiled' if trainer.compiled else ''})", file=sys.stderr)
+          f"{config.steps} steps, model {base.model_id} ({base.family.title}) on {base.device} (UNet/VAE "
+          f"{base.precision}, text encoder fp32{', UNet compiled' if trainer.compiled else ''}), layers "
+          f"{_layers_text(trainer.encoder)}", file=sys.stderr)
     saved: list[Path] = []
 
     def checkpoint(_concept_id: str, step: int, residual: Residual) -> None:
@@ -161,17 +176,26 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_generate(args: argparse.Namespace) -> None:
     from .generation import GenerationRequest, ImageGenerator
-    from .residual import Residual
+    from .residual import IncompatibleResidualError, Residual
 
     residual = Residual.load(args.residual) if args.residual else None
     model = args.model or (residual.meta.get("base_model") if residual else None)
     if not model:
         raise CLIError(
             f"{args.residual} does not record its base model (imported from the reference code?); "
-            "pass --model with a Stable Diffusion v1.x folder or hub id"
+            "pass --model with the Stable Diffusion folder or hub id it was trained on"
         )
     base = _load_model(model, args.device, args.precision)
-    generator = ImageGenerator(base, layers=residual.layers if residual else None, tokens=residual.tokens if residual else 1)
+    try:
+        if residual is not None:  # another family's residual: say so, before its layers fail to fit
+            residual.check_compatible(base.text_encoders, strict=False, family=base.family.name,
+                                      base_model=base.model_id)
+        generator = ImageGenerator(base, layers=residual.layer_sets if residual else None,
+                                   tokens=residual.tokens if residual else 1)
+    except IncompatibleResidualError as exc:
+        raise CLIError(f"{args.residual}: {exc}") from None
+    except ValueError as exc:  # a residual whose layers this model's encoders do not have
+        raise CLIError(f"{args.residual}: {exc}; it was trained for another base model") from None
     prompt = args.prompt
     requests = [
         GenerationRequest(prompt, residual, args.seed + i, args.residual_scale, args.negative_prompt) for i in range(args.n)
@@ -220,6 +244,10 @@ def _cmd_layers(args: argparse.Namespace) -> None:
         print(f"\nplot: {plot}")
 
 
+def _layers_text(conditioner) -> str:
+    return "; ".join(f"{p.name} {','.join(map(str, p.layers))}" for p in conditioner.parts)
+
+
 def _model_help() -> str:
     return f"base model: {' | '.join(limits.BUILTIN_MODELS)} | a diffusers folder | a hub id"
 
@@ -230,11 +258,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="learn a residual for one concept from a few photos",
-        description="Optimize a CatVersion residual (extra K/V in the text encoder's last 3 self-attention layers) "
-        f"for one concept. Defaults are the reference recipe: AdamW (lr {defaults.learning_rate:g}, weight decay "
+        description="Optimize a CatVersion residual (extra K/V in the last 3 self-attention layers that feed the UNet, "
+        "in every text encoder it reads: SDXL's two) for one concept, on a Stable Diffusion 1.x, 2.x or XL model. "
+        f"Defaults are the reference recipe: AdamW (lr {defaults.learning_rate:g}, weight decay "
         f"{defaults.weight_decay:g}), batch {defaults.batch_size}, {defaults.steps} steps, N(0, 1) init, native "
-        "resolution (512 px for SD1.x), random horizontal flips, caption = the class word, and the reference code's "
-        f"+{REFERENCE_PREFIX_LOGIT_BIAS:g} residual logit bias, so the result exports to pytorch_adapter.bin.",
+        "resolution (512 px SD1.x, 768 SD 2.x at v-prediction, 1024 SDXL), random horizontal flips, caption = the "
+        f"class word, and the reference code's +{REFERENCE_PREFIX_LOGIT_BIAS:g} residual logit bias (an SD1.x result "
+        "exports to pytorch_adapter.bin).",
     )
     p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders of images (3-10 photos)")
     p.add_argument("--class-word", required=True, type=class_word_arg,
@@ -247,6 +277,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step (default: %(default)s)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
     p.add_argument("--resolution", type=int, help="training image size in px (default: the model's native size)")
+    p.add_argument("--layers", type=layers_arg, metavar="L",
+                   help="encoder layers to patch: '9,10,11', or one group per text encoder separated by ';' "
+                        "('8,9,10;28,29,30' for SDXL) (default: the last three feeding the UNet in each encoder; "
+                        "`catversion layers` profiles them)")
     p.add_argument(
         "--save-steps", type=_parse_steps, default=DEFAULT_SAVE_STEPS,
         help=f"also save OUT.stepN.safetensors at these steps, comma-separated (default: {save_steps}); '' for none",

@@ -128,6 +128,21 @@ def recognise(pipeline: str | None, text_width: int, components: Mapping[str, ob
         "text-to-image base model's folder or hub id (refiner, inpainting and other pipelines are not base models)")
 
 
+def parse_layers(text: str) -> tuple[tuple[int, ...], ...]:
+    """Layers as written on a command line or in a manifest: "9,10,11" for a one-encoder model, one group per text
+    encoder separated by ";" for several ("8,9,10;28,29,30" for SDXL). Checked against a model by
+    `Family.check_layers`; ValueError for text that is not comma-separated integers."""
+    groups = [group.strip() for group in str(text).split(";")]
+    try:
+        parsed = tuple(tuple(int(i) for i in group.split(",") if i.strip()) for group in groups)
+    except ValueError:
+        parsed = ()
+    if not parsed or any(not group for group in parsed):
+        raise ValueError(f"layers {text!r}: write comma-separated layer indices, one group per text encoder separated "
+                         "by ';', e.g. '9,10,11' (SD 1.x) or '8,9,10;28,29,30' (SDXL)")
+    return parsed
+
+
 def family_named(name: str) -> Family:
     try:
         return FAMILIES[name]

@@ -133,3 +133,31 @@ def test_train_errors_name_the_bad_input(tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "no-model-here" in err and "does not exist" in err
+
+
+def test_train_then_generate_on_sdxl_with_chosen_layers(tmp_path, capsys):
+    """tiny-sdxl through the command line: --layers per text encoder, a residual of two blocks that inspect shows,
+    generate on the base model it records, and clear errors for layers or a base model that do not fit."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        (photos / f"{i}.png").write_bytes(png_bytes(i))
+    out = tmp_path / "teapot.safetensors"
+    argv = ["train", "--images", str(photos), "--class-word", "teapot", "--out", str(out), "--model", "tiny-sdxl",
+            "--steps", "3", "--save-steps", "", "--device", "cpu", "--quiet", "--layers", "0,1,2;1,2,3"]
+    assert main(argv) == 0
+    assert Residual.load(out).layer_sets == ((0, 1, 2), (1, 2, 3))
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [b["encoder"] for b in shown["blocks"]] == ["text_encoder", "text_encoder_2"] and shown["base_family"] == "sdxl"
+    image = tmp_path / "beach.png"
+    assert main(["generate", "--residual", str(out), "--prompt", "a teapot on a beach", "--out", str(image),
+                 "--steps", "2", "--device", "cpu", "--quiet"]) == 0
+    assert Image.open(image).size == (64, 64)
+
+    assert main(argv[:-1] + ["2,3,4;1,2,3"]) == 1  # layer 4 of a 5-layer encoder never reaches hidden_states[-2]
+    assert "layers [2, 3, 4] of text_encoder: choose distinct layers in 0..3" in capsys.readouterr().err
+    assert main(["generate", "--residual", str(out), "--model", "tiny", "--prompt", "a teapot", "--out",
+                 str(tmp_path / "x.png"), "--steps", "2", "--device", "cpu", "--quiet"]) == 1
+    assert "trained for a sdxl base model (tiny-sdxl) but the loaded base model tiny is sd1" in capsys.readouterr().err
