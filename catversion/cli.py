@@ -334,7 +334,8 @@ def _add_official_formats(sub: argparse._SubParsersAction) -> None:
         help="convert a reference-code pytorch_adapter.bin into a .safetensors residual",
         description="Read the CatVersion reference code's pytorch_adapter.bin (adapter-transformers prefix tuning, "
         "layers 9-11) and write a catversion residual. Imported residuals keep the reference code's +1.0 "
-        "residual logit (prefix_logit_bias=1.0) so they generate what the reference code generates.",
+        "residual logit (prefix_logit_bias=1.0) so they generate what the reference code generates. The reference "
+        "code is Stable Diffusion 1.x only, and so is its format: generate them with an SD 1.x --model.",
     )
     p.add_argument("src", help="pytorch_adapter.bin, or the folder holding it (and its adapter_config.json)")
     p.add_argument("out", help="output .safetensors path")
@@ -346,7 +347,8 @@ def _add_official_formats(sub: argparse._SubParsersAction) -> None:
         "export-official",
         help="write a residual in the reference code's pytorch_adapter.bin layout",
         description="Write a residual as the reference code's pytorch_adapter.bin (4 keys sharing one fp32 storage). "
-        "If OUT does not end in .bin it is a folder and gets pytorch_adapter.bin plus adapter_config.json.",
+        "If OUT does not end in .bin it is a folder and gets pytorch_adapter.bin plus adapter_config.json. "
+        "Stable Diffusion 1.x residuals only (the reference code's format has no SD 2.x or SDXL form).",
     )
     p.add_argument("src", help="input .safetensors residual: a path, file:// or s3:// URI")
     p.add_argument("out", help="output .bin file, or a folder")
