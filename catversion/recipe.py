@@ -116,7 +116,7 @@ class TrainingTarget:
 
     base_fingerprint: str | None  # the text encoder's fingerprint (models.text_encoder_fingerprint)
     resolution: int  # training image size in px
-    layers: tuple[int, ...]  # patched encoder layers
+    layers: tuple  # patched encoder layers (layers_key: flat for one text encoder, a tuple per encoder for several)
     tokens: int  # residual tokens per layer
     precision: str = "fp32"  # the UNet/VAE precision of training (models.BaseModel.precision)
 
@@ -128,6 +128,32 @@ def patched_layers(depth: int, layers: Sequence[int] | None = None) -> tuple[int
     if not chosen or chosen[0] < 0 or chosen[-1] >= depth or len(set(chosen)) != len(chosen):
         raise ValueError(f"layers {chosen} are not distinct indices of this {depth}-layer text encoder")
     return chosen
+
+
+def layer_sets(layers: Sequence | None, encoders: int) -> tuple[tuple[int, ...], ...] | None:
+    """``layers`` as one tuple per text encoder (as `conditioning.normalise_layers`, which needs torch): None
+    stays None (the family's default); a flat sequence of ints is the one encoder's (refused for several)."""
+    if layers is None:
+        return None
+    layers = list(layers)
+    if layers and all(isinstance(i, int) for i in layers):
+        if encoders != 1:
+            raise ValueError(f"this base model has {encoders} text encoders: give layers for each, e.g. "
+                             "'8,9,10;28,29,30' (--layers) or [[8, 9, 10], [28, 29, 30]]")
+        return (tuple(layers),)
+    return tuple(tuple(int(i) for i in part) for part in layers)
+
+
+def layers_key(sets: Sequence[Sequence[int]]) -> tuple:
+    """What a training fingerprint records of the patched layers (as `conditioning.layers_key`): the one
+    encoder's layers as a flat tuple (so SD 1.x fingerprints are what they were), a tuple per encoder for several."""
+    sets = tuple(tuple(s) for s in sets)
+    return sets[0] if len(sets) == 1 else sets
+
+
+def format_layers(sets: Sequence[Sequence[int]]) -> str:
+    """`families.parse_layers`'s inverse: "9,10,11" or "8,9,10;28,29,30"."""
+    return ";".join(",".join(str(int(i)) for i in group) for group in sets)
 
 
 def image_digest(data: bytes) -> str:

@@ -337,16 +337,19 @@ def _not_started(report: ManifestReport, results: dict[str, dict], error: str) -
 def _run_batch(config: BatchConfig, run_id: str, budget: storage.RetryBudget, report: ManifestReport,
                results: dict[str, dict], marker: claims.RunMarker, started: float, log: Callable[[str], None],
                progress: Callable[[dict], None] | None) -> BatchSummary:
+    from catversion.families import UnknownFamilyError
     from catversion.modelsource import ModelNotAvailableError
 
     try:
         others = marker.others()
         planned, listing = _plan(config, report, results, budget, log) if report.concepts else ([], planning.Listing())
-    except (storage.StorageError, ModelNotAvailableError) as exc:  # the store or the model: nothing can train
-        log(f"[batch {run_id}] error: cannot plan the run: {exc}")
-        _not_started(report, results, str(exc))
+    except (storage.StorageError, ModelNotAvailableError, UnknownFamilyError, BatchConfigError) as exc:
+        # The store, the model, or --layers for this model: nothing can train.
+        error = exc.for_command_line() if isinstance(exc, BatchConfigError) else str(exc)
+        log(f"[batch {run_id}] error: cannot plan the run: {error}")
+        _not_started(report, results, error)
         return _record(config, run_id, report, results, planning.Listing(), started, time.perf_counter() - started,
-                       str(exc), False, log)
+                       error, False, log)
     planning_seconds = time.perf_counter() - started
     skipped = sum(r["status"] == "skipped" for r in results.values())
     log(f"[batch {run_id}] planned in {planning_seconds:.1f} s ({listing.requests} listing/index requests): "
@@ -383,12 +386,20 @@ def _record(config: BatchConfig, run_id: str, report: ManifestReport, results: d
 
 def _plan(config: BatchConfig, report: ManifestReport, results: dict[str, dict], budget: storage.RetryBudget,
           log: Callable[[str], None]) -> tuple[list[PlannedConcept], planning.Listing]:
-    """Settle what listings and indexes can (missing or known-bad images, up-to-date residuals) into
-    ``results``; the rest is planned for the workers."""
-    from catversion.modelinfo import training_target_for
+    """Settle what listings and indexes can (missing or known-bad images, up-to-date residuals, layers that do
+    not fit the model) into ``results``; the rest is planned for the workers, each layer set's concepts together."""
+    from catversion.modelinfo import describe, training_target_for
+    from catversion.recipe import format_layers, layers_key
 
-    # The base model's fingerprint from its files (cached by their stamps): planning loads no model.
-    target = training_target_for(config.model, config.resolution, precision=config.training_precision)
+    # The base model's family, encoders and fingerprint from its files (cached by their stamps): planning
+    # loads no model.
+    info = describe(config.model)
+    try:
+        default_layers = info.layer_sets(config.layers)
+    except ValueError as exc:
+        raise BatchConfigError([("layers", f"{format_layers(config.layers)!r} does not fit base model "
+                                           f"{config.model!r}: {exc}; valid: {info.layers_help()}")]) from None
+    target = training_target_for(config.model, config.resolution, default_layers, precision=config.training_precision)
     listing = planning.gather(config.output, report.concepts, budget, log)
     planned = []
     for spec in report.concepts:
@@ -398,18 +409,32 @@ def _plan(config: BatchConfig, report: ManifestReport, results: dict[str, dict],
         except ValueError as exc:
             results[cid] = result_row(cid, "failed", error=str(exc))
             continue
+        layers = default_layers
+        if spec.layers is not None:
+            try:
+                layers = info.layer_sets(spec.layers)
+            except ValueError as exc:
+                results[cid] = result_row(cid, "failed", error=(
+                    f"column 'layers' {format_layers(spec.layers)!r} does not fit base model {config.model!r}: {exc}; "
+                    f"valid: {info.layers_help()}"))
+                continue
+        concept_target = target if layers == default_layers else replace(target, layers=layers_key(layers))
         missing = [ref.name for ref in spec.images if ref.uri is not None and listing.image_missing(ref.uri)]
         known_bad = [problem for ref in spec.images if (problem := listing.image_problem(ref))]
         if missing or known_bad:
             results[cid] = result_row(cid, "failed", error="; ".join(
                 [f"image {name} does not exist" for name in missing] if missing else known_bad))
             continue
-        fingerprint = planning.fingerprint_of(concept, spec, listing, target)
+        fingerprint = planning.fingerprint_of(concept, spec, listing, concept_target)
         known = listing.residual_fingerprint(cid)
         if fingerprint is not None and known == fingerprint:
             results[cid] = planning.up_to_date_row(config.output, cid, listing, fingerprint)
             continue
-        planned.append(PlannedConcept(spec, listing.residuals.get(cid), known, tuple(listing.states.get(cid, []))))
+        planned.append(PlannedConcept(spec, listing.residuals.get(cid), known, tuple(listing.states.get(cid, [])),
+                                      layers=layers))
+    # A worker trains one layer set at a time: queue each set's concepts together, sets in order of first use.
+    first_use: dict = {}
+    planned.sort(key=lambda item: first_use.setdefault(item.layers, len(first_use)))
     return planned, listing
 
 

@@ -17,7 +17,7 @@ from catversion.recipe import REFERENCE_PREFIX_LOGIT_BIAS, TrainConfig
 
 DESCRIPTION = f"""\
 Train one CatVersion residual per concept of a parquet manifest (one row per image: concept_id,
-image_uri or image_bytes, class_word, optional caption/steps/learning_rate/batch_size/seed) on a
+image_uri or image_bytes, class_word, optional caption/steps/learning_rate/batch_size/seed/layers) on a
 Ray cluster. Writes {layout.RESIDUAL_PATTERN} as each concept finishes and
 {layout.RESULTS_PATTERN} at the end. Concepts that break the manifest schema are
 reported by name and never stop the others. A rerun skips concepts whose residual is up to date

@@ -7,6 +7,9 @@ worker of a new group joins, the concepts leased to the previous group go back t
 the queue: they resume from their saved training state, and one whose residual was written just
 before the failure is found up to date instead of being trained again.
 
+A worker trains one layer set at a time (one trainer's patched layers, `PlannedConcept.layers`), so every
+lease answer holds concepts of one layer set; the driver queues each layer set's concepts together.
+
 Plain Python (no Ray import, an injectable clock): the driver wraps it with `ray.remote`, and tests
 use it directly.
 """
@@ -70,9 +73,9 @@ class Dispatcher:
 
     # ---- leasing ----------------------------------------------------------------------------
     def lease(self, token: str, n: int, worker: str = "") -> LeaseAnswer:
-        """Up to ``n`` concepts for a worker of group ``token``: pending ones first, then deferred ones
-        whose time has come. No leases and a ``wait_s`` ask the worker to come back later (only concepts
-        held by another run remain, or the run holds back at its start)."""
+        """Up to ``n`` concepts of one layer set for a worker of group ``token``: pending ones first, then
+        deferred ones whose time has come. No leases and a ``wait_s`` ask the worker to come back later (only
+        concepts held by another run remain, or the run holds back at its start)."""
         now = self.seen = self.clock()
         if token != self.token or self.stopping:
             return LeaseAnswer([], self.claiming)
@@ -82,12 +85,12 @@ class Dispatcher:
             self.leasing.add(worker)
             self.events.append(f"worker {worker} of group {self.groups} is training (model loaded)")
         taken = []
-        while len(taken) < n and self.pending:
+        while len(taken) < n and self.pending and (not taken or self._layers(self.pending[0]) == self._layers(taken[0])):
             taken.append(self.pending.popleft())
         for i, deferred in list(self.deferred.items()):
             if len(taken) >= n:
                 break
-            if deferred.retry_at <= now:
+            if deferred.retry_at <= now and (not taken or self._layers(i) == self._layers(taken[0])):
                 taken.append(i)
         leases = []
         for i in taken:
@@ -99,6 +102,9 @@ class Dispatcher:
             soonest = min(d.retry_at for d in self.deferred.values())
             return LeaseAnswer([], self.claiming, wait_s=max(0.2, min(5.0, soonest - now)))
         return LeaseAnswer(leases, self.claiming)
+
+    def _layers(self, index: int):
+        return self.concepts[index].layers
 
     def defer(self, index: int, owner: str, retry_in_s: float, first_deferred_at: float | None = None) -> None:
         """Another run holds this concept's claim: offer it again in ``retry_in_s`` seconds."""

@@ -265,7 +265,7 @@ def choose_base_model(config: EvalConfig, jobs: Sequence[ConceptJob]) -> str:
         if recorded:
             return recorded
     raise ValueError("the residuals do not record their base model (imported from the reference code?); "
-                     "pass --model with a Stable Diffusion v1.x folder or hub id")
+                     "pass --model with the Stable Diffusion (1.x, 2.x or XL) folder or hub id they were trained on")
 
 
 # ---- evaluating (worker) -----------------------------------------------------------------------
@@ -306,9 +306,15 @@ class ConceptEvaluator:
         cfg = self.config
         residual = Residual.load(job.residual_uri)
         references = [load_image(source, name) for name, source in job.references]
-        key = (residual.layers, residual.tokens)
+        family = self.base.family
+        if residual.encoders != family.encoder_names:
+            raise ValueError(f"the residual patches {', '.join(residual.encoders)}, but base model {self.base.model_id!r} "
+                             f"({family.title}) reads {', '.join(family.encoder_names)}: evaluate it with the base "
+                             "model it was trained on (--model)")
+        # One generator per patch: every text encoder's layers (a residual has one block per encoder) and tokens.
+        key = (residual.encoders, residual.layer_sets, residual.tokens)
         if key not in self._generators:
-            self._generators[key] = ImageGenerator(self.base, layers=residual.layers, tokens=residual.tokens)
+            self._generators[key] = ImageGenerator(self.base, layers=residual.layer_sets, tokens=residual.tokens)
         generator = self._generators[key]
         requests = [GenerationRequest(prompt, residual, cfg.seed + i) for prompt in job.prompts
                     for i in range(cfg.n_per_prompt)]

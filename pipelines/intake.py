@@ -5,6 +5,9 @@ up to date, and find their saved training state, all ahead of training.
 leased concept is prepared on a fetch thread (the only time in the run its images are fetched). A
 concept settled here (its images are missing, it is up to date, another run holds it) is recorded
 through the `OutcomeSink` and never reaches the trainer.
+
+Concepts of other patched layers need another trainer: `concepts(layers)` yields only leases of one layer set
+and keeps the first lease of another for the next round (`next_layers`), whose fingerprints use that set.
 """
 
 from __future__ import annotations
@@ -12,19 +15,22 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from catversion import layout, storage
 from catversion.images import ImageError, fetch_image
-from catversion.recipe import Concept, TrainingTarget, image_digest, training_fingerprint
+from catversion.recipe import Concept, TrainingTarget, image_digest, layers_key, training_fingerprint
 
 from .claims import Claims
 from .control import Held, Holdings, WorkerControl
 from .manifest import confinement_problem
 from .outcomes import OutcomeSink
 from .results import result_row
-from .work import Lease, WorkerConfig, concept_config, to_concept
+from .work import Lease, LeaseAnswer, WorkerConfig, concept_config, to_concept
 
 FETCH_THREADS = 8
+ANY_LAYERS = object()  # concepts(): every leased concept, whatever its layers
+DONE = object()  # next_layers(): nothing is left for this worker
 CLAIM_RETRY_S = 5.0  # a concept claimed by another run is looked at again after this long
 
 
@@ -42,22 +48,53 @@ class Intake:
         self.output, self.run_id = config.batch.output, config.run_id
         self._resume_states: dict[str, bytes] = {}
         self._pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch")
+        self._kept: LeaseAnswer | None = None  # leased, of other layers than the round that took it: the next round's
 
     # ---- the trainer's side ----------------------------------------------------------------------
-    def concepts(self) -> Iterator[Concept]:
-        """Leased concepts, ready to decode, until the dispatcher has none left for this worker."""
+    def concepts(self, layers=ANY_LAYERS) -> Iterator[Concept]:
+        """Leased concepts, ready to decode, until the dispatcher has none left for this worker; with
+        ``layers`` (a `PlannedConcept.layers` value), only until a lease answer brings another layer set,
+        which is kept for the next call."""
         while True:
-            answer = self.calls.lease(self.token, self.lease_size, self.worker)
-            self.control.follow(answer.claiming)
-            if answer.exhausted:
+            answer = self._next_answer()
+            if answer is None:
                 return
-            if not answer.leases:
-                time.sleep(answer.wait_s)  # nothing yet: deferred concepts, or the start-up hold
-                continue
+            if layers is not ANY_LAYERS and answer.leases[0].concept.layers != layers:
+                self._kept = answer
+                return
             for future in [self._pool.submit(self.prepare, lease) for lease in answer.leases]:
                 concept = future.result()
                 if concept is not None:
                     yield concept
+
+    def next_layers(self):
+        """The layers (`PlannedConcept.layers`) of the next concepts this worker trains, leasing them now; DONE
+        when the dispatcher has none left for it."""
+        answer = self._next_answer()
+        if answer is None:
+            return DONE
+        self._kept = answer
+        return answer.leases[0].concept.layers
+
+    def _next_answer(self) -> LeaseAnswer | None:
+        """The kept lease answer, else the next one with leases (every answer holds one layer set); None when
+        nothing is left."""
+        if self._kept is not None:
+            answer, self._kept = self._kept, None
+            return answer
+        while True:
+            answer = self.calls.lease(self.token, self.lease_size, self.worker)
+            self.control.follow(answer.claiming)
+            if answer.exhausted:
+                return None
+            if answer.leases:
+                return answer
+            time.sleep(answer.wait_s)  # nothing yet: deferred concepts, or the start-up hold
+
+    def target_of(self, lease: Lease) -> TrainingTarget:
+        """What the concept trains against: the worker's target, with the lease's layers when it names them."""
+        layers = lease.concept.layers
+        return self.target if layers is None else replace(self.target, layers=layers_key(layers))
 
     def resume(self, concept: Concept, fingerprint: str) -> bytes | None:
         """The trainer's resume callback: the saved state found for the concept, once."""
@@ -103,7 +140,7 @@ class Intake:
             stamps.append(info.stamp)
         concept = to_concept(spec, config, images)
         digests = [ref.digest or image_digest(data) for ref, data in zip(spec.images, images)]
-        fingerprint = training_fingerprint(concept, digests, self.target)
+        fingerprint = training_fingerprint(concept, digests, self.target_of(lease))
         return concept, {"fingerprint": fingerprint, "image_uris": [ref.uri for ref in spec.images],
                          "image_stamps": stamps, "image_sha256s": digests}
 

@@ -21,12 +21,16 @@ import pyarrow.parquet as pq
 
 from catversion import layout, storage
 from catversion.images import ImageError, decode_image, read_source
-from catversion.recipe import TrainConfig, image_digest
+from catversion.families import parse_layers
+from catversion.recipe import TrainConfig, format_layers, image_digest
 
 # \Z rather than $: "$" also matches before a trailing newline, and the id names a file.
 REQUIRED_COLUMNS = ("concept_id", "class_word")
 IMAGE_COLUMNS = ("image_uri", "image_bytes")  # each row gives exactly one of them
-OVERRIDE_COLUMNS: dict[str, type] = {"caption": str, "steps": int, "learning_rate": float, "batch_size": int, "seed": int}
+# layers: the text-encoder layers the residual patches, "9,10,11" or "8,9,10;28,29,30" (one group per encoder);
+# checked here for its syntax, against the base model's encoders by the batch driver (pipelines/batch.py).
+OVERRIDE_COLUMNS: dict[str, type] = {"caption": str, "steps": int, "learning_rate": float, "batch_size": int, "seed": int,
+                                     "layers": str}
 KNOWN_COLUMNS = (*REQUIRED_COLUMNS, *IMAGE_COLUMNS, *OVERRIDE_COLUMNS)
 PANDAS_INDEX_PREFIX = "__index_level_"  # pandas' to_parquet writes an unnamed non-default index so: not data
 # CLIP reads at most 77 tokens (75 between its start and end tokens), and its byte-level BPE never makes
@@ -67,6 +71,7 @@ class ConceptSpec:
     images: list[ImageRef]
     caption: str | None = None
     overrides: dict[str, int | float] = field(default_factory=dict)  # only the given ones: steps, learning_rate, batch_size, seed
+    layers: tuple[tuple[int, ...], ...] | None = None  # the layers column, one group per text encoder; None: the run's
 
     def to_row(self) -> dict:
         """A flat row of Arrow-friendly values (for a Ray Dataset); ``from_row`` inverts it."""
@@ -75,6 +80,7 @@ class ConceptSpec:
             "class_word": self.class_word,
             "caption": self.caption,
             "overrides": json.dumps(self.overrides, sort_keys=True),
+            "layers": None if self.layers is None else format_layers(self.layers),
             "image_names": [image.name for image in self.images],
             "image_uris": [image.uri for image in self.images],
             "image_data": [image.data for image in self.images],
@@ -89,13 +95,14 @@ class ConceptSpec:
         images = [ImageRef(str(name), _optional(uri, str), _optional(data, bytes), _optional(digest, str),
                            _optional(root, str))
                   for name, uri, data, digest, root in zip(*columns, strict=True)]
-        overrides = row["overrides"]
+        overrides, layers = row["overrides"], row.get("layers")
         return cls(
             concept_id=str(row["concept_id"]),
             class_word=str(row["class_word"]),
             images=images,
             caption=_optional(row["caption"], str),
             overrides=json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {}),
+            layers=None if layers is None else parse_layers(str(layers)),
         )
 
 
@@ -213,8 +220,8 @@ def validate_manifest(uri: str | list[str], check_images: bool = True, max_worke
         if reasons:
             problems[key] = reasons
         else:
-            caption = chosen.pop("caption", None)
-            concepts.append(ConceptSpec(key, class_word, refs, caption, chosen))
+            caption, layers = chosen.pop("caption", None), chosen.pop("layers", None)
+            concepts.append(ConceptSpec(key, class_word, refs, caption, chosen, layers))
     return ManifestReport(sources, table.num_rows, concepts, problems, images_checked=check_images, warnings=warnings)
 
 
@@ -471,6 +478,8 @@ def _overrides(rows: _Rows, members: list[int], reasons: list[str]) -> dict:
     chosen: dict = {}
     for name, kind in OVERRIDE_COLUMNS.items():
         column = rows.values(name)
+        if name == "layers":  # empty: the run's default, as if not given
+            column = [None if isinstance(value, str) and not value.strip() else value for value in column]
         given = [column[i] for i in members if column[i] is not None]
         if not given:
             continue
@@ -496,9 +505,14 @@ def _overrides(rows: _Rows, members: list[int], reasons: list[str]) -> dict:
         elif empty:
             reasons.append(f"{name} is {distinct[0]!r} on some rows but empty on {rows.where_all(empty)}; "
                            "give it on every row of the concept or on none")
+        elif name == "layers":
+            try:
+                chosen[name] = parse_layers(distinct[0])
+            except ValueError as exc:
+                reasons.append(f"column 'layers': {exc}; or leave it empty for the run's default")
         else:
             chosen[name] = distinct[0]
-    hyperparameters = {name: value for name, value in chosen.items() if name != "caption"}
+    hyperparameters = {name: value for name, value in chosen.items() if name not in ("caption", "layers")}
     try:
         TrainConfig(**hyperparameters)
     except ValueError as exc:

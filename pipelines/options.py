@@ -16,6 +16,7 @@ from catversion import layout
 from catversion.limits import (BUILTIN_MODELS, DEFAULT_CLAIM_TTL_S, DEFAULT_CLAIM_WAIT_S, DEFAULT_MODEL,
                                DEFAULT_PRECISION, DEFAULT_RESIZE_INTERVAL_S, DEFAULT_RESOURCES_TIMEOUT_S,
                                DEFAULT_STATE_EVERY, DEFAULT_STORAGE_RETRY_S, PRECISION_CHOICES, PRECISION_HELP)
+from catversion.families import parse_layers
 from catversion.recipe import REFERENCE_PREFIX_LOGIT_BIAS, TrainConfig
 
 
@@ -70,6 +71,13 @@ class BatchConfig:
              "pytorch_adapter.bin), 0 = the paper's equation as written (default: %(default)s)")
     resolution: int | None = option(None, flag="--resolution", type=int,
                                     help="training image size in px (default: the model's native size)")
+    layers: tuple[tuple[int, ...], ...] | None = option(
+        None, flag="--layers", metavar="L,L,L[;L,L,L]",
+        help="text-encoder layers each residual patches, unless the manifest's layers column says otherwise: "
+             "comma-separated layer indices, one group per text encoder separated by ';' (e.g. 9,10,11 or "
+             "'8,9,10;28,29,30'); checked against the base model's encoders; part of each residual's training "
+             "fingerprint, so a change retrains (default: the model family's, the last three layers that feed "
+             "what the UNet reads: 9,10,11 on SD 1.5, 8,9,10;28,29,30 on SDXL)")
     max_failures: int = option(
         2, flag="--max-failures",
         help="worker group failures to recover from; each restart resumes in-flight concepts (default: 2)")
@@ -125,8 +133,13 @@ class BatchConfig:
             raise BatchConfigError(problems)
 
     def problems(self) -> list[tuple[str, str]]:
-        """(field, what is wrong) for every bad value."""
+        """(field, what is wrong) for every bad value (``layers`` given as text is parsed here)."""
         found = []
+        if self.layers is not None:
+            try:
+                self.layers = _layer_groups(self.layers)
+            except (TypeError, ValueError) as exc:
+                found.append(("layers", f"must be layer indices: {exc}"))
         for name in ("workers", "pack"):
             value = getattr(self, name)
             if (value is not None or name == "workers") and (not _is_int(value) or value < 1):
@@ -212,6 +225,19 @@ def from_args(args: argparse.Namespace, **overrides) -> BatchConfig:
     values["manifest"] = manifest[0] if isinstance(manifest, list) and len(manifest) == 1 else manifest
     values.update(overrides)
     return BatchConfig(**values)
+
+
+def _layer_groups(layers) -> tuple[tuple[int, ...], ...]:
+    """--layers as one tuple of layer indices per text encoder, from its text or from sequences (a flat
+    sequence of ints is one encoder's); whether they fit the model is checked at planning."""
+    if isinstance(layers, str):
+        return parse_layers(layers)
+    items = list(layers)
+    groups = [items] if items and all(_is_int(i) for i in items) else items
+    parsed = tuple(tuple(int(i) for i in group) for group in groups)
+    if not parsed or any(not group for group in parsed):
+        raise ValueError(f"layers {layers!r}: give at least one layer per text encoder")
+    return parsed
 
 
 def _is_int(value) -> bool:

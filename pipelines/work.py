@@ -34,6 +34,10 @@ class PlannedConcept:
     residual_stamp: str | None = None  # the residual's stamp when planning listed one (None: there was none)
     residual_fingerprint: str | None = None  # its training fingerprint per the index (None: unknown)
     states: tuple[str, ...] = ()  # saved training states of the concept found at planning
+    # The text-encoder layers to patch, one tuple per encoder, checked against the model at planning (the
+    # manifest's layers column, else --layers, else the family's default); None: the worker's default trainer's.
+    # Concepts of other layers never share a pack (the dispatcher leases one layer set at a time).
+    layers: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def concept_id(self) -> str:

@@ -2,13 +2,15 @@
 none is left. This function only wires the worker's parts together; each part is a module:
 
 - intake (pipelines/intake.py): lease, fetch, fingerprint, claim, up-to-date check, saved state;
-- training (catversion/training.py `ResidualTrainer`): decode and VAE-encode ahead, packed training;
+- training (catversion/training.py `ResidualTrainer`): decode and VAE-encode ahead, packed training; one
+  trainer per layer set the worker's concepts patch (`Trainers`), each round training one set's concepts;
 - outcomes (pipelines/outcomes.py): states and residuals to storage, result rows, metrics;
 - control (pipelines/control.py): what the worker holds and the claim mode, keep-alive, progress, stop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 from catversion import storage, telemetry
@@ -16,7 +18,7 @@ from catversion import storage, telemetry
 from .calls import RayCalls
 from .claims import Claims
 from .control import Holdings, Stopped, WorkerControl
-from .intake import Intake
+from .intake import DONE, Intake
 from .outcomes import OutcomeSink, concept_metrics
 from .work import WorkerConfig
 
@@ -36,15 +38,21 @@ def train_worker(config: WorkerConfig) -> None:
     holdings = Holdings(claims)
     control = WorkerControl(calls, worker, holdings, metrics=_progress_metrics(run_id, rank))
     control.start_keep_alive()  # before the model loads: a worker loading a large model is alive, not starved
-    base, trainer = _load_trainer(config, rank)
+    base, trainers = _load_trainer(config, rank)
+    trainer = trainers.default
     prefetch = batch.prefetch or trainer.pack
     claims.start()
     sink = OutcomeSink(batch.output, run_id, worker, calls, holdings, budget, metrics=concept_metrics(run_id))
     intake = Intake(config, calls, token, worker, trainer.target, claims, holdings, sink, control, prefetch, budget)
     stopped = None
+    progress = _RoundsProgress(control.on_progress)
     try:
-        trainer.train(intake.concepts(), on_result=sink.on_result, on_progress=control.on_progress, prefetch=prefetch,
-                      state_every=batch.state_every, on_state=sink.on_state, resume=intake.resume)
+        # One round per layer set: its concepts share that set's trainer (and its packs).
+        while (layers := intake.next_layers()) is not DONE:
+            trainer = trainers.get(layers)
+            trainer.train(intake.concepts(layers), on_result=sink.on_result, on_progress=progress, prefetch=prefetch,
+                          state_every=batch.state_every, on_state=sink.on_state, resume=intake.resume)
+            progress.next_round()
     except Stopped as exc:
         stopped = str(exc)
     finally:
@@ -72,8 +80,43 @@ def _group_token(rank: int) -> str:
     return token[0]
 
 
+class Trainers:
+    """The worker's trainers on its one base model, one per layer set, made when a set is first leased: the
+    first (``default``, the run's --layers or the family's) sizes the pack for all of them."""
+
+    def __init__(self, base, batch, default):
+        self.base, self.batch, self.default = base, batch, default
+        self._made = {default.encoder.layer_sets: default}
+
+    def get(self, layers):
+        """The trainer of ``layers`` (a `PlannedConcept.layers` value; None: the default's)."""
+        from catversion.training import ResidualTrainer
+
+        if layers is None:
+            return self.default
+        key = tuple(tuple(group) for group in layers)
+        if key not in self._made:
+            self._made[key] = ResidualTrainer(self.base, pack=self.default.pack, layers=key,
+                                              resolution=self.batch.resolution, compile=self.batch.compiled)
+        return self._made[key]
+
+
+class _RoundsProgress:
+    """The trainer's progress callback across rounds: steps keep counting up from one round to the next."""
+
+    def __init__(self, on_progress):
+        self.on_progress, self.offset, self.last = on_progress, 0, 0
+
+    def __call__(self, progress) -> None:
+        self.last = progress.steps_done
+        self.on_progress(dataclasses.replace(progress, steps_done=self.offset + progress.steps_done))
+
+    def next_round(self) -> None:
+        self.offset, self.last = self.offset + self.last, 0
+
+
 def _load_trainer(config: WorkerConfig, rank: int):
-    """The base model (once per worker) and its trainer, on this worker's GPU or CPUs."""
+    """The base model (once per worker) and its trainers (`Trainers`), on this worker's GPU or CPUs."""
     import ray.train.torch
     import torch
 
@@ -87,11 +130,12 @@ def _load_trainer(config: WorkerConfig, rank: int):
         # Use exactly the CPUs Ray reserved for this worker: more threads would fight the other workers.
         torch.set_num_threads(max(1, int(batch.cpus_per_worker)))
     base = load_base_model(batch.model, device=device, precision=batch.training_precision)
-    trainer = ResidualTrainer(base, pack=batch.pack, resolution=batch.resolution, compile=batch.compiled)
+    trainer = ResidualTrainer(base, pack=batch.pack, layers=batch.layers, resolution=batch.resolution,
+                              compile=batch.compiled)
     if rank == 0:
         print(f"[worker {rank}] {base.model_id} on {base.device}: UNet/VAE {base.precision}, text encoder fp32, pack "
               f"{trainer.pack}{', UNet compiled' if trainer.compiled else ''}", flush=True)
-    return base, trainer
+    return base, Trainers(base, batch, trainer)
 
 
 def _progress_metrics(run_id: str, rank: int):

@@ -86,3 +86,20 @@ def small_manifest(bucket, n, prefix="small"):
     pq.write_table(pa.Table.from_pylist(rows), sink)
     put(bucket, f"{prefix}/manifest.parquet", sink.getvalue())
     return f"s3://{bucket}/{prefix}/manifest.parquet", [f"{prefix}-{k}" for k in range(n)]
+
+
+def layers_manifest(bucket, prefix, layers: dict[str, str | None]):
+    """One concept of 2 small photos per entry of ``layers`` (concept id -> its layers column value, None: empty);
+    returns the manifest URI."""
+    rows = []
+    for k, (concept_id, value) in enumerate(layers.items()):
+        for i, data in enumerate(concept_jpegs(SAMPLES[k % 4], n=2, size=64, seed=200 + k)):
+            put(bucket, f"{prefix}/photos/{concept_id}/{i}.jpg", data)
+            rows.append({"concept_id": concept_id, "class_word": "object", "layers": value,
+                         "image_uri": f"s3://{bucket}/{prefix}/photos/{concept_id}/{i}.jpg"})
+    schema = pa.schema([("concept_id", pa.string()), ("class_word", pa.string()), ("layers", pa.string()),
+                        ("image_uri", pa.string())])
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+    put(bucket, f"{prefix}/manifest.parquet", sink.getvalue())
+    return f"s3://{bucket}/{prefix}/manifest.parquet"

@@ -319,3 +319,35 @@ def test_ray_actor_pool_scores_like_one_process(inputs, tmp_path, ray_session, s
     tables = [pq.read_table(tmp_path / name / "scores.parquet") for name in ("ray", "local")]
     assert tables[0].equals(tables[1])
     read_report(tmp_path / "ray")
+
+
+def test_an_sdxl_residual_of_its_own_layers_is_evaluated_on_its_recorded_base_model(inputs, tmp_path):
+    """A residual of one block per text encoder (tiny-sdxl), with layers other than the default: the evaluator
+    generates with its layers in every encoder, on the base model the residual records (no --model)."""
+    from catversion.recipe import Concept
+    from catversion.training import ResidualTrainer
+
+    base = load_base_model("tiny-sdxl")
+    photos = sorted((inputs / "photos").glob("red-teapot*"))  # write_concept_images' files of the concept
+    assert photos
+    concept = Concept("red-teapot", photos, "teapot", config=TrainConfig(steps=1, save_steps=()))
+    (result,) = ResidualTrainer(base, pack=1, layers=[[0, 2], [3]]).train([concept])
+    assert result.status == "ok", result.error
+    assert result.residual.layer_sets == ((0, 2), (3,)) and result.residual.meta["base_model"] == "tiny-sdxl"
+    run = tmp_path / "run"
+    result.residual.save(layout.residual_uri(str(run), "red-teapot"))
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--residuals", str(run), "--manifest", str(inputs / "manifest.parquet"),
+                 "--prompts", str(inputs / "prompts.txt"), "--out", str(out), *TINY_METRICS, "--n-per-prompt", "1",
+                 "--steps", "2", "--concepts", "red-teapot", "--quiet"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["model"] == "tiny-sdxl" and summary["concepts"]["red-teapot"]["status"] == "ok"
+    assert len(pq.read_table(out / "scores.parquet")) == 2  # 2 prompts x 1 image
+    # On another family's model it fails that concept alone, naming the encoders.
+    code = main(["evaluate", "--residuals", str(run), "--manifest", str(inputs / "manifest.parquet"),
+                 "--prompts", str(inputs / "prompts.txt"), "--out", str(tmp_path / "wrong"), "--model", "tiny",
+                 *TINY_METRICS, "--n-per-prompt", "1", "--steps", "2", "--concepts", "red-teapot", "--quiet"])
+    assert code == 3
+    reason = json.loads((tmp_path / "wrong" / "summary.json").read_text())["concepts"]["red-teapot"]["reason"]
+    assert "the residual patches text_encoder, text_encoder_2, but base model 'tiny' (Stable Diffusion 1.x)" in reason

@@ -77,8 +77,8 @@ def test_valid_local_manifest_with_relative_absolute_file_uri_and_inline_images(
     assert report.sources == [manifest] and report.rows == 5
     assert report.warnings == [
         f"manifest {manifest} has 1 column that catversion does not read: 'notes'; the known columns are concept_id, "
-        "class_word, image_uri, image_bytes, caption, steps, learning_rate, batch_size, seed. They are ignored: "
-        "rename a misspelt one, or pass --strict to refuse such a manifest"]
+        "class_word, image_uri, image_bytes, caption, steps, learning_rate, batch_size, seed, layers. They are "
+        "ignored: rename a misspelt one, or pass --strict to refuse such a manifest"]
     assert [c.concept_id for c in report.concepts] == ["teapot", "mug_2.v1"]
     teapot, mug = report.concepts
     assert teapot.class_word == "teapot" and teapot.caption is None and teapot.overrides == {}
@@ -293,6 +293,41 @@ def test_non_finite_and_out_of_range_hyper_parameters_are_rejected_with_the_righ
     assert "1000000000" in problems["huge-steps"][0]
 
 
+def test_the_layers_column_is_parsed_per_concept_and_a_bad_one_rejects_only_its_concept(tmp_path):
+    """One group of layer indices per text encoder, ';' between groups; empty is the run's default. Whether the
+    layers fit the base model is the batch driver's check (tests/test_batch_families.py)."""
+    def rows(concept_id, layers, n=1):
+        return [{"concept_id": concept_id, "class_word": "thing", "image_uri": f"{concept_id}-{i}.png",
+                 "layers": value} for i, value in enumerate(layers if isinstance(layers, list) else [layers] * n)]
+
+    manifest = write_manifest(tmp_path / "m.parquet", [
+        *rows("one", "9,10,11", n=2), *rows("two", " 8, 9,10 ;28,29,30"), *rows("blank", "  ", n=2),
+        *rows("none", None), *rows("words", "nine,ten"), *rows("empty-group", "1;;2"), *rows("dangling", "1,2;"),
+        *rows("differs", ["1,2", "1,3"]), *rows("partial", ["1,2", None]),
+    ])
+    report = validate_manifest(manifest, check_images=False)
+
+    specs = by_id(report)
+    assert specs["one"].layers == ((9, 10, 11),) and specs["two"].layers == ((8, 9, 10), (28, 29, 30))
+    assert specs["blank"].layers is None and specs["none"].layers is None
+    assert all(spec.overrides == {} for spec in specs.values()), "layers is no hyper-parameter of the recipe"
+    syntax = ("write comma-separated layer indices, one group per text encoder separated by ';', e.g. '9,10,11' "
+              "(SD 1.x) or '8,9,10;28,29,30' (SDXL); or leave it empty for the run's default")
+    assert report.problems == {
+        "words": [f"column 'layers': layers 'nine,ten': {syntax}"],
+        "empty-group": [f"column 'layers': layers '1;;2': {syntax}"],
+        "dangling": [f"column 'layers': layers '1,2;': {syntax}"],
+        "differs": ["layers differs between rows: '1,2', '1,3'; a concept has one layers"],
+        "partial": [f"layers is '1,2' on some rows but empty on row 12 of {manifest}; give it on every row of the "
+                    "concept or on none"],
+    }
+
+    numbers = write_manifest(tmp_path / "n.parquet", [{"concept_id": "int", "class_word": "thing",
+                                                       "image_uri": "a.png", "layers": 9}])
+    assert validate_manifest(numbers, check_images=False).problems == {
+        "int": ["column 'layers' has type int64, expected a string"]}
+
+
 def test_check_images_false_skips_fetching(tmp_path):
     write_image(tmp_path / "a.png", 1)
     manifest = write_manifest(tmp_path / "m.parquet", [
@@ -374,8 +409,9 @@ def test_concept_spec_round_trips_through_rows_arrow_and_numpy():
     specs = [
         ConceptSpec("mixed", "teapot", [ImageRef("s3://b/a.png", "s3://b/a.png", None, "d1"),
                                         ImageRef("s3://b/m.parquet#row3", None, b"\x89PNG...", "d2")],
-                    caption="a teapot on a table", overrides={"steps": 500, "learning_rate": 0.005, "batch_size": 4, "seed": 1}),
-        ConceptSpec("uris-only", "dog", [ImageRef("/data/x.png", "/data/x.png", None, None)]),
+                    caption="a teapot on a table", overrides={"steps": 500, "learning_rate": 0.005, "batch_size": 4, "seed": 1},
+                    layers=((8, 9, 10), (28, 29, 30))),
+        ConceptSpec("uris-only", "dog", [ImageRef("/data/x.png", "/data/x.png", None, None)], layers=((3,),)),
         ConceptSpec("inline-only", "cat", [ImageRef("m.parquet#row0", None, b"abc", "d3"),
                                            ImageRef("m.parquet#row1", None, b"def", "d4")], overrides={"learning_rate": 1.0}),
     ]
@@ -504,7 +540,7 @@ def test_unknown_columns_warn_naming_the_known_ones_or_refuse_the_manifest_when_
     report = validate_manifest(manifest, check_images=False)
 
     assert [c.concept_id for c in report.concepts] == ["dog"] and report.concepts[0].overrides == {}
-    known = "concept_id, class_word, image_uri, image_bytes, caption, steps, learning_rate, batch_size, seed"
+    known = "concept_id, class_word, image_uri, image_bytes, caption, steps, learning_rate, batch_size, seed, layers"
     assert report.warnings == [f"manifest {manifest} has 1 column that catversion does not read: 'stpes'; the known "
                                f"columns are {known}. They are ignored: rename a misspelt one, or pass --strict to "
                                "refuse such a manifest"]

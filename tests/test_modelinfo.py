@@ -11,10 +11,11 @@ import textwrap
 import huggingface_hub.constants
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
-from transformers import CLIPTextModel
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from catversion import modelinfo
+from catversion.families import UnknownFamilyError
 from catversion.models import ModelNotAvailableError, load_base_model, tiny_base_model
 from catversion.training import training_target
 from helpers import save_components
@@ -56,6 +57,18 @@ def pipeline_folder(tiny, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    """The tiny SDXL model saved whole by diffusers' StableDiffusionXLPipeline.save_pretrained."""
+    base = load_base_model("tiny-sdxl")
+    folder = tmp_path_factory.mktemp("tiny-sdxl-pipeline")
+    pipeline = StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                                         tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+                                         scheduler=DDIMScheduler.from_config(base.scheduler_config))
+    pipeline.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def hub_cache(pipeline_folder, tmp_path, monkeypatch):
     """A Hugging Face cache holding HUB_ID (the pipeline folder) the way `hf download` lays it out:
@@ -80,21 +93,37 @@ def loaded_facts(name: str) -> dict:
     """What loading the model gives: the reference the cheap description must equal."""
     base = load_base_model(name, device="cpu", components=("text_encoder",))
     config = base.text_encoder.config
+    encoders = list(base.text_encoders.values())
     return {"resolution": base.resolution, "text_layers": config.num_hidden_layers,
-            "text_width": config.hidden_size, "fingerprint": base.fingerprint}
+            "text_width": config.hidden_size, "fingerprint": base.fingerprint, "family": base.family.name,
+            "encoders": tuple(base.text_encoders), "encoder_depths": tuple(e.config.num_hidden_layers for e in encoders),
+            "encoder_widths": tuple(e.config.hidden_size for e in encoders)}
 
 
 def described_facts(info: modelinfo.ModelInfo) -> dict:
     return {"resolution": info.resolution, "text_layers": info.text_layers, "text_width": info.text_width,
-            "fingerprint": info.fingerprint}
+            "fingerprint": info.fingerprint, "family": info.family, "encoders": info.encoders,
+            "encoder_depths": info.encoder_depths, "encoder_widths": info.encoder_widths}
 
 
 def assert_same_targets(name: str) -> None:
-    """training_target_for(name, ...) equals training_target(loaded model, ...) for the batch's arguments."""
+    """training_target_for(name, ...) equals training_target(loaded model, ...) for the batch's arguments, layers
+    per encoder (and flat for a one-encoder model) included; layers that do not fit fail both alike."""
     base = load_base_model(name, device="cpu", components=("text_encoder",))
-    for args, kwargs in [((), {}), ((128,), {"precision": "bf16"}), ((None, [0, 2]), {"tokens": 2}),
-                         ((96, None, 1, "fp16"), {})]:
+    two = len(base.text_encoders) == 2
+    chosen = [[[0, 2], [1, 3]], ((3,), (0, 1, 2))] if two else [[0, 2], [[4, 1]], ((2, 3, 4),)]
+    cases = [((), {}), ((128,), {"precision": "bf16"}), ((96, None, 1, "fp16"), {})]
+    cases += [((None, layers), {"tokens": 2}) for layers in chosen]
+    for args, kwargs in cases:
         assert modelinfo.training_target_for(name, *args, **kwargs) == training_target(base, *args, **kwargs)
+    bad_ones = ([0, 1], [[0, 1]], [[0, 1], [1, 2], [2, 3]], [[0, 0], [1]], [[0], [4]]) if two else \
+        ([0, 9], [[0, 1], [1, 2]], [[0, 0]], [[]])
+    for bad in bad_ones:
+        with pytest.raises(ValueError) as fast:
+            modelinfo.training_target_for(name, None, bad)
+        with pytest.raises(ValueError) as slow:
+            training_target(base, None, bad)
+        assert str(fast.value) == str(slow.value), bad
 
 
 def entry_file(cache) -> str:
@@ -102,14 +131,31 @@ def entry_file(cache) -> str:
     return str(entry)
 
 
-def test_a_builtin_is_described_as_loading_it_does(tiny):
-    info = modelinfo.describe("tiny")
-    assert described_facts(info) == loaded_facts("tiny")
-    assert info.fingerprint == tiny.fingerprint
+@pytest.mark.parametrize("name, family", [("tiny", "sd1"), ("tiny-sd2", "sd2"), ("tiny-sdxl", "sdxl")])
+def test_a_builtin_is_described_as_loading_it_does(name, family, tiny):
+    info = modelinfo.describe(name)
+    assert described_facts(info) == loaded_facts(name)
+    assert info.family == family
+    if name == "tiny":
+        assert info.fingerprint == tiny.fingerprint
     assert (info.kind, info.folder) == ("builtin", None)
-    assert_same_targets("tiny")
+    assert_same_targets(name)
     # The second call is answered from the cache with the same facts.
-    assert modelinfo.describe("tiny") == info
+    assert modelinfo.describe(name) == info
+
+
+def test_layer_choices_are_checked_against_every_encoder_without_loading(tiny):
+    sdxl = modelinfo.describe("tiny-sdxl")
+    assert sdxl.layer_sets() == ((1, 2, 3), (1, 2, 3))  # hidden_states[-2]: the last layer does not reach the UNet
+    assert sdxl.layer_sets([[3, 0], [2]]) == ((0, 3), (2,))
+    assert sdxl.layers_help() == "text_encoder 0..3, text_encoder_2 0..3 (default '1,2,3;1,2,3')"
+    with pytest.raises(ValueError, match="give layers for each"):
+        sdxl.layer_sets([1, 2, 3])
+    with pytest.raises(ValueError, match=r"layers \[2, 4\] of text_encoder_2: choose distinct layers in 0..3"):
+        sdxl.layer_sets([[1], [2, 4]])
+    sd1 = modelinfo.describe("tiny")
+    assert sd1.layer_sets() == ((2, 3, 4),) and sd1.layer_sets([4, 0]) == ((0, 4),)
+    assert sd1.layers_help() == "text_encoder 0..4 (default '2,3,4')"
 
 
 @pytest.mark.parametrize("layout", ["component_folder", "pipeline_folder"])
@@ -124,6 +170,56 @@ def test_a_diffusers_folder_is_described_as_loading_it_does(layout, request, tin
     assert modelinfo.describe(folder) == info
 
 
+def test_a_saved_sdxl_folder_is_described_as_loading_it_does(sdxl_folder, tmp_path):
+    folder = str(sdxl_folder)
+    info = modelinfo.describe(folder)
+    assert described_facts(info) == loaded_facts(folder)
+    assert info.fingerprint == modelinfo.describe("tiny-sdxl").fingerprint  # the same weights, saved and loaded
+    assert (info.family, info.pipeline, info.encoders) == ("sdxl", "StableDiffusionXLPipeline",
+                                                            ("text_encoder", "text_encoder_2"))
+    assert_same_targets(folder)
+    assert modelinfo.describe(folder) == info
+
+    # The cache is keyed by the files of every text encoder: new weights in the second one are fingerprinted.
+    copy = tmp_path / "sdxl"
+    shutil.copytree(sdxl_folder, copy)
+    assert modelinfo.describe(str(copy)).fingerprint == info.fingerprint
+    second = CLIPTextModelWithProjection.from_pretrained(copy / "text_encoder_2")
+    with torch.no_grad():
+        second.get_input_embeddings().weight[0, 0] += 1.0
+    second.save_pretrained(copy / "text_encoder_2")
+    changed = modelinfo.describe(str(copy)).fingerprint
+    assert changed != info.fingerprint and changed == loaded_facts(str(copy))["fingerprint"]
+
+    # Without model_index.json, text_encoder_2/ alone makes it SDXL, as for the loader.
+    (copy / "model_index.json").unlink()
+    assert modelinfo.describe(str(copy)).family == "sdxl" and modelinfo.describe(str(copy)).pipeline is None
+
+
+def test_a_pipeline_that_is_no_stable_diffusion_family_is_refused_by_name(pipeline_folder, tmp_path):
+    folder = tmp_path / "kandinsky"
+    shutil.copytree(pipeline_folder, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
+    with pytest.raises(UnknownFamilyError) as fast:
+        modelinfo.describe(str(folder))
+    message = str(fast.value)
+    assert f"base model {str(folder)!r}: model_index.json names the pipeline 'KandinskyPipeline'" in message
+    assert "StableDiffusionPipeline, StableDiffusionXLPipeline: Stable Diffusion 1.x, 2.x and XL" in message
+    assert isinstance(fast.value, ValueError)  # the command line shows it as an input error (status 1)
+    with pytest.raises(UnknownFamilyError) as slow:
+        load_base_model(str(folder), components=("text_encoder",))
+    assert str(slow.value) == message
+    # Named before anything else is looked for: a folder of such a pipeline lacks SD's parts.
+    shutil.rmtree(folder / "text_encoder")
+    with pytest.raises(UnknownFamilyError, match="KandinskyPipeline"):
+        modelinfo.describe(str(folder))
+
+
+def test_the_cache_key_covers_the_code_that_decides_the_fingerprint():
+    assert {"models.py", "sd_v1.py", "builtin_families.py"} <= set(modelinfo.KEY_SOURCES)
+
+
 def test_a_hub_id_in_the_local_cache_is_described_offline(hub_cache, tiny):
     info = modelinfo.describe(HUB_ID)
     assert described_facts(info) == loaded_facts(HUB_ID)
@@ -134,7 +230,8 @@ def test_a_hub_id_in_the_local_cache_is_described_offline(hub_cache, tiny):
 
 def test_a_cache_hit_imports_neither_torch_nor_diffusers_nor_transformers(hub_cache, pipeline_folder, cache,
                                                                            tmp_path):
-    expected = {name: described_facts(modelinfo.describe(name)) for name in ("tiny", str(pipeline_folder), HUB_ID)}
+    expected = {name: described_facts(modelinfo.describe(name))
+                for name in ("tiny", "tiny-sdxl", str(pipeline_folder), HUB_ID)}
     target = modelinfo.training_target_for("tiny", 128, precision="bf16")
     script = textwrap.dedent("""
         import json, sys
@@ -144,7 +241,9 @@ def test_a_cache_hit_imports_neither_torch_nor_diffusers_nor_transformers(hub_ca
         for name in names:
             info = modelinfo.describe(name)
             facts[name] = {"resolution": info.resolution, "text_layers": info.text_layers,
-                           "text_width": info.text_width, "fingerprint": info.fingerprint}
+                           "text_width": info.text_width, "fingerprint": info.fingerprint, "family": info.family,
+                           "encoders": info.encoders, "encoder_depths": info.encoder_depths,
+                           "encoder_widths": info.encoder_widths}
         target = modelinfo.training_target_for("tiny", 128, precision="bf16")
         try:
             modelinfo.describe(sys.argv[2])
@@ -161,7 +260,7 @@ def test_a_cache_hit_imports_neither_torch_nor_diffusers_nor_transformers(hub_ca
                           capture_output=True, text=True, env=env, check=True)
     seen = json.loads(done.stdout)
     assert seen["heavy"] == []
-    assert seen["facts"] == expected
+    assert seen["facts"] == json.loads(json.dumps(expected))  # tuples come back as lists
     assert seen["target"] == [target.base_fingerprint, 128, list(target.layers), 1, "bf16"]
     assert "does not exist" in seen["missing"]  # failing is as cheap as succeeding
 
