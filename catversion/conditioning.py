@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .encoder import ResidualTextEncoder, _per_row
+from .recipe import layers_key
 from .residual import Residual, ResidualBlock
 
 TIME_IDS = 6  # SDXL: original (h, w), crop top-left (y, x), target (h, w)
@@ -64,27 +65,6 @@ def added_width(unet) -> int:
     return int(config.projection_class_embeddings_input_dim) - TIME_IDS * int(config.addition_time_embed_dim) + TIME_IDS
 
 
-def normalise_layers(layers: Sequence | None, encoders: int) -> tuple[tuple[int, ...], ...] | None:
-    """``layers`` as one tuple per encoder: None stays None (the family's default); a flat sequence of ints
-    is the one encoder's (refused for a family with several)."""
-    if layers is None:
-        return None
-    layers = list(layers)
-    if layers and all(isinstance(i, int) for i in layers):
-        if encoders != 1:
-            raise ValueError(f"this base model has {encoders} text encoders: give layers for each, e.g. "
-                             "'8,9,10;28,29,30' (--layers) or [[8, 9, 10], [28, 29, 30]]")
-        return (tuple(layers),)
-    return tuple(tuple(int(i) for i in part) for part in layers)
-
-
-def layers_key(layer_sets: Sequence[Sequence[int]]) -> tuple:
-    """What the training fingerprint records: the one encoder's layers as a flat tuple (as before families
-    existed, so SD 1.x fingerprints are unchanged), a tuple per encoder for several."""
-    sets = tuple(tuple(s) for s in layer_sets)
-    return sets[0] if len(sets) == 1 else sets
-
-
 class Conditioner:
     """Patched text encoders of ``base`` (a models.BaseModel with its tokenizers and text encoders).
 
@@ -100,8 +80,7 @@ class Conditioner:
         if missing:
             raise ValueError(f"base model {base.model_id!r} was loaded without its {', '.join(missing)}")
         depths = [encoders[spec.name].config.num_hidden_layers for spec in family.encoders]
-        chosen = normalise_layers(layers, len(family.encoders))
-        sets = family.default_layers(depths) if chosen is None else family.check_layers(chosen, depths)
+        sets = family.resolve_layers(layers, depths)
         self.base = base
         self.family = family
         self.parts = [ResidualTextEncoder(encoders[spec.name], layers=ls, tokens=tokens, hidden_state=spec.hidden_state,

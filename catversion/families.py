@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .recipe import layer_sets
+
 
 @dataclass(frozen=True)
 class TextEncoderSpec:
@@ -66,6 +68,13 @@ class Family:
             stop = spec.output_layers(depth)
             layers.append(tuple(range(max(0, stop - 3), stop)))
         return tuple(layers)
+
+    def resolve_layers(self, layers: Sequence | None, depths: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+        """The patched layers per encoder, as training and generation use them: None is the default, else
+        ``layers`` (one sequence per encoder, or a flat one for a one-encoder family) checked; the one place
+        that decides it (Conditioner, training.training_target and modelinfo.ModelInfo.layer_sets ask here)."""
+        chosen = layer_sets(layers, len(self.encoders))
+        return self.default_layers(depths) if chosen is None else self.check_layers(chosen, depths)
 
     def check_layers(self, layers: Sequence[Sequence[int]], depths: Sequence[int]) -> tuple[tuple[int, ...], ...]:
         """``layers`` (one sequence per encoder) checked against the encoders: each a non-empty set of

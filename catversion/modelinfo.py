@@ -27,7 +27,7 @@ from . import storage
 from .families import FAMILIES, RECOGNISED_PIPELINES, UnknownFamilyError, family_named, recognise  # noqa: F401
 from .limits import BUILTIN_MODELS, DEFAULT_MODEL
 from .modelsource import FOLDER_LAYOUT, ModelNotAvailableError, component_error, how_to_get, local_folder
-from .recipe import TrainingTarget, format_layers, layer_sets, layers_key
+from .recipe import TrainingTarget, format_layers, layers_key
 
 CACHE_ENV = "CATVERSION_CACHE_DIR"
 CACHE_FORMAT = 2  # bump when the entry layout or the key's meaning changes (2: families, every text encoder)
@@ -63,11 +63,7 @@ class ModelInfo:
         """The patched layers per text encoder, as training uses them: ``layers`` (one sequence per encoder, or
         for a one-encoder model a flat one) checked against the encoders, or the family's default for None.
         ValueError, naming the valid range, when they do not fit."""
-        family = family_named(self.family)
-        chosen = layer_sets(layers, len(family.encoders))
-        if chosen is None:
-            return family.default_layers(self.encoder_depths)
-        return family.check_layers(chosen, self.encoder_depths)
+        return family_named(self.family).resolve_layers(layers, self.encoder_depths)
 
     def layers_help(self) -> str:
         """What layers fit, for messages: "text_encoder 0..4 (default '2,3,4')"."""

@@ -131,7 +131,7 @@ def patched_layers(depth: int, layers: Sequence[int] | None = None) -> tuple[int
 
 
 def layer_sets(layers: Sequence | None, encoders: int) -> tuple[tuple[int, ...], ...] | None:
-    """``layers`` as one tuple per text encoder (as `conditioning.normalise_layers`, which needs torch): None
+    """``layers`` as one tuple per text encoder (Family.resolve_layers then checks them or gives the default): None
     stays None (the family's default); a flat sequence of ints is the one encoder's (refused for several)."""
     if layers is None:
         return None
@@ -145,7 +145,7 @@ def layer_sets(layers: Sequence | None, encoders: int) -> tuple[tuple[int, ...],
 
 
 def layers_key(sets: Sequence[Sequence[int]]) -> tuple:
-    """What a training fingerprint records of the patched layers (as `conditioning.layers_key`): the one
+    """What a training fingerprint records of the patched layers (TrainingTarget.layers): the one
     encoder's layers as a flat tuple (so SD 1.x fingerprints are what they were), a tuple per encoder for several."""
     sets = tuple(tuple(s) for s in sets)
     return sets[0] if len(sets) == 1 else sets

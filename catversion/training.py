@@ -50,7 +50,7 @@ from diffusers import DDPMScheduler
 from torch.optim.adamw import adamw as adamw_step  # the functional form of torch.optim.AdamW
 
 from . import __version__
-from .conditioning import Conditioner, added_cond_kwargs, added_width, layers_key, normalise_layers
+from .conditioning import Conditioner, added_cond_kwargs, added_width
 from .images import ImageError, decode_image, read_source, to_tensor
 from .models import BaseModel
 from .recipe import (  # noqa: F401  (the recipe's names are part of this module's API too)
@@ -59,6 +59,7 @@ from .recipe import (  # noqa: F401  (the recipe's names are part of this module
     TrainConfig,
     TrainingTarget,
     image_digest,
+    layers_key,
     training_fingerprint,
 )
 from .residual import Residual
@@ -118,8 +119,7 @@ def training_target(base: BaseModel, resolution: int | None = None, layers: Sequ
     """
     family = base.family
     depths = [base.text_encoders[spec.name].config.num_hidden_layers for spec in family.encoders]
-    chosen = normalise_layers(layers, len(depths))
-    sets = family.default_layers(depths) if chosen is None else family.check_layers(chosen, depths)
+    sets = family.resolve_layers(layers, depths)
     return TrainingTarget(base.fingerprint, resolution or base.resolution, layers_key(sets), int(tokens),
                           precision or base.precision)
 
