@@ -111,8 +111,8 @@ SDXL = Family(
 )
 FAMILIES = {family.name: family for family in (SD1, SD2, SDXL)}
 
-# SD 2.x's text encoder is OpenCLIP ViT-H (1024 wide), SD 1.x's CLIP ViT-L (768 wide); both pipelines are
-# StableDiffusionPipeline, so the text encoder's width tells them apart.
+# SD 2.x's text encoder is OpenCLIP ViT-H (1024 wide, gelu), SD 1.x's CLIP ViT-L (768 wide, quick_gelu); both
+# pipelines are StableDiffusionPipeline, so the text encoder's config tells them apart.
 SD2_TEXT_WIDTH = 1024
 RECOGNISED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
@@ -122,13 +122,13 @@ class UnknownFamilyError(ValueError):
 
 
 def recognise(pipeline: str | None, text_width: int, components: Mapping[str, object] | None = None,
-              name: str = "the base model") -> Family:
+              name: str = "the base model", text_act: str | None = None) -> Family:
     """The family of a diffusers folder from model_index.json's ``_class_name`` (``pipeline``; None when the
-    folder has none, as a folder of only the components may), the first text encoder's width, and the
-    component names model_index.json lists."""
+    folder has none, as a folder of only the components may), the first text encoder's width and activation
+    (OpenCLIP's gelu: SD 2.x, CLIP's quick_gelu: SD 1.x), and the component names model_index.json lists."""
     components = components or {}
     if pipeline in (None, "StableDiffusionPipeline") and "text_encoder_2" not in components:
-        return SD2 if text_width == SD2_TEXT_WIDTH else SD1
+        return SD2 if text_width == SD2_TEXT_WIDTH or text_act == "gelu" else SD1
     if pipeline in ("StableDiffusionXLPipeline", None) and "text_encoder_2" in components:
         return SDXL
     raise UnknownFamilyError(

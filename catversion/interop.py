@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .conditioning import Conditioner, Conditioning
-from .families import SD1, SD2, SD2_TEXT_WIDTH, SDXL
+from .families import SDXL, recognise
 from .models import BaseModel, text_encoders_fingerprint
 from .residual import IncompatibleResidualError, Residual
 
@@ -36,7 +36,8 @@ def base_of_pipeline(pipeline: Any) -> BaseModel:
     if second is not None:
         family = SDXL
     else:
-        family = SD2 if text_encoder.config.hidden_size == SD2_TEXT_WIDTH else SD1
+        family = recognise("StableDiffusionPipeline", text_encoder.config.hidden_size,
+                           text_act=text_encoder.config.hidden_act)
     encoders = {"text_encoder": text_encoder, **({"text_encoder_2": second} if second is not None else {})}
     key = text_encoder
     if key not in _FINGERPRINTS:

@@ -186,7 +186,8 @@ def _read_configs(name: str, folder: str, kind: str) -> dict:
     components = dict(index)
     if not index and os.path.isdir(os.path.join(folder, "text_encoder_2")):
         components["text_encoder_2"] = True
-    family = recognise(index.get("_class_name"), first[1], components, f"base model {name!r}")
+    act = (text.get("text_config", text) if text.get("model_type") == "clip" else text).get("hidden_act")
+    family = recognise(index.get("_class_name"), first[1], components, f"base model {name!r}", text_act=act)
     sizes = [first]
     for spec in family.encoders[1:]:
         if kind == "folder":  # the loader's check of a local folder, with its message

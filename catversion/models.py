@@ -234,7 +234,8 @@ def family_of(name: str, source: str, index: dict) -> Family:
     components = dict(index)
     if not index and os.path.isdir(os.path.join(source, "text_encoder_2")):
         components["text_encoder_2"] = True
-    return recognise(index.get("_class_name"), int(text.hidden_size), components, f"base model {name!r}")
+    return recognise(index.get("_class_name"), int(text.hidden_size), components, f"base model {name!r}",
+                     text_act=text.hidden_act)
 
 
 def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype,

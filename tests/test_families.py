@@ -219,3 +219,23 @@ def test_a_residual_file_written_before_families_loads_and_generates_the_same_im
                                                                       seed=7)], steps=10)[0]
     expected = np.asarray(Image.open(DATA / "sd1-residual-v1-seed7-steps10.png").convert("RGB"), dtype=np.int16)
     assert np.abs(np.asarray(image, dtype=np.int16) - expected).max() <= 1
+
+
+def test_a_saved_folder_is_recognised_as_its_family_by_the_loader_and_the_planner(bases, tmp_path):
+    """model_index.json and the configs decide (SD 2.x and 1.x share StableDiffusionPipeline: the text encoder's
+    OpenCLIP config tells them apart), whether the model is loaded or only described."""
+    from catversion.modelinfo import describe
+
+    for name in ("tiny-sd2", "tiny-sdxl"):
+        folder = tmp_path / name
+        pipeline(bases[name]).save_pretrained(folder)
+        loaded = load_base_model(str(folder), components=("tokenizer", "text_encoder"))
+        assert loaded.family.name == describe(str(folder)).family == bases[name].family.name
+        assert loaded.fingerprint == bases[name].fingerprint
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    for part in ("text_encoder", "unet", "vae", "scheduler", "tokenizer"):
+        (tmp_path / "other" / part).mkdir()
+    (tmp_path / "other" / "text_encoder" / "config.json").write_text('{"hidden_size": 32, "num_hidden_layers": 5}')
+    with pytest.raises(ValueError, match="KandinskyPipeline.*not a Stable Diffusion family"):
+        load_base_model(str(tmp_path / "other"))
