@@ -4,6 +4,11 @@ Run on a GPU (SD v1.5's shapes with random weights, nothing to download; sized f
 
     PYTHONPATH=. python benchmarks/gpu_suite.py --json gpu_suite.json
     PYTHONPATH=. python benchmarks/gpu_suite.py --no-compile          # a quicker pass, eager only
+    PYTHONPATH=. python benchmarks/gpu_suite.py --model sdxl-random   # or sd2-random: the same phases and table
+
+Every model runs at its native size (sd2-random: 768 px, v-prediction; sdxl-random: 1024 px, two text
+encoders, pooled embeds and time ids). The targets are SD1.5's: other families' ratios are shown beside
+them, marked n/a (benchmarks/README.md, "GPU suite").
 
 It imports only the library (torch, transformers, diffusers, safetensors, PIL, numpy): no Ray,
 boto3 or moto, so it runs on a bare GPU machine. If that machine has no diffusers, bring its wheel
@@ -47,6 +52,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from catversion.generation import GenerationRequest, ImageGenerator
+from catversion.limits import BUILTIN_MODELS
 from catversion.models import BaseModel, load_base_model
 from catversion.residual import Residual
 from catversion.stepbatch import Job, StepBatcher
@@ -63,13 +69,16 @@ TARGETS = {  # the issue's targets for sd15-random at 512 px on one H100/H200
     "alone_p50_s": 0.5, "concurrent_vs_ceiling": 0.90, "concurrent_vs_one_by_one": 3.5,
     "concurrent_vs_reference": 10.0, "cold_load_p50_ms": 50.0,
 }
+TARGETS_FAMILY = "sd1"  # the targets judge SD 1.x models only; other families' rows show them for reference
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if cuda else "cpu")
-    parser.add_argument("--model", default="sd15-random", help="sd15-random (default), tiny, or a diffusers folder")
+    parser.add_argument("--model", default="sd15-random",
+                        help=f"a built-in ({', '.join(BUILTIN_MODELS)}; default sd15-random) or a diffusers folder; "
+                             "each runs at its native size (sd2-random 768 px, sdxl-random 1024 px)")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (the test suite's mode)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile: eager phases only")
     parser.add_argument("--pack", type=int, help="concepts per training pack (default: the trainer's choice)")
@@ -122,7 +131,7 @@ def train_steady(trainer: ResidualTrainer, concepts: list[Concept]) -> dict:
     (t0, s0), (t1, s1) = marks[0], marks[-1]
     rows = (s1 - s0) * BATCH
     return {"images_per_s": rows / (t1 - t0), "seconds": t1 - t0, "batch": len(concepts) * BATCH,
-            "residuals": {r.concept_id: r.residual.tensor for r in results}}
+            "residuals": {r.concept_id: torch.cat([b.tensor.flatten() for b in r.residual.blocks]) for r in results}}
 
 
 def compiled_graphs() -> int:
@@ -186,10 +195,11 @@ def run_training(args, reference_base: BaseModel, base: BaseModel, clock: Clock)
 
 # ---- sampling ----------------------------------------------------------------------------------
 def random_residuals(base: BaseModel, generator: ImageGenerator, n: int) -> list[Residual]:
+    """``n`` residuals of the base model's shape: one block per text encoder (SDXL: two)."""
     g = torch.Generator().manual_seed(1)
     shape = generator.encoder.residual_shape
     meta = {"base_model": base.model_id, "base_fingerprint": base.fingerprint, "class_word": "teapot"}
-    return [Residual(torch.randn(shape, generator=g) * 0.5, generator.encoder.layers, 1.0, {**meta, "concept_id": f"c{i}"})
+    return [generator.encoder.residual(torch.randn(shape, generator=g) * 0.5, 1.0, {**meta, "concept_id": f"c{i}"})
             for i in range(n)]
 
 
@@ -286,12 +296,15 @@ def sampling_ceiling(generator: ImageGenerator, batch: int, steps: int) -> float
     side = base.resolution // base.vae_scale_factor
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2 * batch, unet.config.in_channels, side, side, generator=g).to(base.device)
-    embeddings = torch.randn(2 * batch, 77, unet.config.cross_attention_dim, generator=g).to(base.device)
+    embeddings = torch.randn(2 * batch, base.tokenizer.model_max_length, unet.config.cross_attention_dim,
+                             generator=g).to(base.device)
     timesteps = torch.full((2 * batch,), 500, dtype=torch.long, device=base.device)
+    width = generator.unet_runner.added_width  # SDXL: zero pooled embeds + time ids rows; 0: none
+    added = torch.zeros((2 * batch, width), device=base.device) if width else None
 
     def images() -> None:
         for _ in range(steps):
-            eps = generator.unet_runner(latents, timesteps, embeddings)
+            eps = generator.unet_runner(latents, timesteps, embeddings, added)
         with torch.no_grad():
             base.vae.decode((eps[:batch] / base.vae_scaling_factor).to(base.vae.dtype)).sample.float().cpu()
 
@@ -318,7 +331,8 @@ def run_cold_load(args, base: BaseModel, clock: Clock) -> dict:
             started = time.perf_counter()
             residual = Residual.load(storage.read_bytes(uri), name=uri)
             generator.check_request(GenerationRequest("a teapot", residual))
-            residual.tensor.to(base.device)
+            for block in residual.blocks:  # SDXL: two
+                block.tensor.to(base.device)
             sync(base.device)
             times.append(time.perf_counter() - started)
         for uri in uris:
@@ -331,6 +345,18 @@ def run_cold_load(args, base: BaseModel, clock: Clock) -> dict:
 
 
 # ---- report ------------------------------------------------------------------------------------
+def judge(ratios: dict, config: dict, family: str) -> dict:
+    """Each ratio's verdict against TARGETS: "ok" or "MISS" for an SD 1.x model in a full GPU run, else "n/a"
+    (the targets are SD1.5's at 512 px on one H100/H200: a CPU or quick run, or another family, is not judged)."""
+    judged = config["device"] == "cuda" and not config["quick"] and family == TARGETS_FAMILY
+    verdicts = {}
+    for key, value in ratios.items():
+        target = TARGETS[key]
+        met = value <= target if key.endswith(("_s", "_ms")) else value >= target
+        verdicts[key] = ("ok" if met else "MISS") if judged else "n/a"
+    return verdicts
+
+
 def report(results: dict) -> None:
     env, train, sample = results["environment"], results["training"], results["sampling"]
     print(f"\n{env['device_name']} · torch {env['torch']} · model {env['model']} at {env['resolution']} px · "
@@ -354,14 +380,16 @@ def report(results: dict) -> None:
     print(f"  warm-up {sample['warm_up_s']:.1f} s, compiles after it: {sample['compiles_after_warm_up']}; batched vs "
           f"alone image difference {sample['max_abs_difference_batched_vs_alone']:.2e}")
     print(f"\nresidual cold load p50 {results['cold_load']['p50_ms']:.1f} ms ({results['cold_load']['from']})")
-    gpu = results["config"]["device"] == "cuda" and not results["config"]["quick"]
+    targets = results["targets"]
     print(f"\n{'ratio':<28}{'value':>10}{'target':>10}{'':>4}")
     for key, value in results["ratios"].items():
-        target = TARGETS[key]
+        target = targets["values"][key]
         lower_is_better = key.endswith(("_s", "_ms"))
-        met = value <= target if lower_is_better else value >= target
-        verdict = ("ok" if met else "MISS") if gpu else "n/a"
-        print(f"  {key:<26}{value:10.2f}{('<= ' if lower_is_better else '>= ') + f'{target:g}':>10}  {verdict}")
+        print(f"  {key:<26}{value:10.2f}{('<= ' if lower_is_better else '>= ') + f'{target:g}':>10}  "
+              f"{targets['verdicts'][key]}")
+    if env["family"] != TARGETS_FAMILY:
+        print(f"  n/a (SD1.5 targets): the targets are {targets['for']}; for {env['model']} ({env['family']}, "
+              f"{env['resolution']} px) they are shown for reference, not judged")
     print(f"\ntotal {results['seconds']:.0f} s")
 
 
@@ -385,13 +413,16 @@ def main(argv: list[str] | None = None) -> dict:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU ({torch.get_num_threads()} threads)",
             "torch": torch.__version__, "python": platform.python_version(), "model": args.model,
-            "resolution": base.resolution, "precision": base.precision,
+            "resolution": base.resolution, "precision": base.precision, "family": base.family.name,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         },
         "training": training, "sampling": sampling, "cold_load": cold,
         "ratios": {**training["ratios"], **sampling["ratios"], "cold_load_p50_ms": cold["p50_ms"]},
         "seconds": time.perf_counter() - clock.start,
     }
+    # The targets are SD1.5's (sd15-random at 512 px): judged for SD 1.x models only, "n/a" for the others.
+    results["targets"] = {"for": "SD1.5's (sd15-random at 512 px, one H100/H200)", "values": TARGETS,
+                          "verdicts": judge(results["ratios"], results["config"], base.family.name)}
     report(results)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from catversion.encoder import ResidualTextEncoder
+from catversion.conditioning import Conditioner, added_cond_kwargs, added_width, time_ids
 from catversion.images import decode_image, to_tensor
+from catversion.limits import BUILTIN_MODELS
 from catversion.models import BaseModel, load_base_model
 from catversion.samples import SAMPLE_CONCEPTS, concept_jpegs
 from catversion.training import Concept, ResidualTrainer, TrainConfig
@@ -52,7 +53,7 @@ WARMUP_STEPS = 3
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tiny", "sd15-random"), default="tiny")
+    parser.add_argument("--model", choices=BUILTIN_MODELS, default="tiny")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--concepts", type=int, default=8, help="concepts trained by each of baseline and ours")
     parser.add_argument("--pack", type=int, default=8, help="concepts per UNet batch for ours")
@@ -120,14 +121,23 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 
 # ---- baseline: the reference recipe, one concept at a time, nothing cached ---------------------
-def baseline_train_concept(base: BaseModel, encoder: ResidualTextEncoder, scheduler: DDPMScheduler,
+def baseline_train_concept(base: BaseModel, encoder: Conditioner, scheduler: DDPMScheduler,
                            concept: Concept, steps: int, seed: int) -> float:
-    """Train one residual the way the reference loop does; returns the last step's loss."""
+    """Train one residual the way the reference loop does; returns the last step's loss.
+
+    Any family: ``encoder`` (a Conditioner of ``base``) runs every text encoder the UNet reads, whole, every
+    step; SDXL's UNet also gets the pooled embeds and the time ids (each photo's original size, no crop, the
+    native size as target, as ResidualTrainer and diffusers' SDXL training scripts compute them); a
+    v-prediction model's target is the velocity, as ResidualTrainer's."""
     device = base.device
     torch.manual_seed(seed)
     # Decoded once and kept as CPU tensors: kinder to the baseline than the reference's per-step file reads.
-    pixels = torch.stack([to_tensor(decode_image(data), base.resolution) for data in concept.images])
-    ids = base.tokenize([concept.prompt] * BATCH_PER_CONCEPT)
+    images = [decode_image(data) for data in concept.images]
+    pixels = torch.stack([to_tensor(image, base.resolution) for image in images])
+    target_size = (base.resolution, base.resolution)
+    times = torch.stack([time_ids(target_size, original=(image.height, image.width)) for image in images])
+    ids = encoder.tokenize([concept.prompt] * BATCH_PER_CONCEPT)
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
     residual = torch.nn.Parameter(torch.randn(encoder.residual_shape, device=device))  # N(0, 1) init
     optimizer = torch.optim.AdamW([residual], lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     loss = torch.zeros(())
@@ -141,9 +151,11 @@ def baseline_train_concept(base: BaseModel, encoder: ResidualTextEncoder, schedu
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (BATCH_PER_CONCEPT,), device=device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        cond = encoder(ids, [residual] * BATCH_PER_CONCEPT)  # the whole text encoder, every step
-        pred = base.unet(noisy, timesteps, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
+        conditioning = encoder.encode(ids, [residual] * BATCH_PER_CONCEPT)  # the whole text encoder(s), every step
+        added = conditioning.added(times[index].to(device))  # None but for SDXL
+        pred = base.unet(noisy, timesteps, encoder_hidden_states=conditioning.embeds, **added_cond_kwargs(added)).sample
+        target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+        loss = F.mse_loss(pred, target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -151,7 +163,7 @@ def baseline_train_concept(base: BaseModel, encoder: ResidualTextEncoder, schedu
 
 
 def run_baseline(base: BaseModel, concepts: list[Concept], steps: int, seed: int) -> dict:
-    encoder = ResidualTextEncoder(base.text_encoder)
+    encoder = Conditioner(base)
     scheduler = DDPMScheduler.from_config(base.scheduler_config)
     baseline_train_concept(base, encoder, scheduler, concepts[0], WARMUP_STEPS, seed)
     start_phase(base.device)
@@ -200,13 +212,20 @@ def run_ceiling(base: BaseModel, batch: int, steps: int, seed: int, unet=None) -
     noise = torch.randn(shape, generator=generator, device=device)
     cond = torch.randn((batch, base.tokenizer.model_max_length, base.unet.config.cross_attention_dim),
                        generator=generator, device=device, dtype=base.unet.dtype, requires_grad=True)
+    # SDXL: zero added rows (pooled embeds + time ids), requiring grad as ours do (the pooled embeds come from
+    # the residual), so a compiled trainer's graph fits them; other families take none.
+    width = added_width(base.unet)
+    added = (torch.zeros((batch, width), device=device, dtype=base.unet.dtype, requires_grad=True) if width
+             else None)
 
     def step() -> None:
         timesteps = torch.randint(0, train_timesteps, (batch,), generator=generator, device=device)
-        pred = unet(noisy, timesteps, encoder_hidden_states=cond).sample
+        pred = unet(noisy, timesteps, encoder_hidden_states=cond, **added_cond_kwargs(added)).sample
         # The same loss shape as ours, so backward starts from the same place.
         (pred.float() - noise).square().mean().backward()
         cond.grad = None
+        if added is not None:
+            added.grad = None
 
     for _ in range(WARMUP_STEPS):
         step()

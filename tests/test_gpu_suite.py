@@ -52,3 +52,30 @@ def test_quick_mode_runs_every_phase_with_compile(tmp_path):
     for phase in ("reference", "eager", "compiled", "ceiling", "one by one", "alone", "concurrent", "cold load"):
         assert phase in table, phase
     assert "n/a" in table and "MISS" not in table
+
+
+def test_quick_mode_runs_sdxl_eager(tmp_path):
+    """SDXL's paths (two text encoders, pooled embeds and time ids as added rows, two-block residuals) through
+    every phase: the reference loop, the eager trainer, the ceilings and sampling; eager only, to stay cheap
+    (the compiled paths are the family-independent ones the SD 1.x run above takes)."""
+    out = tmp_path / "suite.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--device", "cpu", "--model", "tiny-sdxl",
+                          "--quick", "--no-compile", "--pack", "2", "--json", str(out)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads(out.read_text())
+    training, sampling = results["training"], results["sampling"]
+    assert set(training) >= {"reference", "eager", "ceiling"} and "compiled" not in training
+    assert training["eager"]["pack"] == 2 and training["ceiling"]["batch"] == 4
+    assert sampling["max_abs_difference_batched_vs_alone"] < 1e-3 and results["cold_load"]["loads"] == 8
+    assert results["environment"]["family"] == "sdxl" and results["environment"]["resolution"] == 64
+    for key, value in results["ratios"].items():
+        assert math.isfinite(value) and value > 0, key
+    assert set(results["targets"]["verdicts"].values()) == {"n/a"}
+    table = run.stdout
+    for phase in ("reference", "eager", "ceiling", "one by one", "alone", "concurrent", "cold load"):
+        assert phase in table, phase
+    assert "model tiny-sdxl at 64 px" in table
+    # The targets are SD1.5's: shown beside SDXL's ratios, never judged.
+    assert "n/a (SD1.5 targets)" in table and "MISS" not in table and " ok" not in table
