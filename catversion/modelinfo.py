@@ -26,7 +26,8 @@ from pathlib import Path
 from . import storage
 from .families import FAMILIES, RECOGNISED_PIPELINES, UnknownFamilyError, family_named, recognise  # noqa: F401
 from .limits import BUILTIN_MODELS, DEFAULT_MODEL
-from .modelsource import FOLDER_LAYOUT, ModelNotAvailableError, component_error, how_to_get, local_folder
+from .modelsource import (FOLDER_LAYOUT, ModelNotAvailableError, component_error, how_to_get, local_folder,
+                          model_index)
 from .recipe import TrainingTarget, format_layers, layers_key
 
 CACHE_ENV = "CATVERSION_CACHE_DIR"
@@ -90,7 +91,7 @@ def describe(name: str) -> ModelInfo:
         return cached if cached is not None else _computed(name, "builtin", key)
     source = os.path.expanduser(name)
     if os.path.isdir(source):  # a pipeline that is no Stable Diffusion family is named before any missing part
-        _refuse_unknown_pipeline(name, _model_index(name, source))
+        _refuse_unknown_pipeline(name, model_index(name, source))
     kind, folder = "folder", local_folder(name, ("text_encoder", "unet", "vae"))
     if folder is None:
         kind, folder = "hub", _hub_snapshot(name)
@@ -136,20 +137,6 @@ def _hub_snapshot(name: str) -> str | None:
     return snapshot
 
 
-def _model_index(name: str, folder: str) -> dict:
-    """model_index.json as `models.read_model_index` reads it: {} when absent (a folder of only the
-    components) or not an object; an unreadable one fails as it does there."""
-    path = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as handle:
-            index = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise component_error(name, "model_index.json", error) from None
-    return index if isinstance(index, dict) else {}
-
-
 def _refuse_unknown_pipeline(name: str, index: dict) -> None:
     """UnknownFamilyError (naming the model and the supported families) for a pipeline that is none of them."""
     pipeline = index.get("_class_name")
@@ -172,7 +159,7 @@ def _read_configs(name: str, folder: str, kind: str) -> dict:
         text = text.get("text_config", text) if text.get("model_type") == "clip" else text
         return int(text["num_hidden_layers"]), int(text["hidden_size"])
 
-    index = _model_index(name, folder)
+    index = model_index(name, folder)
     _refuse_unknown_pipeline(name, index)
     unet, vae, text = config("unet"), config("vae"), config("text_encoder")
     config("scheduler", "scheduler_config.json")  # the loader reads it; a broken one fails here as there

@@ -19,7 +19,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from . import builtin_families, sd_v1
 from .families import SD1, Family, recognise
 from .limits import BUILTIN_MODELS, DEFAULT_MODEL, PRECISION_CHOICES, PRECISIONS  # noqa: F401  (re-exported)
-from .modelsource import ModelNotAvailableError, component_error, how_to_get, local_folder
+from .modelsource import ModelNotAvailableError, component_error, how_to_get, local_folder, model_index
 from .sd_v1 import MAX_LENGTH, MIN_TOKENIZER_VOCAB, SD_VAE_SCALING_FACTOR, tiny_tokenizer
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae")  # "tokenizer"/"text_encoder": every one the family has
@@ -205,25 +205,17 @@ def _load_component(name: str, component: str, load):
 def read_model_index(name: str, source: str) -> dict:
     """model_index.json of a diffusers folder or hub id ({} when it has none: a folder of only the components)."""
     if os.path.isdir(source):
-        path = os.path.join(source, "model_index.json")
-        if not os.path.isfile(path):
-            return {}
-    else:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        return model_index(name, source)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
-        try:
-            path = hf_hub_download(source, "model_index.json")
-        except EntryNotFoundError:
-            return {}
-        except (OSError, HfHubHTTPError, HFValidationError) as error:
-            raise component_error(name, "model_index.json", error) from error
     try:
-        with open(path, encoding="utf-8") as handle:
-            index = json.load(handle)
-    except (OSError, ValueError) as error:
+        path = hf_hub_download(source, "model_index.json")
+    except EntryNotFoundError:
+        return {}
+    except (OSError, HfHubHTTPError, HFValidationError) as error:
         raise component_error(name, "model_index.json", error) from error
-    return index if isinstance(index, dict) else {}
+    return model_index(name, os.path.dirname(path))
 
 
 def family_of(name: str, source: str, index: dict) -> Family:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
@@ -63,3 +64,17 @@ def local_folder(name: str, components: Sequence[str]) -> str | None:
                 f"`hf download {DEFAULT_MODEL} --local-dir {name} --include model_index.json "
                 f"--include '{component}/*'`")
     return source
+
+
+def model_index(name: str, folder: str) -> dict:
+    """A local diffusers folder's model_index.json: {} when absent (a folder of only the components) or not a
+    JSON object; an unreadable or malformed one is a component error. The loader and the planner read it here."""
+    path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise component_error(name, "model_index.json", error) from None
+    return index if isinstance(index, dict) else {}
