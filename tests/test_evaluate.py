@@ -344,6 +344,7 @@ def test_an_sdxl_residual_of_its_own_layers_is_evaluated_on_its_recorded_base_mo
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["model"] == "tiny-sdxl" and summary["concepts"]["red-teapot"]["status"] == "ok"
     assert len(pq.read_table(out / "scores.parquet")) == 2  # 2 prompts x 1 image
+    read_report(out)  # the report is written, with its figures
     # On another family's model it fails that concept alone, naming the encoders.
     code = main(["evaluate", "--residuals", str(run), "--manifest", str(inputs / "manifest.parquet"),
                  "--prompts", str(inputs / "prompts.txt"), "--out", str(tmp_path / "wrong"), "--model", "tiny",

@@ -62,6 +62,9 @@ def random_residual(conditioner, seed=0, bias=1.0):
 
 @pytest.mark.parametrize("name", TINY)
 def test_the_base_conditioning_is_exactly_diffusers_encode_prompt(bases, name):
+    """With no residual (or one switched off, residual_scale 0: see the next test) the patched encoders are the
+    base model's. An all-zero residual *tensor* is not: its zero keys still take a share of every query's
+    attention (softmax over [q.0 + bias; q.K]) and its zero values dilute the output, as in the method."""
     base = bases[name]
     embeds, negative, pooled, negative_pooled = encode_prompt(base, PROMPTS)
     generator = ImageGenerator(base)
