@@ -140,7 +140,7 @@ class Conditioner:
         blocks = [ResidualBlock(p.name, p.layers, t) for p, t in zip(self.parts, self.split(tensor.detach()))]
         return Residual.from_blocks(blocks, prefix_logit_bias, meta)
 
-    def _per_part(self, residuals, residual_scale, prefix_logit_bias, batch: int):
+    def _per_part(self, residuals, prefix_logit_bias, batch: int):
         """Each part's residual rows (tensors or None) and the rows' logit biases."""
         residuals = [None] * batch if residuals is None else list(residuals)
         if len(residuals) != batch:
@@ -182,7 +182,7 @@ class Conditioner:
         """The conditioning of token ids (``tokenize``) with ``residuals[b]`` on row b (None: the base model's
         own conditioning, bit-identical to its encoders' forward)."""
         batch = ids[0].shape[0]
-        rows, biases = self._per_part(residuals, residual_scale, prefix_logit_bias, batch)
+        rows, biases = self._per_part(residuals, prefix_logit_bias, batch)
         outs = [part.encode(i, r, residual_scale, biases) for part, i, r in zip(self.parts, ids, rows)]
         return self._combine(outs)
 
@@ -190,7 +190,7 @@ class Conditioner:
                        residual_scale=1.0, prefix_logit_bias=None) -> Conditioning:
         """``encode`` from cached ``pre_patch_states`` (training: only the patched layers run per step)."""
         batch = hidden[0].shape[0]
-        rows, biases = self._per_part(residuals, residual_scale, prefix_logit_bias, batch)
+        rows, biases = self._per_part(residuals, prefix_logit_bias, batch)
         outs = [part.encode_patched(h, r, residual_scale, biases, input_ids=i)
                 for part, h, i, r in zip(self.parts, hidden, ids, rows)]
         return self._combine(outs)
